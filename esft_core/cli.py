@@ -1,0 +1,62 @@
+"""The `esft` command. Each command group lives in esft_core/commands/<group>.py and exposes `register(sub)`.
+
+Errors (EsftError, missing files) become one line on stderr with exit code 2; nothing is printed as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from esft_core.errors import EsftError
+
+# Command groups, in help order. A module registers its subcommands with `register(subparsers)` and sets
+# `func` on each parser via `set_defaults(func=...)`; `func(args) -> int | None` is the exit code.
+COMMAND_MODULES = [
+    "esft_core.commands.demo",
+    "esft_core.commands.trace",
+    "esft_core.commands.training",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="esft",
+        description="Expert-Specialized Fine-Tuning toolkit: record routing traces into DuckDB, score and select "
+        "experts, train only the selected experts, evaluate and explore.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        code = args.func(args)
+    except EsftError as e:
+        print(f"esft {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        print(f"esft {args.command}: error: {e.strerror or e}: {e.filename}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"esft {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # last resort: still one line, unless debugging
+        if os.environ.get("ESFT_DEBUG"):
+            raise
+        print(f"esft {args.command}: error: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
+        return 1
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

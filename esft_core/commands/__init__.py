@@ -1,0 +1,1 @@
+"""Subcommand groups of the `esft` CLI (see esft_core/cli.py)."""
