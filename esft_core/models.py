@@ -186,3 +186,27 @@ def tiny_moe(family: str = "deepseek_v2", seed: int = 0, **overrides):
         for router in moe_layout(model).routers.values():
             router.weight.copy_(torch.randn(router.weight.shape, generator=g) * 0.5)
     return model.eval()
+
+
+def tiny_tokenizer():
+    """A character-level tokenizer for the tiny models (ids: 0 pad, 1 bos, 2 eos, 3 unk, then printable ASCII)."""
+    from tokenizers import Tokenizer, decoders
+    from tokenizers import models as tok_models
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n", "\t"]
+    vocab = {t: i for i, t in enumerate(specials + chars)}
+    backend = Tokenizer(tok_models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def save_tiny(out_dir: str | Path, family: str = "deepseek_v2", seed: int = 0, **overrides) -> Path:
+    """Write a tiny seeded model of `family` plus `tiny_tokenizer()` as a from_pretrained-able directory."""
+    out = Path(out_dir)
+    tiny_moe(family, seed, **overrides).save_pretrained(out)
+    tiny_tokenizer().save_pretrained(out)
+    return out

@@ -1,5 +1,344 @@
-"""Placeholder command group; filled in by its issue."""
+"""`esft` trace commands: record, import-official, scores, select, sql, export, import.
+
+Every command validates its arguments before touching the database, prints results to stdout (or --out, written
+atomically), and reports errors as one line on stderr (EsftError → exit 2 in esft_core/cli.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+from esft_core.errors import EsftError
 
 
-def register(sub) -> None:  # noqa: D103 - nothing registered yet
-    return None
+def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Usage errors as a single stderr line (argparse prints the usage block otherwise)."""
+
+    def error(message: str):
+        parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+    parser.error = error
+    return parser
+
+
+def _write_out(text: str, out: str | None) -> None:
+    """Write to --out atomically (tmp file + rename), or stdout (with a final newline)."""
+    if not out:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        return
+    path = Path(out)
+    if path.parent and not path.parent.exists():
+        raise EsftError(f"directory {path.parent} for --out does not exist")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)  # as is: JSON outputs are byte-identical to the authors' files
+    os.replace(tmp, path)
+
+
+def _runs_arg(p):
+    p.add_argument("--run", type=int, action="append", metavar="ID",
+                   help="use only this complete run (repeatable; default: every complete run of the task)")
+
+
+# -- record ---------------------------------------------------------------------------------------------------
+def cmd_record(args) -> int:
+    from esft_core.data import read_records
+    from esft_core.models import load_model
+    from esft_core.record import record
+
+    if args.max_tokens < 1 or args.seq_len < 2 or args.batch_size < 1:
+        raise EsftError("--max-tokens must be >= 1, --seq-len >= 2 and --batch-size >= 1")
+    records = read_records(args.data)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model)
+    from esft_core.models import moe_layout
+
+    moe_layout(model)  # a dense model fails here, before anything is written
+    if args.device != "cpu":
+        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(device)
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=0, unit="tok", desc=f"record {args.task}", file=sys.stderr, mininterval=0.5)
+
+    def progress(done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+    run_id = record(model, tok, records, args.db, args.task, max_tokens=args.max_tokens, seq_len=args.seq_len,
+                    batch_size=args.batch_size, seed=args.seed, model_name=str(args.model),
+                    params={"data": str(Path(args.data).resolve())}, progress=progress)
+    if bar is not None:
+        bar.close()
+    _print_run(args.db, run_id)
+    return 0
+
+
+def _print_run(db, run_id: int) -> None:
+    from esft_core import store
+
+    with store.reader(db) as con:
+        task, src, n_s, n_t, layers, k, e = con.execute(
+            "SELECT task, source, n_samples, n_tokens, layers, top_k, num_experts FROM runs WHERE run_id = ?",
+            [run_id]).fetchone()
+    print(f"run {run_id} ({src}) of task '{task}': {n_s} samples, {n_t} tokens, {len(layers)} MoE layers "
+          f"({layers[0]}..{layers[-1]}), top-{k} of {e} experts → {db}")
+
+
+# -- import-official ------------------------------------------------------------------------------------------
+def cmd_import_official(args) -> int:
+    from esft_core.official import import_official
+
+    run_id = import_official(args.log_dir, args.task, args.db, top_k=args.top_k, num_experts=args.num_experts,
+                             model=args.model)
+    _print_run(args.db, run_id)
+    return 0
+
+
+# -- scores ---------------------------------------------------------------------------------------------------
+def cmd_scores(args) -> int:
+    from esft_core import store
+    from esft_core.scores import NORMALIZATIONS, SCORES, compute_scores, esft_summary, get_score
+
+    metrics = [args.metric] if args.metric else list(SCORES)
+    for m in metrics:
+        get_score(m)
+    if args.normalize not in NORMALIZATIONS:
+        raise EsftError(f"unknown normalization '{args.normalize}'; choose one of {', '.join(NORMALIZATIONS)}")
+    if args.format not in ("csv", "json", "esft-summary"):
+        raise EsftError(f"unknown format '{args.format}'; choose csv, json or esft-summary")
+    if args.format == "esft-summary":
+        _write_out(json.dumps(esft_summary(args.db, args.task, args.normalize, args.run)), args.out)
+        return 0
+    with store.reader(args.db) as con:
+        sc = {m: compute_scores(con, args.task, m, args.normalize, args.run) for m in metrics}
+    first = sc[metrics[0]]
+    if args.format == "json":
+        doc = {"task": args.task, "normalize": args.normalize, "runs": first.run_ids, "n_tokens": first.n_tokens,
+               "n_samples": first.n_samples, "top_k": first.top_k,
+               "scores": {m: {str(layer): {str(e): float(v) for e, v in enumerate(s.row(layer))}
+                              for layer in s.layers} for m, s in sc.items()}}
+        _write_out(json.dumps(doc), args.out)
+        return 0
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["layer", "expert", *metrics])
+    for li, layer in enumerate(first.layers):
+        for e in range(first.num_experts):
+            w.writerow([layer, e, *(repr(float(sc[m].values[li, e])) for m in metrics)])
+    _write_out(buf.getvalue(), args.out)
+    return 0
+
+
+# -- select ---------------------------------------------------------------------------------------------------
+def _round_arg(v: str) -> int | None:
+    if v.lower() == "none":
+        return None
+    try:
+        return int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {v!r}") from None
+
+
+def cmd_select(args) -> int:
+    from esft_core import store
+    from esft_core.scores import NORMALIZATIONS, get_score
+    from esft_core.select import check_p, select_for_task, stability
+
+    get_score(args.metric)
+    if args.normalize not in NORMALIZATIONS:
+        raise EsftError(f"unknown normalization '{args.normalize}'; choose one of {', '.join(NORMALIZATIONS)}")
+    if (args.top_p is None) == (args.top_k is None):
+        raise EsftError("give exactly one of --top-p or --top-k")
+    if args.top_p is not None:
+        check_p(args.top_p)
+    if args.bootstrap is not None and args.top_p is None:
+        raise EsftError("--bootstrap needs --top-p (stability of the top-p selection)")
+    contrast = [t for spec in (args.contrast or []) for t in spec.split(",") if t]
+    with store.reader(args.db) as con:
+        sel = select_for_task(con, args.task, args.metric, args.normalize, args.top_p, args.top_k, args.include,
+                              args.exclude, contrast, args.contrast_weight, args.round, args.run,
+                              args.shared_experts, args.non_expert_modules)
+        stab = (stability(con, args.task, args.metric, args.normalize, args.top_p, args.bootstrap,
+                          seed=args.seed, run_ids=args.run) if args.bootstrap is not None else None)
+    _write_out(json.dumps(sel.config()), args.out)
+    if stab is not None:
+        if args.stability_out:
+            _write_out(json.dumps(stab), args.stability_out)
+        else:
+            worst = min(stab["same_selection_rate"].items(), key=lambda kv: kv[1])
+            print(f"stability: {args.bootstrap} bootstrap resamples of {stab['n_samples']} samples; least stable "
+                  f"layer {worst[0]} reproduces its selection in {worst[1]:.0%}; selection stops changing after "
+                  f"~{stab['tokens_to_stable']['all_layers']} of {stab['n_tokens']} tokens", file=sys.stderr)
+    return 0
+
+
+# -- sql ------------------------------------------------------------------------------------------------------
+def format_table(columns: list[str], rows: list[tuple], max_width: int = 48) -> str:
+    """A plain-text table: header, rule, rows (cells cut to max_width)."""
+
+    def cell(v) -> str:
+        s = "NULL" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v))
+        s = s.replace("\n", "\\n")
+        return s if len(s) <= max_width else s[: max_width - 1] + "…"
+
+    body = [[cell(v) for v in r] for r in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in body]) for i, c in enumerate(columns)]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)),
+             "-+-".join("-" * w for w in widths)]
+    lines += [" | ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in body]
+    return "\n".join(lines)
+
+
+def cmd_sql(args) -> int:
+    import duckdb
+
+    from esft_core import store
+
+    if not args.query.strip():
+        raise EsftError("empty query")
+    with store.reader(args.db, external_access=False) as con:
+        try:
+            cur = con.execute(args.query)
+            if cur.description is None:
+                print("(no result)")
+                return 0
+            cols = [d[0] for d in cur.description]
+            rows = cur.fetchmany(args.max_rows + 1)
+        except duckdb.Error as e:
+            raise EsftError(str(e).splitlines()[0]) from None
+    more = len(rows) > args.max_rows
+    rows = rows[: args.max_rows]
+    if args.format == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(cols)
+        w.writerows(rows)
+        sys.stdout.write(buf.getvalue())
+    elif args.format == "json":
+        print(json.dumps([dict(zip(cols, r, strict=True)) for r in rows], default=str))
+    else:
+        print(format_table(cols, rows))
+        print(f"({len(rows)} row{'s' if len(rows) != 1 else ''}{', more not shown' if more else ''})")
+    return 0
+
+
+# -- export / import ------------------------------------------------------------------------------------------
+def cmd_export(args) -> int:
+    from esft_core import store
+
+    if not args.run and not args.task:
+        raise EsftError("give --run ID (repeatable) or --task NAME")
+    with store.reader(args.db) as con:
+        ids = [r[0] for r in store.complete_runs(con, args.task, args.run)] if args.task else list(args.run)
+        found = {r[0] for r in con.execute(
+            f"SELECT run_id FROM runs WHERE status = 'complete' AND run_id IN ({', '.join(map(str, ids))})"
+        ).fetchall()}
+    missing = sorted(set(ids) - found)
+    if missing:
+        raise EsftError(f"run {missing[0]} is not a complete run in {args.db}")
+    counts = store.export_runs(args.db, ids, args.out)
+    print(f"exported run(s) {', '.join(map(str, ids))} to {args.out}: "
+          + ", ".join(f"{n} {t}" for t, n in counts.items()))
+    return 0
+
+
+def cmd_import(args) -> int:
+    from esft_core import store
+
+    ids = store.import_runs(args.db, args.src, args.task)
+    for run_id in ids:
+        _print_run(args.db, run_id)
+    return 0
+
+
+# -- registration ---------------------------------------------------------------------------------------------
+def register(sub) -> None:
+    """Add the trace subcommands to the `esft` parser."""
+
+    def add(name, func, help_):
+        p = _one_line_errors(sub.add_parser(name, help=help_, description=help_))
+        p.set_defaults(func=func)
+        return p
+
+    p = add("record", cmd_record, "record the routing of a dataset through an MoE model into the trace DB")
+    p.add_argument("--model", default="demo", help="model directory, hub id, or 'demo' (default)")
+    p.add_argument("--data", required=True, help="chat JSONL, text JSONL ({\"text\": ...}) or Parquet file")
+    p.add_argument("--task", required=True, help="task name the run is stored under")
+    p.add_argument("--db", required=True, help="trace database (DuckDB file; created when missing)")
+    p.add_argument("--max-tokens", type=int, default=131072, help="token budget (default 131072)")
+    p.add_argument("--seq-len", type=int, default=2048, help="truncate samples to this many tokens")
+    p.add_argument("--batch-size", type=int, default=8, help="samples per forward pass")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample order")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    p = add("import-official", cmd_import_official, "import the authors' expert_weights_<layer>.txt routing logs")
+    p.add_argument("log_dir", metavar="LOG_DIR", help="directory with expert_weights_<layer>.txt files")
+    p.add_argument("--task", required=True, help="task name the run is stored under")
+    p.add_argument("--db", required=True, help="trace database (created when missing)")
+    p.add_argument("--top-k", type=int, default=None, help="experts per token (default: inferred; 6 for V2-Lite)")
+    p.add_argument("--num-experts", type=int, default=None, help="routed experts (default: max id + 1)")
+    p.add_argument("--model", default="deepseek-ai/ESFT-vanilla-lite", help="model the logs come from")
+
+    p = add("scores", cmd_scores, "expert scores of a task (average gate score, token selection ratio)")
+    p.add_argument("--db", required=True, help="trace database")
+    p.add_argument("--task", required=True, help="task name")
+    p.add_argument("--metric", default=None, help="gate or token (default: both)")
+    p.add_argument("--normalize", default="token", help="token (authors' files) or sample (paper formula)")
+    p.add_argument("--format", default="csv", help="csv, json, or esft-summary (authors' summary.json)")
+    p.add_argument("--out", default=None, help="output file (default: stdout)")
+    _runs_arg(p)
+
+    p = add("select", cmd_select, "select experts per layer → authors' expert-config JSON")
+    p.add_argument("--db", required=True, help="trace database")
+    p.add_argument("--task", required=True, help="task name")
+    p.add_argument("--metric", required=True, help="gate or token")
+    p.add_argument("--top-p", type=float, default=None, help="cumulative score per layer, in (0, 1]")
+    p.add_argument("--top-k", type=int, default=None, help="instead of --top-p: k experts per layer")
+    p.add_argument("--normalize", default="token", help="token (default, authors' configs) or sample")
+    p.add_argument("--out", default=None, help="expert config file (default: stdout)")
+    p.add_argument("--include", action="append", metavar="LAYER:E1,E2",
+                   help="always select these experts ('*:E' for every layer; repeatable)")
+    p.add_argument("--exclude", action="append", metavar="LAYER:E1,E2", help="never select these (repeatable)")
+    p.add_argument("--contrast", action="append", metavar="TASK[,TASK]",
+                   help="score against these tasks' pooled scores: max(s - w*s_contrast, 0), renormalised")
+    p.add_argument("--contrast-weight", type=float, default=1.0, help="w in the contrast formula (default 1)")
+    p.add_argument("--round", type=_round_arg, default=4, metavar="DIGITS|none",
+                   help="round scores before ranking, as the authors' summary.json (default 4)")
+    p.add_argument("--bootstrap", type=int, default=None, metavar="B",
+                   help="also estimate selection stability from B bootstrap resamples of the samples")
+    p.add_argument("--stability-out", default=None, help="write the stability report (JSON) here")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    p.add_argument("--shared-experts", action="store_true", help="config: also train shared experts")
+    p.add_argument("--non-expert-modules", action="store_true", help="config: also train non-expert modules")
+    _runs_arg(p)
+
+    p = add("sql", cmd_sql, "run a read-only SQL query on the trace DB (no file access) and print a table")
+    p.add_argument("--db", required=True, help="trace database")
+    p.add_argument("query", metavar="SQL", help="the query, e.g. \"SELECT * FROM runs\"")
+    p.add_argument("--format", default="table", choices=["table", "csv", "json"], help="output format")
+    p.add_argument("--max-rows", type=int, default=1000, help="print at most this many rows")
+
+    p = add("export", cmd_export, "export runs as Parquet files (one per table) for merging or querying in place")
+    p.add_argument("--db", required=True, help="trace database")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--task", default=None, help="export every complete run of this task")
+    _runs_arg(p)
+
+    p = add("import", cmd_import, "import runs exported with `esft export` (new run ids; merges runs)")
+    p.add_argument("src", metavar="DIR", help="directory written by `esft export`")
+    p.add_argument("--db", required=True, help="trace database (created when missing)")
+    p.add_argument("--task", default=None, help="store the runs under this task name")

@@ -1,5 +1,147 @@
-"""Placeholder command group; filled in by its issue."""
+"""`esft train`, `esft eval`, `esft merge`, `esft import-adapter`: training, evaluation and adapters."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from esft_core.errors import EsftError
 
 
-def register(sub) -> None:  # noqa: D103 - nothing registered yet
-    return None
+def _help(name: str) -> str:
+    from esft_core.train import TrainConfig
+
+    f = next(f for f in fields(TrainConfig) if f.name == name)
+    default = "" if f.default is None or not isinstance(f.default, (int, float, str)) else f" (default {f.default})"
+    return (f.metadata.get("help", "") + default).replace("%", "%%")  # argparse formats help with %
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune a model: esft (selected experts), random, fft or lora",
+                       description="Train only the experts of an expert config (esft), as many random experts "
+                       "(random), every parameter (fft) or LoRA adapters (lora). Writes DIR/run.json, "
+                       "DIR/metrics.jsonl, DIR/checkpoints/ and DIR/adapter/.")
+    p.add_argument("--model", default="demo", help="base model: 'demo', a directory or a hub id")
+    p.add_argument("--data", required=True, help="chat JSONL (or Parquet) training data")
+    p.add_argument("--method", default="esft", choices=["esft", "fft", "lora", "random"], help="training method")
+    p.add_argument("--experts", metavar="CFG", help="expert config JSON (required for esft and random)")
+    p.add_argument("--out", required=True, metavar="DIR", help="run directory (must be new, or --resume)")
+    for name, typ in [("steps", int), ("lr", float), ("batch_size", int), ("grad_accum", int), ("seq_len", int),
+                      ("weight_decay", float), ("beta1", float), ("beta2", float), ("clip", float),
+                      ("warmup", int), ("seed", int), ("save_every", int), ("lora_r", int), ("lora_alpha", int),
+                      ("eval_limit", int)]:
+        p.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None, help=_help(name))
+    p.add_argument("--schedule", choices=["constant", "cosine"], default=None, help=_help("schedule"))
+    p.add_argument("--experts-impl", choices=["eager", "grouped_mm", "batched_mm"], default=None,
+                   help="experts implementation of transformers (default: the model's)")
+    p.add_argument("--resume", action="store_true", help="continue the run in DIR from its last checkpoint")
+    p.add_argument("--eval-data", nargs="+", default=None, metavar="FILE",
+                   help="evaluate after training on these files (task eval sets, general held-out corpus)")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a model (+ adapter): task metric, eval loss, general loss",
+                       description="Greedy-decode each chat file's prompts and score them with the task's metric; "
+                       "text files ({\"text\"}) give the general-corpus loss.")
+    p.add_argument("--model", default="demo", help="base model: 'demo', a directory or a hub id")
+    p.add_argument("--adapter", metavar="DIR", help="ESFT adapter, LoRA adapter, fft checkpoint or run directory")
+    p.add_argument("--data", required=True, nargs="+", metavar="FILE", help="eval files (chat or text JSONL)")
+    p.add_argument("--out", metavar="F", help="write the JSON here instead of stdout")
+    p.add_argument("--limit", type=int, default=32, help="examples per file (default 32)")
+    p.add_argument("--batch-size", type=int, default=16, help="generation batch size (default 16)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: longest reference + 16")
+    p.add_argument("--seq-len", type=int, default=512, help="truncate loss inputs to this length (default 512)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("merge", help="merge an ESFT adapter into its base: a plain transformers checkpoint",
+                       description="Write base + adapter as a checkpoint directory loadable with from_pretrained.")
+    p.add_argument("--model", default="demo", help="base model the adapter was trained on")
+    p.add_argument("--adapter", required=True, metavar="DIR", help="ESFT adapter directory (or run directory)")
+    p.add_argument("--out", required=True, metavar="DIR", help="new checkpoint directory (must not exist)")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("import-adapter", help="convert an authors' per-expert ESFT adapter to this format",
+                       description="Read *.safetensors with per-expert names (layers.L.mlp.experts.E.gate_proj."
+                       "weight, ...) and expert_cfg.json; write adapter.safetensors in the fused layout.")
+    p.add_argument("src", metavar="SRC", help="the authors' adapter directory (or one .safetensors file)")
+    p.add_argument("--model", default="demo", help="base model (DeepSeek-V2 layout) the adapter belongs to")
+    p.add_argument("--out", required=True, metavar="DIR", help="new adapter directory (must not exist)")
+    p.set_defaults(func=cmd_import_adapter)
+
+
+def cmd_train(args) -> int:
+    _quiet()
+    from esft_core.train import TrainConfig, run_training
+
+    kwargs = {k: v for k, v in vars(args).items() if k in {f.name for f in fields(TrainConfig)} and v is not None}
+    cfg = TrainConfig(**kwargs)
+    run = run_training(cfg, resume=args.resume, progress=not args.no_progress)
+    if run:
+        print(json.dumps({k: run.get(k) for k in ("status", "method", "step", "adapter", "eval")}))
+    return 0
+
+
+def _adapter_dir(path: str) -> Path:
+    p = Path(path)
+    return p / "adapter" if (p / "adapter" / "expert_cfg.json").is_file() else p
+
+
+def _fresh_out(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise EsftError(f"--out {out} already exists and is not empty; choose a new directory")
+    return out
+
+
+def cmd_eval(args) -> int:
+    _quiet()
+    from esft_core.evaluate import evaluate_files, load_for_eval
+
+    if args.limit <= 0 or args.batch_size <= 0:
+        raise EsftError("--limit and --batch-size must be positive")
+    for f in args.data:
+        if not Path(f).is_file():
+            raise EsftError(f"data file {f} does not exist")
+    model, tok, kind = load_for_eval(args.model, args.adapter)
+    result = evaluate_files(model, tok, args.data, limit=args.limit, seq_len=args.seq_len,
+                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+    result = {"model": args.model, "adapter": args.adapter, "adapter_kind": kind, **result}
+    text = json.dumps(result, indent=2, ensure_ascii=False)
+    if args.out:
+        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    else:
+        sys.stdout.write(text + "\n")
+    return 0
+
+
+def cmd_merge(args) -> int:
+    _quiet()
+    from esft_core.adapters import merge_adapter
+    from esft_core.models import load_model
+
+    out = _fresh_out(args.out)
+    adapter = _adapter_dir(args.adapter)
+    model, tok = load_model(args.model)
+    merge_adapter(model, adapter, out, tokenizer=tok)
+    print(json.dumps({"merged": str(out), "adapter": str(adapter), "model": args.model}))
+    return 0
+
+
+def cmd_import_adapter(args) -> int:
+    _quiet()
+    from esft_core.adapters import import_official_adapter
+    from esft_core.models import load_model
+
+    out = _fresh_out(args.out)
+    model, _ = load_model(args.model)
+    cfg = import_official_adapter(args.src, model, out)
+    print(json.dumps({"adapter": str(out), "layers": len(cfg.experts), "experts": cfg.n_selected}))
+    return 0
+
+
+def _quiet() -> None:
+    from esft_core.train import quiet_transformers
+
+    quiet_transformers()

@@ -1,0 +1,284 @@
+"""Expert-Specialized Fine-Tuning on fused experts: only the selected routed experts of each MoE layer train.
+
+transformers v5 stores the routed experts of a layer as fused 3D parameters (`gate_up_proj` [E, 2I, H], `down_proj`
+[E, H, I]). `requires_grad` cannot select rows of those, and masking gradients is not enough (AdamW's weight decay and
+momentum would still move frozen rows, and optimizer state would be allocated for every expert). So here the selected
+experts of a layer are copied into their own small parameters (a `SelectedExperts` module: `gate_up_proj`
+[n_sel, 2I, H], `down_proj` [n_sel, H, I], attached as `experts.esft`), the fused parameters are frozen, and the
+experts module's forward is replaced by one that uses the small rows for the selected experts:
+
+- `eager` experts: the per-expert loop of transformers, taking the weight of a selected expert from the small tensor
+  (no copy of the fused weights);
+- `grouped_mm` / `batched_mm` (and any other registered implementation): the implementation itself, called on an
+  overlay whose fused weight is `index_put(frozen, selected_ids, small)`: gradients flow only to the small tensor.
+
+Both compute exactly what the base model computes until the small tensors change, so before any step the wrapped
+model's logits equal the base model's bit for bit. `merge_selected` writes the rows back and removes the wrapper.
+
+Expert configs use the authors' format: {"experts": {"<layer>": [ids]}, "shared_experts": bool,
+"non_expert_modules": bool}; layer keys are decoder-layer indices.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from esft_core.errors import EsftError
+from esft_core.models import MoeLayout, decoder_layers, moe_layout
+
+SHARED_EXPERT_ATTRS = ("shared_experts", "shared_expert", "shared_expert_gate")
+
+
+@dataclass
+class ExpertConfig:
+    """Which experts to train, in the authors' meaning."""
+
+    experts: dict[int, list[int]] = field(metadata={"help": "decoder-layer index -> routed expert ids to train"})
+    shared_experts: bool = field(default=False, metadata={"help": "also train the shared experts of MoE layers"})
+    non_expert_modules: bool = field(
+        default=False, metadata={"help": "also train everything outside the experts (attention, norms, routers, ...)"}
+    )
+
+    def __post_init__(self):
+        for layer, ids in self.experts.items():
+            if len(set(ids)) != len(ids):
+                raise EsftError(f"expert config: layer {layer} lists an expert twice: {ids}")
+        self.experts = {int(k): sorted(int(i) for i in v) for k, v in sorted(self.experts.items())}
+
+    @classmethod
+    def from_dict(cls, d, where: str = "expert config") -> ExpertConfig:
+        if not isinstance(d, dict) or not isinstance(d.get("experts"), dict):
+            raise EsftError(f"{where}: expected {{\"experts\": {{\"<layer>\": [expert ids]}}, ...}}")
+        experts = {}
+        for k, v in d["experts"].items():
+            try:
+                layer = int(k)
+            except (TypeError, ValueError):
+                raise EsftError(f"{where}: layer key {k!r} is not an integer") from None
+            if not isinstance(v, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+                raise EsftError(f"{where}: layer {k}: expected a list of integer expert ids, got {v!r}")
+            experts[layer] = v
+        for flag in ("shared_experts", "non_expert_modules"):
+            if not isinstance(d.get(flag, False), bool):
+                raise EsftError(f"{where}: '{flag}' must be true or false")
+        return cls(experts, bool(d.get("shared_experts", False)), bool(d.get("non_expert_modules", False)))
+
+    @classmethod
+    def load(cls, path: str | Path) -> ExpertConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise EsftError(f"expert config {path} does not exist")
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise EsftError(f"expert config {path}: invalid JSON ({getattr(e, 'msg', e)})") from None
+        return cls.from_dict(d, where=f"expert config {path}")
+
+    def to_dict(self) -> dict:
+        return {
+            "experts": {str(k): list(v) for k, v in self.experts.items()},
+            "shared_experts": self.shared_experts,
+            "non_expert_modules": self.non_expert_modules,
+        }
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    @property
+    def n_selected(self) -> int:
+        return sum(len(v) for v in self.experts.values())
+
+
+def check_config(cfg: ExpertConfig, model: nn.Module, layout: MoeLayout | None = None) -> MoeLayout:
+    """Raise one EsftError naming every layer key / expert id of `cfg` that does not fit `model`."""
+    layout = layout or moe_layout(model)
+    n_layers = len(decoder_layers(model))
+    problems = []
+    missing = [k for k in cfg.experts if not 0 <= k < n_layers]
+    if missing:
+        problems.append(f"layer(s) {', '.join(map(str, missing))} do not exist (model has {n_layers} decoder layers)")
+    dense = [k for k in cfg.experts if 0 <= k < n_layers and k not in layout.routers]
+    if dense:
+        moe = ", ".join(map(str, layout.layers))
+        problems.append(f"layer(s) {', '.join(map(str, dense))} are not MoE layers (MoE layers: {moe})")
+    for k, ids in cfg.experts.items():
+        bad = [i for i in ids if not 0 <= i < layout.num_experts]
+        if bad and k in layout.routers:
+            ids_s = ", ".join(map(str, bad))
+            problems.append(f"layer {k}: expert id(s) {ids_s} out of range 0..{layout.num_experts - 1}")
+    if problems:
+        raise EsftError("expert config does not fit the model: " + "; ".join(problems))
+    return layout
+
+
+def random_config(like: ExpertConfig, num_experts: int, seed: int) -> ExpertConfig:
+    """As many experts per layer as `like`, chosen uniformly at random (the paper's ablation), seeded."""
+    rng = random.Random(seed)
+    experts = {k: sorted(rng.sample(range(num_experts), len(v))) for k, v in like.experts.items()}
+    return ExpertConfig(experts, like.shared_experts, like.non_expert_modules)
+
+
+class SelectedExperts(nn.Module):
+    """Trainable copies of the selected rows of one layer's fused expert parameters.
+
+    For the usual layout it holds `gate_up_proj` (n_sel, 2I, H) and `down_proj` (n_sel, H, I); any other fused
+    parameter with a leading expert dimension (biases) is copied the same way.
+    """
+
+    def __init__(self, experts: nn.Module, ids: list[int]):
+        super().__init__()
+        num_experts = experts.num_experts
+        self.ids = list(ids)
+        self.slot = {e: s for s, e in enumerate(self.ids)}  # expert id -> row of the small tensors
+        self.register_buffer("expert_ids", torch.tensor(self.ids, dtype=torch.long), persistent=False)
+        self.names = [
+            n for n, p in experts.named_parameters(recurse=False) if p.dim() >= 2 and p.shape[0] == num_experts
+        ]
+        for n in self.names:
+            fused = getattr(experts, n)
+            setattr(self, n, nn.Parameter(fused.detach()[self.expert_ids].clone()))  # (n_sel, ...)
+        # Our zero-copy eager loop covers the standard layout; anything else goes through the overlay path.
+        self.simple_layout = (
+            set(self.names) == {"gate_up_proj", "down_proj"}
+            and getattr(experts, "has_gate", True)
+            and not getattr(experts, "has_bias", False)
+            and not getattr(experts, "is_transposed", False)
+            and getattr(experts, "is_concatenated", True)
+            and not getattr(experts, "has_post_expert_norm", False)
+        )
+
+    def effective(self, experts: nn.Module, name: str) -> torch.Tensor:
+        """The fused tensor with the selected rows taken from the trainable copy (differentiable in the copy only)."""
+        return torch.index_put(getattr(experts, name).detach(), (self.expert_ids,), getattr(self, name))
+
+
+class _Overlay:
+    """Looks like the experts module, except that some attributes (the fused weights) are replaced."""
+
+    def __init__(self, module: nn.Module, overrides: dict):
+        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "_overrides", overrides)
+
+    def __getattr__(self, name):
+        if name in self._overrides:
+            return self._overrides[name]
+        return getattr(self._module, name)
+
+
+def _original_forward(cls) -> callable:
+    # @use_experts_implementation wraps the class's eager forward with functools.wraps, so it keeps __wrapped__.
+    return getattr(cls.forward, "__wrapped__", cls.forward)
+
+
+def _eager_selected(self, sel: SelectedExperts, hidden_states, top_k_index, top_k_weights):
+    """transformers' eager experts loop, reading selected experts' weights from `sel` (same ops, same order)."""
+    final = torch.zeros_like(hidden_states)  # (T, H)
+    with torch.no_grad():
+        mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)  # (E+1, K, T)
+        hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
+    for expert_idx in hit:
+        expert_idx = expert_idx[0]
+        if expert_idx == self.num_experts:
+            continue
+        top_k_pos, token_idx = torch.where(mask[expert_idx])
+        slot = sel.slot.get(int(expert_idx))
+        if slot is None:
+            gate_up, down = self.gate_up_proj[expert_idx], self.down_proj[expert_idx]  # frozen (2I, H), (H, I)
+        else:
+            gate_up, down = sel.gate_up_proj[slot], sel.down_proj[slot]  # trainable (2I, H), (H, I)
+        gate, up = F.linear(hidden_states[token_idx], gate_up).chunk(2, dim=-1)  # (t, I) each
+        h = F.linear(self.act_fn(gate) * up, down)  # (t, H)
+        h = h * top_k_weights[token_idx, top_k_pos, None]
+        final.index_add_(0, token_idx, h.to(final.dtype))
+    return final
+
+
+def _esft_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+    sel: SelectedExperts = self.esft
+    impl = getattr(self.config, "_experts_implementation", None) or "eager"
+    if impl == "eager" and sel.simple_layout:
+        return _eager_selected(self, sel, hidden_states, top_k_index, top_k_weights)
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    fn = ALL_EXPERTS_FUNCTIONS.get_interface(impl, _original_forward(type(self)))
+    overlay = _Overlay(self, {n: sel.effective(self, n) for n in sel.names})
+    return fn(overlay, hidden_states, top_k_index, top_k_weights)
+
+
+def is_wrapped(model: nn.Module) -> bool:
+    return any(isinstance(m, SelectedExperts) for m in model.modules())
+
+
+def shared_expert_modules(block: nn.Module) -> list[nn.Module]:
+    return [m for a in SHARED_EXPERT_ATTRS if isinstance(m := getattr(block, a, None), nn.Module)]
+
+
+def apply_esft(model: nn.Module, cfg: ExpertConfig) -> dict[int, SelectedExperts]:
+    """Freeze `model` per `cfg` and give each selected layer its trainable `SelectedExperts`. Returns them by layer.
+
+    Trainable afterwards: the selected routed experts; plus shared experts if `cfg.shared_experts`; plus every
+    parameter outside the experts (attention, norms, routers, embeddings, head) if `cfg.non_expert_modules` (the
+    authors' meaning). The fused routed-expert parameters are always frozen.
+    """
+    if is_wrapped(model):
+        raise EsftError("model already has selected experts attached; load a fresh base model")
+    layout = check_config(cfg, model)
+    for p in model.parameters():
+        p.requires_grad_(cfg.non_expert_modules)
+    selected = {}
+    for layer in layout.layers:
+        experts = layout.experts[layer]
+        for p in experts.parameters(recurse=False):
+            p.requires_grad_(False)
+        for m in shared_expert_modules(layout.blocks[layer]):
+            m.requires_grad_(cfg.shared_experts)
+        ids = cfg.experts.get(layer, [])
+        if ids:
+            experts.esft = SelectedExperts(experts, ids)
+            experts.forward = types.MethodType(_esft_experts_forward, experts)
+            selected[layer] = experts.esft
+    return selected
+
+
+def merge_selected(model: nn.Module) -> nn.Module:
+    """Write the trained rows back into the fused tensors and remove the wrappers: a plain transformers model."""
+    for m in list(model.modules()):
+        sel = getattr(m, "esft", None)
+        if isinstance(sel, SelectedExperts):
+            with torch.no_grad():
+                for n in sel.names:
+                    getattr(m, n)[sel.expert_ids] = getattr(sel, n).detach().to(getattr(m, n).dtype)
+            del m.esft
+            m.__dict__.pop("forward", None)
+    return model
+
+
+def selected_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The small per-layer expert tensors (what ESFT adds)."""
+    return [p for m in model.modules() if isinstance(m, SelectedExperts) for p in m.parameters()]
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def tensor_bytes(params) -> int:
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the per-parameter optimizer state tensors (AdamW: exp_avg + exp_avg_sq; scalar `step`s excluded)."""
+    return sum(
+        v.numel() * v.element_size()
+        for state in optimizer.state.values()
+        for v in state.values()
+        if torch.is_tensor(v) and v.dim() > 0
+    )

@@ -1,0 +1,256 @@
+"""Per-layer expert selection from scores: top-p (the authors' stop rule), top-k, include/exclude, contrast,
+and bootstrap stability. Output is the authors' expert-config JSON.
+
+- top-p: sort a layer's experts by score (descending, ties by expert id), add experts while the running sum of the
+  already-added scores is < p (scripts/generate_expert_config.py). The authors select from the 4-decimal scores of
+  summary.json, so `round_digits=4` by default; that is what reproduces their shipped configs exactly.
+- contrast: c_i = max(s_i − λ·s'_i, 0) / Σ_j max(s_j − λ·s'_j, 0), where s are the task's scores and s' the pooled
+  scores of the contrast runs (general corpus or other tasks); then top-p/top-k on c. Experts every input uses get
+  c ≈ 0 and are not picked; an expert with c = 0 is never selected.
+- stability: bootstrap over samples (resample N_s samples with replacement, rescore, reselect) gives per layer and
+  expert the probability of being selected; random sample orders give the number of tokens after which the
+  selection made from the first n samples no longer changes (per layer and for all layers).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from esft_core import store
+from esft_core.errors import EsftError
+from esft_core.scores import Scores, compute_scores, get_score
+
+
+def check_p(p: float) -> float:
+    if not (0 < p <= 1):
+        raise EsftError(f"--top-p must be in (0, 1], got {p}")
+    return float(p)
+
+
+def ranked(row: np.ndarray, round_digits: int | None = 4) -> list[tuple[int, float]]:
+    """(expert, score) by score descending, ties by expert id; scores rounded the authors' way (Python round)."""
+    vals = [round(float(v), round_digits) if round_digits is not None else float(v) for v in row]
+    return sorted(enumerate(vals), key=lambda x: (-x[1], x[0]))
+
+
+def top_p(row: np.ndarray, p: float, round_digits: int | None = 4, exclude=(), include=()) -> list[int]:
+    """Smallest score-ordered prefix reaching p (stop rule: add while running sum < p); include counts first."""
+    check_p(p)
+    chosen, total = [], 0.0
+    order = ranked(row, round_digits)
+    by_id = dict(order)
+    for e in include:
+        if e not in chosen:
+            chosen.append(e)
+            total += by_id[e]
+    for e, s in order:
+        if total >= p:
+            break
+        if e in chosen or e in exclude or s <= 0:
+            continue
+        chosen.append(e)
+        total += s
+    return sorted(chosen, key=lambda e: (-by_id[e], e))
+
+
+def top_k(row: np.ndarray, k: int, round_digits: int | None = 4, exclude=(), include=()) -> list[int]:
+    """The k highest-scoring experts (plus forced includes, minus excludes)."""
+    if k < 1:
+        raise EsftError(f"--top-k must be >= 1, got {k}")
+    order = ranked(row, round_digits)
+    by_id = dict(order)
+    chosen = list(dict.fromkeys(include))
+    for e, s in order:
+        if len(chosen) >= max(k, len(include)):
+            break
+        if e not in chosen and e not in exclude and s > 0:
+            chosen.append(e)
+    return sorted(chosen, key=lambda e: (-by_id[e], e))
+
+
+def parse_expert_lists(specs: list[str] | None, layers: list[int], num_experts: int, flag: str) -> dict[int, set]:
+    """'LAYER:E1,E2' or '*:E1,E2' (every layer), repeatable → {layer: {experts}}; bad specs are one-line errors."""
+    out: dict[int, set] = {layer: set() for layer in layers}
+    for spec in specs or []:
+        head, sep, tail = spec.partition(":")
+        if not sep or not tail:
+            raise EsftError(f"{flag} '{spec}': expected LAYER:E1,E2 or *:E1,E2")
+        try:
+            experts = {int(x) for x in tail.split(",")}
+            targets = layers if head.strip() == "*" else [int(head)]
+        except ValueError:
+            raise EsftError(f"{flag} '{spec}': layer and experts must be integers") from None
+        for layer in targets:
+            if layer not in out:
+                raise EsftError(f"{flag} '{spec}': layer {layer} is not an MoE layer ({layers[0]}..{layers[-1]})")
+            bad = [e for e in experts if not 0 <= e < num_experts]
+            if bad:
+                raise EsftError(f"{flag} '{spec}': expert {bad[0]} out of range 0..{num_experts - 1}")
+            out[layer] |= experts
+    return out
+
+
+def contrast(task: Scores, other: Scores, weight: float = 1.0) -> Scores:
+    """Task-specific scores: max(s − λ·s', 0), renormalised per layer to sum to 1 (all-zero layers stay zero)."""
+    if task.layers != other.layers or task.num_experts != other.num_experts:
+        raise EsftError(f"contrast runs have layers/experts {other.layers[0]}..{other.layers[-1]}x"
+                        f"{other.num_experts}, task has {task.layers[0]}..{task.layers[-1]}x{task.num_experts}")
+    c = np.clip(task.values - weight * other.values, 0, None)  # (layers, E)
+    tot = c.sum(axis=1, keepdims=True)
+    c = np.divide(c, tot, out=np.zeros_like(c), where=tot > 0)
+    return Scores(task.task, task.metric, task.normalize, task.layers, c, task.run_ids, task.top_k,
+                  task.n_tokens, task.n_samples)
+
+
+@dataclass
+class Selection:
+    """Chosen experts per layer (ordered by score, as in the authors' configs)."""
+
+    experts: dict[int, list[int]]
+    shared_experts: bool = False
+    non_expert_modules: bool = False
+
+    def config(self) -> dict:
+        """The authors' expert-config JSON structure (layer keys are decoder-layer indices, as strings).
+
+        Layer keys come in string order ("1", "10", "11", ..., "2"), as in the authors' files, so a config written
+        with --out is byte-identical to theirs.
+        """
+        return {"experts": {str(k): [int(e) for e in self.experts[k]] for k in sorted(self.experts, key=str)},
+                "shared_experts": self.shared_experts, "non_expert_modules": self.non_expert_modules}
+
+
+def select(scores: Scores, p: float | None = None, k: int | None = None, include=None, exclude=None,
+           round_digits: int | None = 4, shared_experts: bool = False, non_expert_modules: bool = False) -> Selection:
+    """Select per layer with top-p or top-k (exactly one of p, k)."""
+    if (p is None) == (k is None):
+        raise EsftError("give exactly one of --top-p or --top-k")
+    include = include or {}
+    exclude = exclude or {}
+    out = {}
+    for li, layer in enumerate(scores.layers):
+        inc, exc = sorted(include.get(layer, ())), set(exclude.get(layer, ()))
+        if set(inc) & exc:
+            raise EsftError(f"layer {layer}: expert {sorted(set(inc) & exc)[0]} is both included and excluded")
+        row = scores.values[li]
+        out[layer] = (top_p(row, p, round_digits, exc, inc) if p is not None
+                      else top_k(row, k, round_digits, exc, inc))
+    return Selection(out, shared_experts, non_expert_modules)
+
+
+def read_expert_config(path: str | Path) -> dict[int, list[int]]:
+    """Read an authors'-format expert config; {layer: [experts]}."""
+    try:
+        cfg = json.loads(Path(path).read_text())
+        return {int(k): [int(e) for e in v] for k, v in cfg["experts"].items()}
+    except FileNotFoundError:
+        raise EsftError(f"expert config {path} does not exist") from None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise EsftError(f"{path}: not an expert config ({{\"experts\": {{layer: [ids]}}, ...}})") from None
+
+
+# -- stability ------------------------------------------------------------------------------------------------
+def per_sample_counts(con, task: str, metric: str, normalize: str, run_ids=None):
+    """Per-sample sums (samples, layers, E) of the metric's numerator, tokens per sample (samples,), layers, K."""
+    runs = store.complete_runs(con, task, run_ids)
+    ids = ", ".join(str(r[0]) for r in runs)
+    n_e = int(max(r[1] for r in runs))
+    smp = con.execute(f"SELECT run_id, sample_id, n_tokens FROM samples WHERE run_id IN ({ids}) "
+                      "ORDER BY run_id, sample_id").fetchnumpy()
+    layers = sorted({int(x) for r in runs for x in r[3]})
+    val = "count(*)::DOUBLE" if metric == "token" else "sum(weight::DOUBLE)"
+    rows = con.execute(f"SELECT run_id, sample_id, layer, expert, {val} AS v FROM routes WHERE run_id IN ({ids}) "
+                       "GROUP BY ALL").fetchnumpy()
+    key = smp["run_id"].astype(np.int64) * (1 << 32) + smp["sample_id"].astype(np.int64)  # sorted
+    sidx = np.searchsorted(key, rows["run_id"].astype(np.int64) * (1 << 32) + rows["sample_id"].astype(np.int64))
+    lidx = np.searchsorted(np.array(layers), rows["layer"].astype(np.int64))
+    x = np.zeros((key.size, len(layers), n_e))  # (samples, layers, E)
+    np.add.at(x, (sidx, lidx, rows["expert"].astype(np.int64)), rows["v"])
+    lens = smp["n_tokens"].astype(np.float64)  # (samples,)
+    return x, lens, layers, int(runs[0][2])
+
+
+def _scores_from(x_w: np.ndarray, lens_w: np.ndarray, norm_w: np.ndarray, metric: str, normalize: str, k: int):
+    """Scores (..., layers, E) from weighted per-sample sums; x_w = Σ_j w_j x_j, lens_w = Σ w_j L_j, norm_w = Σ w_j."""
+    scale = k if metric == "token" else 1
+    den = lens_w if normalize == "token" else norm_w
+    return x_w / (scale * den)[..., None, None]
+
+
+def _select_mask(s: np.ndarray, p: float) -> np.ndarray:
+    """Vectorised top-p stop rule over the last axis: selected iff the sum of higher-ranked scores is < p."""
+    order = np.argsort(-s, axis=-1, kind="stable")
+    ss = np.take_along_axis(s, order, axis=-1)
+    excl = np.cumsum(ss, axis=-1) - ss  # running sum before adding each expert
+    chosen_sorted = (excl < p) & (ss > 0)
+    mask = np.zeros_like(chosen_sorted)
+    np.put_along_axis(mask, order, chosen_sorted, axis=-1)
+    return mask
+
+
+def stability(con, task: str, metric: str = "token", normalize: str = "token", p: float = 0.2,
+              n_boot: int = 100, n_orders: int = 20, seed: int = 0, run_ids=None) -> dict:
+    """Bootstrap selection probability per (layer, expert) and tokens until the selection stops changing."""
+    check_p(p)
+    get_score(metric)
+    if n_boot < 1:
+        raise EsftError(f"--bootstrap must be >= 1, got {n_boot}")
+    x, lens, layers, k = per_sample_counts(con, task, metric, normalize, run_ids)
+    if normalize == "sample":
+        x = x / lens[:, None, None]  # per-sample normalised: Σ_j x_j / L_j
+    n = lens.size
+    rng = np.random.default_rng(seed)
+    full = _select_mask(_scores_from(x.sum(0), lens.sum(), np.float64(n), metric, normalize, k), p)  # (layers, E)
+    w = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot).astype(np.float64)  # (B, samples)
+    xb = np.einsum("bs,sle->ble", w, x)  # (B, layers, E)
+    sel = _select_mask(_scores_from(xb, w @ lens, w.sum(1), metric, normalize, k), p)  # (B, layers, E)
+    prob = sel.mean(0)  # (layers, E)
+    same = (sel == full[None]).all(-1).mean(0)  # (layers,) share of resamples reproducing the full selection
+    # tokens until stable: prefixes of random sample orders
+    stable_layer = np.zeros((n_orders, len(layers)))
+    for r in range(n_orders):
+        perm = rng.permutation(n)
+        cx = np.cumsum(x[perm], axis=0)  # (samples, layers, E) sums of the first i+1 samples
+        cl = np.cumsum(lens[perm])
+        mask = _select_mask(_scores_from(cx, cl, np.arange(1, n + 1, dtype=np.float64), metric, normalize, k), p)
+        differs = ~(mask == full[None]).all(-1)  # (samples, layers)
+        # first prefix index after the last differing one
+        last_diff = np.where(differs.any(0), n - 1 - np.argmax(differs[::-1], axis=0), -1)  # (layers,)
+        stable_layer[r] = cl[np.minimum(last_diff + 1, n - 1)]
+    return {
+        "task": task, "metric": metric, "normalize": normalize, "top_p": p, "bootstrap": n_boot,
+        "orders": n_orders, "n_samples": int(n), "n_tokens": int(lens.sum()),
+        "selected": {str(layer): [int(e) for e in np.flatnonzero(full[li])] for li, layer in enumerate(layers)},
+        "selection_probability": {
+            str(layer): {str(e): round(float(prob[li, e]), 4) for e in np.flatnonzero(prob[li] > 0)}
+            for li, layer in enumerate(layers)},
+        "same_selection_rate": {str(layer): round(float(same[li]), 4) for li, layer in enumerate(layers)},
+        "tokens_to_stable": {
+            "layers": {str(layer): int(np.median(stable_layer[:, li])) for li, layer in enumerate(layers)},
+            "all_layers": int(np.median(stable_layer.max(1))),
+        },
+    }
+
+
+def select_for_task(con, task: str, metric: str, normalize: str = "token", p: float | None = None,
+                    k: int | None = None, include_specs=None, exclude_specs=None, contrast_tasks=None,
+                    contrast_weight: float = 1.0, round_digits: int | None = 4, run_ids=None,
+                    shared_experts: bool = False, non_expert_modules: bool = False) -> Selection:
+    """Everything `esft select` does but output: scores, optional contrast, include/exclude, top-p/top-k."""
+    if p is not None:
+        check_p(p)
+    s = compute_scores(con, task, metric, normalize, run_ids)
+    if contrast_tasks:
+        others = [compute_scores(con, t, metric, normalize) for t in contrast_tasks]
+        pooled_w = np.array([o.n_tokens if normalize == "token" else o.n_samples for o in others], np.float64)
+        pooled = sum(o.values * w for o, w in zip(others, pooled_w, strict=True)) / pooled_w.sum()
+        s = contrast(s, Scores("contrast", metric, normalize, others[0].layers, pooled, [], others[0].top_k,
+                               0, 0), contrast_weight)
+        round_digits = None if round_digits == 4 else round_digits  # contrast scores are not the authors' scores
+    inc = parse_expert_lists(include_specs, s.layers, s.num_experts, "--include")
+    exc = parse_expert_lists(exclude_specs, s.layers, s.num_experts, "--exclude")
+    return select(s, p, k, inc, exc, round_digits, shared_experts, non_expert_modules)

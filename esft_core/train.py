@@ -1,0 +1,527 @@
+"""The training recipe behind `esft train`: setup / train / save / cleanup, for interchangeable methods by name.
+
+Methods (`METHODS`): `esft` trains only the experts of an expert config (esft_core.esft), `random` trains as many
+experts per layer as a given config but chosen at random (seeded; the paper's ablation), `fft` trains every
+parameter, `lora` trains peft LoRA adapters (see `lora_targets`). Data is chat JSONL with the authors' template, loss
+on assistant tokens only, packed to `seq_len`. AdamW with the authors' betas / weight decay, real gradient clipping,
+gradient accumulation, constant or cosine schedule.
+
+A run directory (`--out DIR`) holds `run.json` (config, status running|complete|failed, error), `metrics.jsonl`
+(one line per optimizer step), `checkpoints/step_N/` (every `save_every` steps, for `--resume`; a run killed with
+kill -9 resumes from the last complete one), `adapter/` and, when eval data were given, `eval.json`.
+
+Under `torchrun --nproc-per-node N` (gloo on CPU) every rank takes its own slice of each global batch and gradients are
+all-reduced (averaged) before clipping, as DDP does; rank 0 alone writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from esft_core.errors import EsftError
+
+SCHEDULES = ("constant", "cosine")
+IDENTITY_FIELDS = ("method", "model", "data", "experts_cfg", "lr", "batch_size", "grad_accum", "seq_len",
+                   "weight_decay", "beta1", "beta2", "clip", "schedule", "warmup", "seed", "lora_r", "lora_alpha")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one run (each is an `esft train` flag). Defaults are documented in docs/training.md."""
+
+    data: str = field(metadata={"help": "chat JSONL/Parquet training data"})
+    out: str = field(metadata={"help": "run directory"})
+    model: str = field(default="demo", metadata={"help": "base model: 'demo', a directory or a hub id"})
+    method: str = field(default="esft", metadata={"help": "esft | fft | lora | random"})
+    experts: str | None = field(default=None, metadata={"help": "expert config JSON (esft, random)"})
+    steps: int = field(default=100, metadata={"help": "optimizer steps"})
+    lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
+    batch_size: int = field(default=4, metadata={"help": "packed sequences per micro-batch per process"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    seq_len: int = field(default=512, metadata={"help": "packed sequence length (tokens)"})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices only)"})
+    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
+    clip: float = field(default=1.0, metadata={"help": "max global gradient norm (0 = no clipping)"})
+    schedule: str = field(default="constant", metadata={"help": "constant | cosine (to 10% of lr)"})
+    warmup: int = field(default=0, metadata={"help": "linear warm-up steps"})
+    seed: int = field(default=0, metadata={"help": "seed for data order, LoRA init and random experts"})
+    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
+    eval_data: list[str] = field(default_factory=list, metadata={"help": "files to evaluate on after training"})
+    eval_limit: int = field(default=32, metadata={"help": "examples per eval file"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scaling alpha/r)"})
+    experts_impl: str | None = field(default=None, metadata={"help": "eager | grouped_mm | batched_mm (model default)"})
+    experts_cfg: dict | None = field(default=None, metadata={"help": "filled in: the expert config used"})
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise EsftError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
+        if self.method in ("esft", "random") and not self.experts and not self.experts_cfg:
+            raise EsftError(f"--method {self.method} needs --experts CFG (an expert config from `esft select`)")
+        for name in ("steps", "batch_size", "grad_accum", "seq_len", "lora_r", "eval_limit"):
+            if getattr(self, name) <= 0:
+                raise EsftError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ("lr", "weight_decay", "clip", "warmup", "save_every", "lora_alpha"):
+            if getattr(self, name) < 0 or (name == "lr" and self.lr == 0):
+                raise EsftError(f"--{name.replace('_', '-')} must be {'> 0' if name == 'lr' else '>= 0'}")
+        if self.schedule not in SCHEDULES:
+            raise EsftError(f"--schedule must be one of {', '.join(SCHEDULES)}, got '{self.schedule}'")
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Learning rate of optimizer step `step` (1-based): linear warm-up, then constant or cosine to 10%."""
+    if cfg.warmup and step <= cfg.warmup:
+        return cfg.lr * step / cfg.warmup
+    if cfg.schedule == "constant":
+        return cfg.lr
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Methods: prepare(model, cfg, layout-free context) -> what to save at the end. Registry by name.
+# peft 0.21 rewrites target_modules named gate_proj / up_proj / down_proj (and w1/w2/w3, gate) into fused-expert
+# target_parameters for MoE models (its transformers v4 -> v5 conversion), so the dense MLP and shared experts, whose
+# Linear modules carry those names, cannot be targeted by name; we leave them out rather than let peft remap them.
+PEFT_REMAPPED = {"gate_proj", "up_proj", "down_proj", "w1", "w2", "w3", "gate"}
+
+
+def lora_targets(model) -> tuple[list[str], list[str]]:
+    """LoRA targets: the attention projections (every nn.Linear except lm_head and the names peft remaps), and the
+    fused routed experts (`mlp.experts.gate_up_proj` / `down_proj`, one low-rank pair per expert) through peft's
+    `target_parameters`."""
+    names = sorted({
+        n.rsplit(".", 1)[-1]
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")
+    } - PEFT_REMAPPED)
+    from esft_core.models import moe_layout
+
+    layout = moe_layout(model)
+    prefix = {n for n, m in model.named_modules() for e in layout.experts.values() if m is e}
+    params = sorted({f"{p.split('.', 3)[-1]}.{k}" for p in prefix for k in ("gate_up_proj", "down_proj")})
+    return names, params
+
+
+def _prepare_esft(model, cfg: TrainConfig, expert_cfg):
+    from esft_core.esft import apply_esft
+
+    apply_esft(model, expert_cfg)
+    return model
+
+
+def _prepare_fft(model, cfg: TrainConfig, expert_cfg):
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
+
+
+def _prepare_lora(model, cfg: TrainConfig, expert_cfg):
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+
+    modules, params = lora_targets(model)
+    torch.manual_seed(cfg.seed)
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=modules,
+                      target_parameters=params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return get_peft_model(model, lcfg)
+
+
+METHODS = {"esft": _prepare_esft, "random": _prepare_esft, "fft": _prepare_fft, "lora": _prepare_lora}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def quiet_transformers() -> None:
+    """No transformers progress bars / info logs: stderr stays for our one-line errors and tqdm."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _dist():
+    """(rank, world_size) — initialising gloo when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group("gloo")
+        return dist.get_rank(), world
+    return 0, 1
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def prepare_data(cfg: TrainConfig, tok) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Read, encode (labels on assistant tokens) and pack; returns ids, labels (n_seq, seq_len) and stats."""
+    from esft_core.data import IGNORE_INDEX, encode_record, pack, read_records
+
+    records = read_records(cfg.data)
+    if "messages" not in records[0]:
+        raise EsftError(f"{cfg.data}: training data must be chat records ({{\"messages\": [...]}})")
+    examples, shortest = [], None
+    for rec in records:
+        ids, labels = encode_record(rec, tok)
+        first = next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), None)
+        if first is None:
+            continue  # no assistant turn
+        shortest = first + 2 if shortest is None else min(shortest, first + 2)
+        if first + 1 < cfg.seq_len:  # at least one answer token is predicted inside the window
+            examples.append((ids, labels))
+    if not examples:
+        need = f" (the shortest needs {shortest})" if shortest else ""
+        raise EsftError(f"--seq-len {cfg.seq_len} is too small for any example of {cfg.data}{need}")
+    packed = pack(examples, cfg.seq_len, pad_id=tok.pad_token_id or 0)
+    ids = torch.tensor(packed.input_ids, dtype=torch.long)  # (n_seq, seq_len)
+    labels = torch.tensor(packed.labels, dtype=torch.long)  # (n_seq, seq_len)
+    stats = {"records": len(records), "examples": len(examples), "dropped": len(records) - len(examples),
+             "sequences": len(ids), "answer_tokens": int((labels != IGNORE_INDEX).sum())}
+    return ids, labels, stats
+
+
+def check_out_dir(cfg: TrainConfig, resume: bool) -> dict | None:
+    """The existing run.json when resuming; raise if DIR holds anything we must not overwrite."""
+    out = Path(cfg.out)
+    run_file = out / "run.json"
+    if out.exists() and not out.is_dir():
+        raise EsftError(f"--out {out} exists and is not a directory")
+    if run_file.is_file():
+        try:
+            prev = json.loads(run_file.read_text())
+        except json.JSONDecodeError:
+            raise EsftError(f"{run_file} is unreadable; choose another --out") from None
+        if not resume:
+            raise EsftError(f"{out} already holds a run ({prev.get('method')}, {prev.get('status')}); "
+                            "pass --resume to continue it or choose another --out")
+        mine = asdict(cfg)
+        diff = [k for k in IDENTITY_FIELDS if prev.get("config", {}).get(k) != mine.get(k)]
+        if diff:
+            raise EsftError(f"{out} holds a different run (differs in {', '.join(diff)}); choose another --out")
+        return prev
+    if out.is_dir() and any(out.iterdir()):
+        raise EsftError(f"{out} is not empty and holds no ESFT run; choose another --out")
+    return None
+
+
+class Recipe:
+    """setup() → train() → save() → cleanup(). Use `run_training(cfg)` for the whole thing with run.json upkeep."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True):
+        self.cfg, self.resume, self.progress = cfg, resume, progress
+        self.out = Path(cfg.out)
+        self.rank, self.world = _dist()
+        self.step = 0
+        self.t0 = time.time()
+        self.prev = None
+        self._perms: dict[int, list[int]] = {}
+
+    # -- setup ---------------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Validate everything that can be wrong before writing anything, then create the run directory."""
+        from esft_core.adapters import base_fingerprint
+        from esft_core.esft import ExpertConfig, check_config, random_config
+        from esft_core.models import load_model, moe_layout, resolve_model_path
+
+        cfg = self.cfg
+        if cfg.method in ("esft", "random") and cfg.experts_cfg is None:
+            cfg.experts_cfg = ExpertConfig.load(cfg.experts).to_dict()
+        self.prev = check_out_dir(cfg, self.resume)
+        quiet_transformers()
+        from transformers import AutoTokenizer
+
+        try:  # the tokenizer alone first: bad data is reported before the (slower) model load
+            tok = AutoTokenizer.from_pretrained(resolve_model_path(cfg.model))
+        except OSError as e:
+            raise EsftError(f"cannot load model '{cfg.model}': {str(e).splitlines()[0]}") from None
+        self.ids, self.labels, self.data_stats = prepare_data(cfg, tok)
+        self.model, self.tok = load_model(cfg.model, experts_implementation=cfg.experts_impl)
+        self.expert_cfg = None
+        if cfg.method in ("esft", "random"):
+            ecfg = ExpertConfig.from_dict(cfg.experts_cfg)
+            check_config(ecfg, self.model)
+            if cfg.method == "random" and not (self.prev or {}).get("config", {}).get("random_experts"):
+                ecfg = random_config(ecfg, moe_layout(self.model).num_experts, cfg.seed)
+            elif cfg.method == "random":
+                ecfg = ExpertConfig.from_dict(self.prev["config"]["random_experts"])
+            self.expert_cfg = ecfg
+        self.fingerprint = base_fingerprint(self.model)
+        # Nothing above wrote a file; from here on the run directory is ours.
+        torch.manual_seed(cfg.seed)
+        self.model = METHODS[cfg.method](self.model, cfg, self.expert_cfg)
+        self.model.train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.named = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        decay = [p for p in self.params if p.dim() >= 2]
+        no_decay = [p for p in self.params if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        self.opt = torch.optim.AdamW(groups, lr=lr_at(cfg, 1), betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+        if self.world > 1:  # every rank has checked the run directory before rank 0 writes to it
+            import torch.distributed as dist
+
+            dist.barrier()
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self._write_run("running")
+        if self.prev is not None:
+            self._load_checkpoint()
+        elif self.rank == 0:
+            (self.out / "metrics.jsonl").write_text("")
+
+    def _write_run(self, status: str, error: str | None = None, **extra) -> None:
+        cfg = asdict(self.cfg)
+        if self.cfg.method == "random":
+            cfg["random_experts"] = self.expert_cfg.to_dict()
+        run = {"method": self.cfg.method, "model": self.cfg.model, "data": self.cfg.data, "status": status,
+               "error": error, "step": self.step, "steps": self.cfg.steps, "world_size": self.world,
+               "started_at": (self.prev or {}).get("started_at") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": cfg,
+               "data_stats": getattr(self, "data_stats", None),
+               "trainable_params": sum(p.numel() for p in getattr(self, "params", [])), **extra}
+        _write_json(self.out / "run.json", run)
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+    def _checkpoints(self) -> list[Path]:
+        d = self.out / "checkpoints"
+        return sorted(p for p in d.glob("step_*") if (p / "state.json").is_file()) if d.is_dir() else []
+
+    def _save_checkpoint(self) -> None:
+        from safetensors.torch import save_file
+
+        if self.rank != 0:
+            return
+        final = self.out / "checkpoints" / f"step_{self.step:06d}"
+        tmp = final.with_name(final.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file({n: p.detach().contiguous() for n, p in self.named.items()}, str(tmp / "trainable.safetensors"))
+        torch.save(self.opt.state_dict(), tmp / "optimizer.pt")
+        _write_json(tmp / "state.json", {"step": self.step})
+        os.replace(tmp, final)
+        self._write_run("running")
+        for old in self._checkpoints()[:-1]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _load_checkpoint(self) -> None:
+        from safetensors.torch import load_file
+
+        ckpts = self._checkpoints()
+        metrics = self.out / "metrics.jsonl"
+        if ckpts:
+            last = ckpts[-1]
+            tensors = load_file(str(last / "trainable.safetensors"))
+            with torch.no_grad():
+                for n, p in self.named.items():
+                    p.copy_(tensors[n])
+            self.opt.load_state_dict(torch.load(last / "optimizer.pt", weights_only=True))
+            self.step = json.loads((last / "state.json").read_text())["step"]
+        if self.rank == 0 and metrics.is_file():  # drop lines logged after the checkpoint by the killed run
+            keep = [ln for ln in metrics.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
+            metrics.write_text("".join(ln + "\n" for ln in keep))
+
+    # -- train ---------------------------------------------------------------------------------------------------
+    def _micro_batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Micro-batch `index` (global count) of this rank: a seeded permutation per epoch, sliced by rank."""
+        n, b = len(self.ids), self.cfg.batch_size
+        per = b * self.world
+        rows = []
+        for j in range(per * index + b * self.rank, per * index + b * (self.rank + 1)):
+            epoch, pos = divmod(j, n)
+            if epoch not in self._perms:
+                g = torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch)
+                self._perms = {epoch: torch.randperm(n, generator=g).tolist()}
+            rows.append(self._perms[epoch][pos])
+        return self.ids[rows], self.labels[rows]
+
+    def train(self) -> None:
+        cfg = self.cfg
+        bar = None
+        if self.progress and self.rank == 0:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg.steps, initial=self.step, desc=f"esft train ({cfg.method})", unit="step",
+                       file=sys.stderr, mininterval=1.0)
+        metrics = open(self.out / "metrics.jsonl", "a", encoding="utf-8") if self.rank == 0 else None
+        try:
+            while self.step < cfg.steps:
+                t = time.time()
+                loss_sum, tokens = 0.0, 0
+                for k in range(cfg.grad_accum):
+                    ids, labels = self._micro_batch(self.step * cfg.grad_accum + k)
+                    out = self.model(input_ids=ids, labels=labels)  # mean CE over answer tokens
+                    (out.loss / cfg.grad_accum).backward()
+                    loss_sum += float(out.loss.detach())
+                    tokens += int(ids.numel())
+                loss = loss_sum / cfg.grad_accum
+                if self.world > 1:
+                    loss, tokens = self._all_reduce_grads(loss, tokens)
+                norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip if cfg.clip > 0 else float("inf"))
+                self.step += 1
+                lr = lr_at(cfg, self.step)
+                for g in self.opt.param_groups:
+                    g["lr"] = lr
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+                dt = time.time() - t
+                if metrics is not None:
+                    rec = {"step": self.step, "loss": round(loss, 6), "lr": lr, "tokens_per_s": round(tokens / dt, 1),
+                           "elapsed": round(time.time() - self.t0, 3), "grad_norm": round(float(norm), 6),
+                           "step_time": round(dt, 4)}
+                    metrics.write(json.dumps(rec) + "\n")
+                    metrics.flush()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                    self._save_checkpoint()
+        finally:
+            if metrics is not None:
+                metrics.close()
+            if bar is not None:
+                bar.close()
+
+    def _all_reduce_grads(self, loss: float, tokens: int) -> tuple[float, int]:
+        import torch.distributed as dist
+
+        for p in self.params:
+            if p.grad is None:  # expert not hit on this rank: still take part in the reduction
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= self.world
+        stats = torch.tensor([loss, float(tokens)], dtype=torch.float64)
+        dist.all_reduce(stats)
+        return float(stats[0]) / self.world, int(stats[1])
+
+    # -- save ----------------------------------------------------------------------------------------------------
+    def save(self) -> Path | None:
+        """Write the adapter (rank 0): esft/random → our adapter format; lora → peft; fft → full checkpoint."""
+        if self.rank != 0:
+            return None
+        adapter = self.out / "adapter"
+        shutil.rmtree(adapter, ignore_errors=True)
+        if self.cfg.method in ("esft", "random"):
+            from esft_core.adapters import save_adapter
+
+            save_adapter(self.model, self.expert_cfg, adapter, self.fingerprint)
+        else:
+            self.model.save_pretrained(adapter)
+            if self.cfg.method == "fft":
+                self.tok.save_pretrained(adapter)
+            else:
+                _write_json(adapter / "base_fingerprint.json", self.fingerprint)
+        return adapter
+
+    def evaluate(self) -> dict | None:
+        if not self.cfg.eval_data or self.rank != 0:
+            return None
+        from esft_core.evaluate import evaluate_files
+
+        self.model.eval()
+        result = evaluate_files(self.model, self.tok, self.cfg.eval_data, limit=self.cfg.eval_limit,
+                                seq_len=self.cfg.seq_len)
+        _write_json(self.out / "eval.json", result)
+        return result
+
+    def rank_digests(self) -> list[str]:
+        """sha256 of this rank's trainable weights, gathered from every rank (all equal when ranks are in sync)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for n, p in self.named.items():
+            h.update(n.encode())
+            h.update(p.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        digest = h.hexdigest()[:16]
+        if self.world == 1:
+            return [digest]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, digest)
+        return out
+
+    def cleanup(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.barrier()
+                dist.destroy_process_group()
+
+
+def _on_sigterm():
+    """SIGTERM (a job being cancelled) ends the run through the normal failure path, so run.json says so.
+
+    Returns the previous handler (None when not on the main thread, where handlers cannot be set)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise EsftError("terminated by SIGTERM")
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def run_training(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """The whole recipe with run.json upkeep: status running → complete, or failed with the error message.
+
+    Returns the final run.json content (rank 0). Errors before the run directory exists leave nothing behind.
+    """
+    if cfg.method in ("esft", "random") and cfg.experts_cfg is None:
+        from esft_core.esft import ExpertConfig
+
+        cfg.experts_cfg = ExpertConfig.load(cfg.experts).to_dict()
+    recipe = Recipe(cfg, resume=resume, progress=progress)
+    if resume and Path(cfg.out, "run.json").is_file():
+        prev = json.loads(Path(cfg.out, "run.json").read_text())
+        if prev.get("status") == "complete":
+            check_out_dir(cfg, resume=True)
+            return prev
+    started = False
+    previous = _on_sigterm()
+    try:
+        recipe.setup()
+        started = True
+        recipe.train()
+        digests = recipe.rank_digests()
+        adapter = recipe.save()
+        evaluation = recipe.evaluate()
+        if recipe.rank == 0:
+            recipe._write_run("complete", adapter=str(adapter), eval=evaluation, rank_digests=digests)
+        return json.loads((recipe.out / "run.json").read_text()) if recipe.rank == 0 else {}
+    except BaseException as e:
+        if started and recipe.rank == 0:
+            msg = str(e).splitlines()[0] if str(e) else ""
+            if isinstance(e, KeyboardInterrupt):
+                msg = "interrupted"
+            elif not isinstance(e, EsftError):
+                msg = f"{type(e).__name__}: {msg}".rstrip(": ")
+            recipe._write_run("failed", error=msg, step_failed=recipe.step)
+        raise
+    finally:
+        recipe.cleanup()
+        if previous is not None:
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,230 @@
+"""Altair chart builders and small HTML renderers for the explorer pages. No streamlit here.
+
+Every chart takes a Polars frame from explorer/queries.py and returns an `alt.Chart` (or layered chart) with tooltips.
+Sizes scale with the data so 64+ experts × 26+ layers stay readable: heatmap cells keep a minimum height per layer,
+expert axes label every 8th expert, and dense charts use selection (click a cell) instead of text labels.
+"""
+
+from __future__ import annotations
+
+import html
+
+import altair as alt
+import polars as pl
+
+CELL_H = 14  # px per layer row of a heatmap; 26 layers → 364 px
+
+
+def _layer_height(n_layers: int, lo: int = 160) -> int:
+    return max(lo, CELL_H * max(n_layers, 1))
+
+
+def _expert_axis(n_experts: int) -> alt.Axis:
+    step = 1 if n_experts <= 16 else (4 if n_experts <= 64 else 8)
+    return alt.Axis(values=list(range(0, max(n_experts, 1), step)), labelAngle=0, title="expert")
+
+
+def score_heatmap(scores: pl.DataFrame, value: str = "score", title: str = "", selected: pl.DataFrame | None = None,
+                  name: str = "cell", scheme: str = "viridis") -> alt.LayerChart | alt.Chart:
+    """Layer × expert heatmap of `value`; click selects a cell (selection parameter `name`). When `selected`
+    (columns layer, expert) is given, those cells get a white outline."""
+    n_exp = int(scores["expert"].max() or 0) + 1 if scores.height else 1
+    n_layers = scores["layer"].n_unique() if scores.height else 1
+    pick = alt.selection_point(name=name, fields=["layer", "expert"], on="click", clear="dblclick")
+    tooltip = [alt.Tooltip("layer:O"), alt.Tooltip("expert:O"), alt.Tooltip(f"{value}:Q", format=".4f")]
+    for extra in ("rank", "cum", "raw", "contrast_mean", "prob"):
+        if extra in scores.columns and extra != value:
+            tooltip.append(alt.Tooltip(f"{extra}:Q", format=".4f"))
+    base = alt.Chart(scores).mark_rect().encode(
+        x=alt.X("expert:O", axis=_expert_axis(n_exp), sort="ascending"),
+        y=alt.Y("layer:O", title="layer", sort="ascending"),
+        color=alt.Color(f"{value}:Q", scale=alt.Scale(scheme=scheme), title=value),
+        opacity=alt.condition(pick, alt.value(1.0), alt.value(0.55)),
+        tooltip=tooltip,
+    ).add_params(pick)
+    chart = base
+    if selected is not None and selected.height:
+        outline = alt.Chart(selected.select("layer", "expert")).mark_rect(
+            fill=None, stroke="white", strokeWidth=1.5).encode(x="expert:O", y="layer:O")
+        chart = alt.layer(base, outline)
+    return chart.properties(title=title, height=_layer_height(n_layers))
+
+
+def concentration_chart(conc: pl.DataFrame, spread: pl.DataFrame, p: float | None = None,
+                        max_n: int | None = None) -> alt.LayerChart:
+    """Paper Fig. 2: cumulative score of the top-n experts, one faint line per layer, the inter-quartile band and
+    the mean across layers; a rule at p. Columns: conc (task, layer, n, cum), spread (task, n, mean, q25, q75, ...)."""
+    if max_n is not None:
+        conc = conc.filter(pl.col("n") <= max_n)
+        spread = spread.filter(pl.col("n") <= max_n)
+    x = alt.X("n:Q", title="number of top experts", scale=alt.Scale(zero=False))
+    hover = alt.selection_point(name="layer_hover", fields=["layer"], on="pointerover", clear="pointerout")
+    lines = alt.Chart(conc).mark_line(strokeWidth=1).encode(
+        x=x, y=alt.Y("cum:Q", title="cumulative score"), detail="layer:N",
+        color=alt.Color("task:N"),
+        opacity=alt.condition(hover, alt.value(0.9), alt.value(0.18)),
+        tooltip=["task:N", "layer:O", "n:Q", alt.Tooltip("cum:Q", format=".3f")],
+    ).add_params(hover)
+    band = alt.Chart(spread).mark_area(opacity=0.25).encode(x=x, y="q25:Q", y2="q75:Q", color="task:N")
+    mean = alt.Chart(spread).mark_line(strokeWidth=3).encode(
+        x=x, y="mean:Q", color="task:N",
+        tooltip=["task:N", "n:Q", alt.Tooltip("mean:Q", format=".3f"), alt.Tooltip("lo:Q", format=".3f"),
+                 alt.Tooltip("hi:Q", format=".3f")])
+    layers = [band, lines, mean]
+    if p is not None:
+        layers.append(alt.Chart(pl.DataFrame({"p": [p]})).mark_rule(strokeDash=[4, 4], color="gray").encode(y="p:Q"))
+    return alt.layer(*layers).properties(height=320)
+
+
+def experts_needed_chart(needed: pl.DataFrame, p: float) -> alt.Chart:
+    """Bars: experts the top-p rule needs per layer, one colour per task (grouped)."""
+    return alt.Chart(needed).mark_bar().encode(
+        x=alt.X("layer:O", title="layer"), xOffset="task:N",
+        y=alt.Y("n_experts:Q", title=f"experts to reach p = {p:g}"),
+        color="task:N", tooltip=["task:N", "layer:O", "n_experts:Q"],
+    ).properties(height=240)
+
+
+def task_matrix(df: pl.DataFrame, value: str, title: str, fmt: str = ".2f", scheme: str = "blues") -> alt.LayerChart:
+    """Task × task matrix with the value printed in each cell (few tasks, so labels stay legible)."""
+    base = alt.Chart(df).encode(x=alt.X("task_b:N", title=None), y=alt.Y("task_a:N", title=None))
+    rect = base.mark_rect().encode(color=alt.Color(f"{value}:Q", scale=alt.Scale(scheme=scheme), title=value),
+                                   tooltip=["task_a:N", "task_b:N", alt.Tooltip(f"{value}:Q", format=fmt)])
+    text = base.mark_text(fontSize=12).encode(
+        text=alt.Text(f"{value}:Q", format=fmt),
+        color=alt.condition(f"datum.{value} > {float(df[value].max() or 0) * 0.6}", alt.value("white"),
+                            alt.value("black")))
+    n = max(df["task_a"].n_unique(), 1)
+    return alt.layer(rect, text).properties(title=title, width=max(200, 60 * n), height=max(160, 40 * n))
+
+
+def jaccard_chart(jac: pl.DataFrame) -> alt.Chart:
+    """Per-layer Jaccard of selected sets, one line per task pair; legend click highlights a pair."""
+    df = jac.with_columns(pair=pl.col("task_a") + " · " + pl.col("task_b"))
+    sel = alt.selection_point(name="pair", fields=["pair"], bind="legend")
+    return alt.Chart(df).mark_line(point=True).encode(
+        x=alt.X("layer:O"), y=alt.Y("jaccard:Q", scale=alt.Scale(domain=[0, 1])), color="pair:N",
+        opacity=alt.condition(sel, alt.value(1.0), alt.value(0.15)),
+        tooltip=["pair:N", "layer:O", alt.Tooltip("jaccard:Q", format=".3f")],
+    ).add_params(sel).properties(height=260)
+
+
+def bar_chart(df: pl.DataFrame, x: str, y: str, color: str | None = None, title: str = "",
+              sort: str | None = "-y", height: int = 240) -> alt.Chart:
+    enc = dict(x=alt.X(f"{x}:N", sort=sort, title=x), y=alt.Y(f"{y}:Q", title=y),
+               tooltip=[c for c in df.columns if not df[c].dtype.is_nested()])
+    if color:
+        enc["color"] = alt.Color(f"{color}:N")
+    return alt.Chart(df).mark_bar().encode(**enc).properties(title=title, height=height)
+
+
+def top_tokens_chart(df: pl.DataFrame) -> alt.Chart:
+    """Top tokens of an expert, one row per task (label column), bars sorted by count."""
+    d = df.with_columns(token=pl.col("token_text").map_elements(visible_token, return_dtype=pl.Utf8))
+    return alt.Chart(d).mark_bar().encode(
+        y=alt.Y("token:N", sort="-x", title=None), x=alt.X("n:Q", title="times routed here"),
+        color=alt.Color("share:Q", scale=alt.Scale(scheme="oranges", domain=[0, 1]),
+                        title="share of token's uses"),
+        row=alt.Row("label:N", title=None),
+        tooltip=["label:N", "token:N", "n:Q", alt.Tooltip("mean_gate:Q", format=".3f"),
+                 alt.Tooltip("share:Q", format=".2f")],
+    ).properties(height=alt.Step(14), width=320).resolve_scale(y="independent")
+
+
+def loss_chart(metrics: pl.DataFrame, color: str = "run") -> alt.Chart:
+    """Training loss vs step (one line per run), with a hover rule showing values."""
+    hover = alt.selection_point(name="step_hover", fields=["step"], nearest=True, on="pointerover", empty=False)
+    line = alt.Chart(metrics).mark_line().encode(
+        x=alt.X("step:Q"), y=alt.Y("loss:Q", scale=alt.Scale(zero=False)), color=f"{color}:N")
+    pts = line.mark_point().encode(
+        opacity=alt.condition(hover, alt.value(1), alt.value(0)),
+        tooltip=[f"{color}:N", "step:Q", alt.Tooltip("loss:Q", format=".4f")]).add_params(hover)
+    return alt.layer(line, pts).properties(height=260)
+
+
+def convergence_chart(curve: pl.DataFrame) -> alt.Chart:
+    return alt.Chart(curve).mark_line(point=True).encode(
+        x=alt.X("tokens:Q", title="tokens seen"), y=alt.Y("jaccard:Q", title="Jaccard to final selection",
+                                                           scale=alt.Scale(domain=[0, 1])),
+        tooltip=["tokens:Q", alt.Tooltip("jaccard:Q", format=".3f")]).properties(height=220)
+
+
+def shift_chart(shift: pl.DataFrame) -> alt.Chart:
+    """Routing shift per layer: columns layer, measure, value (e.g. changed top-k share, trained-expert share)."""
+    return alt.Chart(shift).mark_bar().encode(
+        x=alt.X("layer:O"), xOffset="measure:N", y=alt.Y("value:Q"), color="measure:N",
+        tooltip=["layer:O", "measure:N", alt.Tooltip("value:Q", format=".3f")]).properties(height=240)
+
+
+def quick_chart(df: pl.DataFrame) -> alt.Chart | None:
+    """A best-guess chart of a SQL result: first column on x, first numeric column (other than x) on y.
+    Two integer key columns plus a number → heatmap. None when nothing numeric to plot."""
+    if df.height == 0 or df.width < 2:
+        return None
+    num = [c for c in df.columns if df[c].dtype.is_numeric()]
+    if len(num) >= 3 and df[num[0]].dtype.is_integer() and df[num[1]].dtype.is_integer():
+        return alt.Chart(df.head(5000)).mark_rect().encode(
+            x=f"{num[1]}:O", y=f"{num[0]}:O", color=f"{num[2]}:Q",
+            tooltip=[num[0], num[1], num[2]]).properties(height=_layer_height(df[num[0]].n_unique()))
+    x = df.columns[0]
+    ys = [c for c in num if c != x]
+    if not ys:
+        return None
+    d = df.head(2000).select(x, ys[0])
+    kind = "Q" if d[x].dtype.is_numeric() else "N"
+    mark = alt.Chart(d).mark_line(point=True) if kind == "Q" else alt.Chart(d).mark_bar()
+    return mark.encode(x=alt.X(f"{x}:{kind}", sort=None), y=f"{ys[0]}:Q", tooltip=[x, ys[0]]).properties(height=260)
+
+
+# ------------------------------------------------------------------------------------------------------------- HTML
+def visible_token(t: str | None) -> str:
+    """Token text with whitespace made visible (␣, ↵, ⇥) so spaces and newlines can be told apart."""
+    if t is None:
+        return "∅"
+    return t.replace(" ", "␣").replace("\n", "↵").replace("\t", "⇥") or "∅"
+
+
+def expert_color(e: int | None, light: bool = True) -> str:
+    """A distinct colour per expert id for 64+ experts: golden-angle hue steps with 3 alternating lightness bands."""
+    if e is None:
+        return "#eeeeee"
+    hue = (int(e) * 137.508) % 360
+    lum = (82, 72, 90)[int(e) % 3] if light else 40
+    return f"hsl({hue:.0f}, 70%, {lum}%)"
+
+
+def token_html(routes: pl.DataFrame) -> str:
+    """A sample's tokens as spans coloured by their top expert; hovering shows the K experts and gate weights.
+    Input columns: token_text, experts, weights, top_expert (from queries.sample_routes)."""
+    spans = []
+    for row in routes.iter_rows(named=True):
+        exps, ws = row.get("experts") or [], row.get("weights") or []
+        tip = " | ".join(f"e{e}: {w:.3f}" for e, w in zip(exps, ws, strict=False)) or "no routing recorded"
+        text = html.escape(row["token_text"] or "").replace("\n", "↵<br>")
+        spans.append(f'<span class="tok" title="{html.escape(tip)}" data-expert="{row.get("top_expert")}" '
+                     f'style="background:{expert_color(row.get("top_expert"))}">{text or "∅"}</span>')
+    return ('<div class="esft-tokens" style="font-family:monospace;line-height:1.9;white-space:pre-wrap;'
+            'word-break:break-word">' + "".join(spans) + "</div>")
+
+
+def legend_html(experts: list[int]) -> str:
+    items = "".join(f'<span style="background:{expert_color(e)};padding:1px 6px;margin:2px;border-radius:3px;'
+                    f'font-family:monospace">e{e}</span>' for e in experts)
+    return f'<div style="line-height:2">{items}</div>'
+
+
+def attribution_html(tokens: list[str], scores: list[float], target: int | None = None) -> str:
+    """Tokens highlighted by attribution: green pushes the router logit up, red pushes it down; the target token
+    (whose router logit is explained) is underlined. Hover shows the value."""
+    peak = max((abs(s) for s in scores), default=0.0) or 1.0
+    spans = []
+    for i, (t, s) in enumerate(zip(tokens, scores, strict=False)):
+        a = min(abs(s) / peak, 1.0)
+        rgb = "22,163,74" if s >= 0 else "220,38,38"
+        style = f"background:rgba({rgb},{a:.2f});"
+        if i == target:
+            style += "border-bottom:3px solid #1d4ed8;"
+        text = html.escape(t).replace("\n", "↵<br>") or "∅"
+        spans.append(f'<span title="{i}: {s:+.4f}" style="{style}">{text}</span>')
+    return ('<div class="esft-attr" style="font-family:monospace;line-height:1.9;white-space:pre-wrap">'
+            + "".join(spans) + "</div>")

@@ -1,0 +1,84 @@
+"""Attribution: which input tokens drive an expert's router logit at one position (captum Layer Integrated Gradients
+on the input embeddings), shown as highlighted text."""
+
+import polars as pl
+import streamlit as st
+
+from explorer import charts, state
+
+st.title("Attribution")
+st.caption("Integrated gradients from a baseline (all tokens → pad) to the sample, on the input embeddings, of the "
+           "router logit of one expert at one position. Green tokens push that expert's logit up, red push it down.")
+model_name = state.pick_model()
+if model_name is None:
+    st.stop()
+tasks = state.query("tasks", model_name)
+lay = state.query("model_layout", model_name)
+
+
+@st.cache_resource(show_spinner="Loading the model…", max_entries=2)
+def load(name: str):
+    from esft_core.models import load_model
+
+    return load_model(name)
+
+
+ready, why = state.model_ready(model_name)
+if not ready:
+    st.warning(f"The traced model '{model_name}' cannot be loaded here: {why}. Attribution needs the model itself.")
+    st.stop()
+
+c1, c2, c3, c4 = st.columns([1, 2, 1, 1])
+task = c1.selectbox("Task", tasks, key="att_task")
+run_id = state.query("latest_run", model_name, task)
+samples = state.query("list_samples", run_id, 200)
+labels = {r["sample_id"]: f"#{r['sample_id']} ({r['n_tokens']} tok) {r['preview'][:50]}"
+          for r in samples.iter_rows(named=True)}
+sid = c2.selectbox("Sample", list(labels), format_func=labels.get, key=f"att_sample_{run_id}")
+layer = c3.selectbox("Layer", lay["layers"], key="att_layer")
+routes = state.query("sample_routes", run_id, sid, layer, 256)
+# Default expert: the one that wins most positions of this sample at this layer.
+top = routes["top_expert"].drop_nulls()
+default_e = int(top.mode().sort()[0]) if len(top) else 0
+expert = c4.number_input("Expert", 0, max(lay["num_experts"] - 1, 0), default_e, key=f"att_expert_{sid}_{layer}")
+weights = routes.with_columns(
+    w=pl.struct("experts", "weights").map_elements(
+        lambda r: next((w for e, w in zip(r["experts"] or [], r["weights"] or [], strict=False) if e == expert),
+                       0.0), return_dtype=pl.Float64))
+best = int(weights.sort("w", descending=True)["position"][0]) if weights.height else 0
+target = st.slider("Target position (whose router logit is explained)", 0, max(routes.height - 1, 0),
+                   min(best, max(routes.height - 1, 0)), key=f"att_target_{sid}_{layer}_{expert}",
+                   help="Defaults to the position where this expert gets its highest gate weight in the sample "
+                        "(first 256 tokens).")
+tok_at = routes["token_text"][target] if routes.height else ""
+st.markdown(f"Explaining layer **{layer}**, expert **{expert}** at position **{target}** "
+            f"(token `{charts.visible_token(tok_at)}`).")
+steps = st.select_slider("Integration steps", [16, 32, 64, 128], 64, key="att_steps",
+                         help="More steps → smaller completeness error (δ), slower.")
+
+if st.button("Compute attribution", type="primary", key="att_go"):
+    from esft_core.attribution import router_attribution
+    from esft_core.errors import EsftError
+
+    ids = state.query("sample_token_ids", run_id, sid, target + 1)
+    try:
+        model, tok = load(model_name)
+        with st.spinner("Integrating gradients…"):
+            res = router_attribution(model, tok, ids, layer, int(expert), target=target, n_steps=int(steps))
+        st.session_state["att_result"] = (run_id, sid, layer, int(expert), target, res)
+    except EsftError as e:
+        st.error(str(e))
+
+saved = st.session_state.get("att_result")
+if saved and saved[:5] == (run_id, sid, layer, int(expert), target):
+    res = saved[5]
+    m1, m2, m3 = st.columns(3)
+    m1.metric("Router logit", f"{res.logit:.3f}")
+    m2.metric("Baseline logit", f"{res.baseline_logit:.3f}")
+    m3.metric("Completeness error δ", f"{res.delta:.4f}", help="|Σ attributions − (logit − baseline)|")
+    st.html(charts.attribution_html(res.tokens, res.scores, res.target))
+    df = pl.DataFrame({"position": list(range(len(res.tokens))),
+                       "token": [charts.visible_token(t) for t in res.tokens], "attribution": res.scores})
+    st.dataframe(df.sort(pl.col("attribution").abs(), descending=True).head(15), hide_index=True)
+else:
+    st.info("Press **Compute attribution** (the model runs on this machine; a few seconds on the demo model).")

@@ -1,0 +1,43 @@
+"""Overlap: how much tasks share experts — shared top-k experts averaged over layers (paper Fig. 3), per-layer
+Jaccard of the top-p selected sets, and the gate-weighted overlap of the routing distributions."""
+
+import polars as pl
+import streamlit as st
+
+from explorer import charts, queries, state
+
+st.title("Overlap")
+model = state.pick_model()
+if model is None:
+    st.stop()
+tasks = state.query("tasks", model)
+lay = state.query("model_layout", model)
+metric, norm, p = state.score_controls("ov")
+chosen = st.multiselect("Tasks", tasks, default=tasks, key="ov_tasks")
+if len(chosen) < 2:
+    st.info("Pick at least two tasks to compare." if tasks and len(tasks) >= 2 else
+            "Overlap needs traces of at least two tasks on this model; record another task on the Runs page.")
+    st.stop()
+sc = state.scores(model, chosen, metric, norm)
+k = st.slider("k (top experts per layer)", 1, max(lay["num_experts"], 1), min(lay["top_k"] or 6, lay["num_experts"]),
+              key="ov_k", help="The paper's Figure 3 uses the top-6 experts of DeepSeek-V2-Lite")
+
+c1, c2 = st.columns(2)
+with c1:
+    shared = queries.shared_topk(sc, k)
+    state.chart(charts.task_matrix(shared, "shared", f"Shared top-{k} experts (mean over layers)", fmt=".2f"))
+    st.caption(f"Diagonal = {k}. Off-diagonal values near {k} mean two tasks use the same experts.")
+with c2:
+    wov = queries.weighted_overlap(sc)
+    state.chart(charts.task_matrix(wov, "overlap", "Gate-weighted overlap Σ min(ŝa, ŝb)", fmt=".2f",
+                                   scheme="purples"))
+    st.caption("Per layer, overlap of the two tasks' score distributions (1 = identical routing), averaged.")
+
+st.subheader(f"Jaccard of selected sets per layer (top-p, p = {p:g})")
+sel = queries.select_top_p(sc, p)
+jac = queries.jaccard_by_layer(sel)
+state.chart(charts.jaccard_chart(jac))
+mean_j = jac.group_by(["task_a", "task_b"]).agg(mean_jaccard=pl.col("jaccard").mean().round(4)).sort("mean_jaccard",
+                                                                                                    descending=True)
+st.dataframe(mean_j, hide_index=True)
+st.caption("Click a legend entry to highlight a pair. Low Jaccard = task-specific experts, what ESFT relies on.")

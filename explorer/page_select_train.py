@@ -1,0 +1,193 @@
+"""Select & Train: choose the experts to tune (metric, p, contrast and stability views, per-layer editing), see what
+that costs, download expert_cfg.json, and train (ESFT, or FFT/LoRA for comparison) as a background job with live
+loss; on completion compare the evaluation with the untuned model."""
+
+import json
+import time
+
+import polars as pl
+import streamlit as st
+
+from esft_core import jobs
+from explorer import charts, queries, results, state
+
+st.title("Select & Train")
+model = state.pick_model()
+if model is None:
+    st.stop()
+tasks = state.query("tasks", model)
+lay = state.query("model_layout", model)
+work = state.workdir()
+files = state.task_files()
+jobs.ensure_standby(work)  # a warm runner makes Train → first loss point several seconds faster
+
+task = st.selectbox("Task to tune", tasks, index=0, key="sel_task")
+metric, norm, p = state.score_controls("sel", default_metric="token")
+sc = state.scores(model, tasks, metric, norm)
+run_id = state.query("latest_run", model, task)
+
+tab_sel, tab_con, tab_stab = st.tabs(["Top-p selection", "Contrast", "Stability"])
+with tab_sel:
+    base_sel = queries.select_top_p(sc.filter(pl.col("task") == task), p)
+    state.chart(charts.score_heatmap(base_sel, title=f"{task}: {metric} score, outlined = selected (p = {p:g})",
+                                     selected=base_sel.filter(pl.col("selected")).select("layer", "expert")))
+with tab_con:
+    others = [t for t in tasks if t != task]
+    against = st.multiselect("Contrast against", others, default=others, key="sel_against",
+                             help="Prefer experts this task uses more than the contrast tasks do")
+    con_scores = queries.contrast_scores(sc, task, against, state.query("task_weights", model, norm))
+    con_sel = queries.select_top_p(con_scores, p)
+    state.chart(charts.score_heatmap(con_sel, title="contrast score max(0, s_task − s_contrast), per-layer share",
+                                     selected=con_sel.filter(pl.col("selected")).select("layer", "expert"),
+                                     scheme="magma", name="contrast_cell"))
+    use_contrast = st.checkbox("Use the contrast selection for training", key="sel_use_contrast",
+                               disabled=not against)
+with tab_stab:
+    n_boot = st.slider("Bootstrap resamples", 10, 200, 40, 10, key="sel_boot")
+    prob, curve = state.query("stability_view", run_id, metric, norm, p, n_boot)
+    c1, c2 = st.columns([3, 2])
+    with c1:
+        state.chart(charts.score_heatmap(prob, value="prob", title="P(selected) over bootstrap resamples of samples",
+                                         selected=prob.filter(pl.col("selected")).select("layer", "expert"),
+                                         scheme="greens", name="stab_cell"))
+    with c2:
+        state.chart(charts.convergence_chart(curve))
+        unstable = prob.filter((pl.col("prob") > 0.05) & (pl.col("prob") < 0.95)).height
+        st.caption(f"{unstable} (layer, expert) pairs are selected in between 5 % and 95 % of resamples. The curve: "
+                   "how close the selection made from the first N tokens is to the final one.")
+
+# ---------------------------------------------------------------------------------------------- editable selection
+chosen_sel = (con_sel if use_contrast and against else base_sel)
+selection = queries.selection_dict(chosen_sel.with_columns(task=pl.lit(task)), task)
+st.subheader("Experts to train")
+edit_df = pl.DataFrame({"layer": list(selection), "experts": [", ".join(map(str, v)) for v in selection.values()],
+                        "count": [len(v) for v in selection.values()]})
+ed_key = f"sel_editor_{task}_{metric}_{norm}_{p}_{bool(use_contrast)}_{len(against)}"
+edited = st.data_editor(edit_df, key=ed_key, hide_index=True, width="stretch", disabled=["layer", "count"],
+                        column_config={"experts": st.column_config.TextColumn(
+                            "experts (comma-separated ids, editable)", width="large")})
+final: dict[int, list[int]] = {}
+bad = []
+for row in edited.iter_rows(named=True) if isinstance(edited, pl.DataFrame) else edited.to_dict("records"):
+    try:
+        final[int(row["layer"])] = results.parse_experts(str(row["experts"] or ""), lay["num_experts"])
+    except ValueError as e:
+        bad.append(f"layer {row['layer']}: {e}")
+for b in bad:
+    st.error(b)
+cfg_json = results.expert_config(final)
+facts = results.model_facts(model)
+n_sel = sum(len(v) for v in final.values())
+m1, m2, m3, m4 = st.columns(4)
+m1.metric("Selected experts", f"{n_sel}", f"{n_sel / max(len(final), 1):.1f} per layer", delta_color="off")
+m2.metric("Of all routed experts", f"{n_sel / max(len(final) * lay['num_experts'], 1):.1%}")
+if facts.get("per_expert"):
+    trainable = n_sel * facts["per_expert"]
+    m3.metric("Trainable parameters", f"{trainable:,}")
+    if facts.get("total"):
+        m4.metric("Share of the model", f"{trainable / facts['total']:.2%}", help=f"of {facts['total']:,} parameters")
+st.download_button("Download expert_cfg.json", json.dumps(cfg_json, indent=2), file_name=f"{task}_expert_cfg.json",
+                   mime="application/json", disabled=bool(bad), key="sel_download")
+
+# ---------------------------------------------------------------------------------------------------------- train
+st.subheader("Train")
+active_train = [j for j in jobs.active_jobs(work) if j.kind == "train"]
+with st.form("train_form"):
+    c1, c2, c3, c4 = st.columns(4)
+    method = c1.selectbox("Method", ["esft", "fft", "lora", "random"], key="tr_method",
+                          help="esft: only the experts above; fft: everything; lora: peft LoRA; random: as many "
+                               "experts per layer as above, chosen at random (the paper's ablation)")
+    steps = c2.number_input("Steps", 1, 100000, 30, key="tr_steps")
+    lr = c3.number_input("Learning rate", 1e-6, 1.0, 1e-4 if method == "fft" else 1e-3, format="%.5f", key="tr_lr")
+    batch = c4.number_input("Batch size", 1, 256, 4, key="tr_batch")
+    c5, c6, c7 = st.columns([1, 1, 2])
+    seq_len = c5.number_input("Sequence length", 32, 8192, 256, step=32, key="tr_seq")
+    eval_limit = c6.number_input("Eval examples per file", 1, 10000, 16, key="tr_eval_limit")
+    default_data = str(files[task]["train"]) if task in files else ""
+    data = c7.text_input("Training data (chat JSONL/Parquet)", value=default_data, key=f"tr_data_{task}")
+    go = st.form_submit_button("Train", type="primary", disabled=bool(bad) or bool(active_train))
+if active_train:
+    st.caption("A training job is running; one at a time keeps this machine responsive.")
+if go:
+    from pathlib import Path
+
+    ready, why = state.model_ready(model)
+    if not ready:
+        st.error(f"Model not usable: {why}")
+    elif not data or not Path(data).expanduser().is_file():
+        st.error(f"Training data {data!r} is not a file")
+    elif method in ("esft", "random") and n_sel == 0:
+        st.error("No experts selected; raise p or edit the selection.")
+    else:
+        name = time.strftime("%Y%m%d-%H%M%S") + f"-{task}-{method}"
+        out = work / "train" / name
+        cfg_file = work / "train" / f"{name}.expert_cfg.json"
+        cfg_file.parent.mkdir(parents=True, exist_ok=True)
+        cfg_file.write_text(json.dumps(cfg_json, indent=2))
+        eval_files = [str(files[task]["eval"])] if task in files and "eval" in files[task] else []
+        if state.general_heldout():
+            eval_files.append(str(state.general_heldout()))
+        cmd = ["esft", "train", "--model", model, "--data", str(Path(data).expanduser().resolve()),
+               "--method", method, "--out", str(out), "--steps", str(int(steps)), "--lr", str(lr),
+               "--batch-size", str(int(batch)), "--seq-len", str(int(seq_len)), "--no-progress"]
+        if method in ("esft", "random"):
+            cmd += ["--experts", str(cfg_file)]
+        cmds = [cmd]
+        base_file = None
+        if eval_files:
+            cmd += ["--eval-data", *eval_files, "--eval-limit", str(int(eval_limit))]
+            base_file = results.baseline_path(work, model, eval_files, int(eval_limit), int(seq_len))
+            if not base_file.exists():
+                base_file.parent.mkdir(parents=True, exist_ok=True)
+                cmds.append(["esft", "eval", "--model", model, "--data", *eval_files, "--limit", str(int(eval_limit)),
+                             "--seq-len", str(int(seq_len)), "--out", str(base_file)])
+        meta = {"out": str(out), "steps": int(steps), "task": task, "method": method, "model": model,
+                "baseline": str(base_file) if base_file else None, "expert_cfg": str(cfg_file)}
+        job = jobs.start_job(work, "train", cmds, title=f"{method} on {task} ({int(steps)} steps)", meta=meta)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        st.session_state["train_job"] = str(job.dir)
+        st.session_state["train_started"] = time.time()
+        (work / "train" / f"{name}.job").write_text(str(job.dir))
+
+job_dir = st.session_state.get("train_job")
+if job_dir is None and active_train:
+    job_dir = str(active_train[0].dir)
+if job_dir:
+    live = not jobs.load_job(job_dir).done
+
+    @st.fragment(run_every=1.0 if live else None)
+    def train_panel():
+        job = jobs.load_job(job_dir)
+        with st.container(border=True):
+            state.job_box(job, show_log=False)
+            rows = jobs.read_metrics(job.meta["out"])
+            if rows:
+                df = pl.DataFrame(rows).with_columns(run=pl.lit(job.meta.get("method", "run")))
+                state.chart(charts.loss_chart(df.select("step", "loss", "run")))
+                last = rows[-1]
+                st.caption(f"step {last['step']}/{job.meta.get('steps')} · loss {last['loss']:.4f} · "
+                           f"{last.get('tokens_per_s', 0):,.0f} tokens/s · {last.get('elapsed', 0):.1f} s")
+            elif not job.done:
+                st.caption("Loading the model and packing the data…")
+            if not job.done and st.button("Stop training", key=f"stop_{job.id}"):
+                jobs.stop_job(job)
+                st.rerun(scope="app")
+            with st.expander("Log", expanded=job.state == "failed"):
+                st.code(jobs.log_tail(job, 3000) or "(empty)", language=None)
+            if job.state == "complete":
+                run = state.read_json(f"{job.meta['out']}/run.json")
+                ev = state.read_json(f"{job.meta['out']}/eval.json") or run.get("eval") or {}
+                base = state.read_json(job.meta["baseline"]) if job.meta.get("baseline") else {}
+                st.success(f"Training finished. Adapter: `{run.get('adapter') or job.meta['out'] + '/adapter'}` "
+                           f"({results.dir_bytes(job.meta['out'] + '/adapter') / 2**20:.2f} MB)")
+                if ev:
+                    st.markdown("**Evaluation against the untuned model**")
+                    st.dataframe(results.compare_eval(ev, base), hide_index=True,
+                                 column_config={"change": st.column_config.NumberColumn(format="%+.4f")})
+                st.page_link("explorer/page_results.py", label="Compare runs on the Results page",
+                             icon=":material/leaderboard:")
+            if job.done and st.session_state.get("train_live_seen") != job.id and live:
+                st.session_state["train_live_seen"] = job.id
+                st.rerun(scope="app")  # stop polling
+
+    train_panel()

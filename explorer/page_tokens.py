@@ -1,0 +1,71 @@
+"""Tokens: a sample's tokens coloured by their top expert at a layer (hover: the K experts and gate weights), and for
+one (layer, expert): its top tokens and example contexts per task."""
+
+import html
+
+import polars as pl
+import streamlit as st
+
+from explorer import charts, state
+
+st.title("Tokens")
+model = state.pick_model()
+if model is None:
+    st.stop()
+tasks = state.query("tasks", model)
+lay = state.query("model_layout", model)
+layers = lay["layers"]
+
+# ------------------------------------------------------------------------------------------------ a sample's routing
+st.subheader("Routing of one sample")
+c1, c2, c3 = st.columns([1, 2, 1])
+task = c1.selectbox("Task", tasks, key="tok_task")
+run_id = state.query("latest_run", model, task)
+samples = state.query("list_samples", run_id, 300)
+if samples is None or samples.height == 0:
+    st.info("This run has no samples.")
+    st.stop()
+labels = {r["sample_id"]: f"#{r['sample_id']} ({r['n_tokens']} tok) {r['preview'][:60]}"
+          for r in samples.iter_rows(named=True)}
+sid = c2.selectbox("Sample", list(labels), format_func=labels.get, key=f"tok_sample_{run_id}")
+layer = c3.selectbox("Layer", layers, key="tok_layer")
+routes = state.query("sample_routes", run_id, sid, layer, 1024)
+st.html(charts.token_html(routes))
+top = routes["top_expert"].drop_nulls()
+counts = top.value_counts(sort=True).head(12)
+st.caption("Background = the token's top-1 expert at this layer; hover a token for its K experts and gate weights. "
+           "Most frequent top experts in this sample:")
+st.html(charts.legend_html([int(e) for e in counts[counts.columns[0]].to_list()]))
+if routes.height >= 1024:
+    st.caption("Showing the first 1,024 tokens.")
+
+# ------------------------------------------------------------------------------------------------ one expert's view
+st.subheader("What one expert does")
+default_layer, default_expert = st.session_state.get("focus_cell", (layer, int(top[0]) if len(top) else 0))
+d1, d2, d3 = st.columns([1, 1, 2])
+e_layer = d1.selectbox("Layer ", layers, index=layers.index(default_layer) if default_layer in layers else 0,
+                       key="tok_e_layer")
+expert = d2.number_input("Expert", 0, max(lay["num_experts"] - 1, 0), int(default_expert), key="tok_expert")
+which = d3.multiselect("Tasks ", tasks, default=tasks, key="tok_e_tasks")
+run_ids = {t: state.query("latest_run", model, t) for t in which}
+tt = state.query("top_tokens", [r for r in run_ids.values() if r is not None], e_layer, int(expert), 12)
+if tt is None or tt.height == 0:
+    st.info(f"Expert {expert} of layer {e_layer} was never selected in these tasks.")
+else:
+    names = {r: t for t, r in run_ids.items()}
+    tt = tt.with_columns(label=pl.col("run_id").replace_strict(names, default=None))
+    state.chart(charts.top_tokens_chart(tt))
+    st.caption("Bar colour: share of all uses of that token (at this layer) routed to this expert — 1.0 means the "
+               "expert owns the token.")
+for t, r in run_ids.items():
+    if r is None:
+        continue
+    ctx = state.query("expert_contexts", r, e_layer, int(expert), 5, 8, 8192)
+    with st.expander(f"{t}: example contexts ({0 if ctx is None else ctx.height})", expanded=False):
+        if ctx is None or ctx.height == 0:
+            st.write("No occurrences in the first 8,192 tokens of this trace.")
+        for row in (ctx.iter_rows(named=True) if ctx is not None else []):
+            st.html(f'<div style="font-family:monospace;white-space:pre-wrap">…{html.escape(row["left"])}'
+                    f'<mark title="gate {row["weight"]:.3f}"><b>{html.escape(row["token"])}</b></mark>'
+                    f'{html.escape(row["right"])}… <small>(sample {row["sample_id"]}, pos {row["position"]}, '
+                    f'gate {row["weight"]:.3f})</small></div>')

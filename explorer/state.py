@@ -1,0 +1,197 @@
+"""Shared helpers of the Streamlit pages: configuration from the environment, cached read-only queries, the model
+picker, job helpers. The only explorer module besides the pages that imports streamlit.
+
+Configuration (environment variables, so tests and deployments can point the app at other folders):
+  ESFT_DB        trace database (default artifacts/traces.duckdb)
+  ESFT_WORKDIR   jobs, uploads, training runs (default artifacts/)
+  ESFT_DATA_DIR  shipped task data: <dir>/tasks/<task>/{train,eval}.jsonl (default data/)
+  ESFT_MODEL     model used by default for recording/training (default 'demo' = data/demo-moe)
+  ESFT_AUTO_RECORD      '0' disables recording the demo tasks on a first start with no DB
+  ESFT_AUTO_TOKENS      token budget per task of that first recording (default 2048)
+  ESFT_UPLOAD_MB        upload size cap in MB (default 50)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import streamlit as st
+
+from esft_core import jobs
+from explorer import queries
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Config:
+    db_default: Path
+    workdir: Path
+    data_dir: Path
+    model: str
+    auto_record: bool
+    auto_tokens: int
+    upload_mb: int
+
+
+def config() -> Config:
+    def p(name, default):
+        v = os.environ.get(name)
+        path = Path(v).expanduser() if v else REPO_ROOT / default
+        return path if path.is_absolute() else (Path.cwd() / path)
+
+    workdir = p("ESFT_WORKDIR", "artifacts")
+    return Config(
+        db_default=p("ESFT_DB", "artifacts/traces.duckdb"),
+        workdir=workdir,
+        data_dir=p("ESFT_DATA_DIR", "data"),
+        model=os.environ.get("ESFT_MODEL", "demo"),
+        auto_record=os.environ.get("ESFT_AUTO_RECORD", "1") != "0",
+        auto_tokens=int(os.environ.get("ESFT_AUTO_TOKENS", "2048")),
+        upload_mb=int(os.environ.get("ESFT_UPLOAD_MB", "50")),
+    )
+
+
+def db_path() -> Path:
+    """The trace DB this session looks at (Runs page can switch it)."""
+    if "db" not in st.session_state:
+        st.session_state["db"] = str(config().db_default)
+    return Path(st.session_state["db"])
+
+
+def workdir() -> Path:
+    w = config().workdir
+    w.mkdir(parents=True, exist_ok=True)
+    return w
+
+
+# ------------------------------------------------------------------------------------------------- cached queries
+@st.cache_data(show_spinner=False, max_entries=512, ttl=3600)
+def _cached(db: str, version: tuple, fn_name: str, args: tuple):
+    with queries.reading(db) as con:
+        return getattr(queries, fn_name)(con, *args)
+
+
+def query(fn_name: str, *args):
+    """queries.<fn_name>(con, *args) on a short-lived read-only connection, cached until the DB file changes.
+    A DB that is busy longer than the retry window shows a warning and stops the page (never a traceback)."""
+    db = db_path()
+    if not db.exists():
+        return None
+    try:
+        return _cached(str(db), queries.db_version(db), fn_name, tuple(args))
+    except queries.DbBusy as e:
+        st.warning(f"The trace database is busy ({e}). The page will work again when the writer is done.")
+        st.stop()
+
+
+def pick_model(key: str = "model") -> str | None:
+    """Sidebar model picker (models with complete runs); None with an explanation when there is no data."""
+    models = query("models") if db_path().exists() else None
+    if not models:
+        active = [j for j in jobs.active_jobs(workdir()) if j.kind in ("record", "import")]
+        if active:
+            st.info("A recording is running — this page fills in when it completes. Progress is on the **Runs** page.")
+        else:
+            st.info("No complete traces in this database yet. Record one on the **Runs** page.")
+        st.page_link("explorer/page_runs.py", label="Go to Runs", icon=":material/database:")
+        return None
+    if st.session_state.get(key) not in models:
+        st.session_state[key] = models[0]
+    return st.sidebar.selectbox("Model", models, key=key, help="Traces are compared within one model.")
+
+
+def score_controls(prefix: str, default_metric: str = "gate", p: bool = True) -> tuple[str, str, float | None]:
+    """Metric / normalisation / p controls (paper defaults: p = 0.1 for gate, 0.2 for token)."""
+    c1, c2, c3 = st.columns([1, 1, 2])
+    metric = c1.radio("Score", ["gate", "token"], index=["gate", "token"].index(default_metric), horizontal=True,
+                      key=f"{prefix}_metric", help="gate: average gate weight; token: token selection ratio")
+    norm = c2.radio("Normalise per", ["token", "sample"], horizontal=True, key=f"{prefix}_norm",
+                    help="token: Σ over all tokens ÷ tokens (the authors' shipped files); sample: the paper's "
+                         "per-sample average")
+    pv = None
+    if p:
+        pv = c3.slider("Top-p threshold p", 0.01, 1.0, 0.1 if metric == "gate" else 0.2, 0.01,
+                       key=f"{prefix}_p_{metric}")
+    return metric, norm, pv
+
+
+def scores(model: str, tasks: list[str] | None, metric: str, normalize: str):
+    return query("expert_scores", model, None if tasks is None else list(tasks), metric, normalize)
+
+
+def chart(ch, key: str | None = None, on_select: str = "ignore", **kw):
+    """st.altair_chart with the selection API when asked (returns the selection state)."""
+    if on_select == "rerun":
+        return st.altair_chart(ch, key=key, on_select="rerun", width="stretch", **kw)
+    st.altair_chart(ch, width="stretch", **kw)
+    return None
+
+
+def clicked_cell(state) -> tuple[int, int] | None:
+    """(layer, expert) of a heatmap click from st.altair_chart(on_select='rerun') state."""
+    try:
+        sel = state.selection
+        for v in sel.values():
+            if isinstance(v, list) and v and "layer" in v[0] and "expert" in v[0]:
+                return int(v[0]["layer"]), int(v[0]["expert"])
+    except AttributeError:
+        return None
+    return None
+
+
+# -------------------------------------------------------------------------------------------------------- jobs & IO
+def task_files(data_dir: Path | None = None) -> dict[str, dict[str, Path]]:
+    """Shipped tasks: {task: {'train': path, 'eval': path}} from ESFT_DATA_DIR/tasks/."""
+    root = (data_dir or config().data_dir) / "tasks"
+    out = {}
+    if root.is_dir():
+        for d in sorted(root.iterdir()):
+            files = {s: d / f"{s}.jsonl" for s in ("train", "eval") if (d / f"{s}.jsonl").is_file()}
+            if "train" in files:
+                out[d.name] = files
+    return out
+
+
+def general_heldout() -> Path | None:
+    p = config().data_dir / "general" / "heldout.jsonl"
+    return p if p.is_file() else None
+
+
+def model_ready(model: str) -> tuple[bool, str]:
+    """Whether `model` can be loaded here without a download: 'demo' needs data/demo-moe; a path needs config.json.
+    Hub ids are allowed (they may download)."""
+    DEMO_MODEL = REPO_ROOT / "data" / "demo-moe"  # = esft_core.models.DEMO_MODEL, without importing torch here
+    if model in ("", "demo"):
+        ok = (DEMO_MODEL / "config.json").is_file()
+        return ok, "" if ok else f"the demo model is not built yet ({DEMO_MODEL}); run `make demo-model`"
+    p = Path(model).expanduser()
+    if model.startswith((".", "/", "~")) or p.exists():
+        ok = (p / "config.json").is_file()
+        return ok, "" if ok else f"{p} has no config.json"
+    return True, ""
+
+
+def job_box(job: jobs.Job, show_log: bool = True) -> None:
+    """Status, progress bar and error of a job (used inside auto-refreshing fragments)."""
+    frac, label = jobs.progress(job)
+    icon = {"complete": ":material/check_circle:", "failed": ":material/error:",
+            "stopped": ":material/stop_circle:"}.get(job.state, ":material/hourglass_top:")
+    st.markdown(f"{icon} **{job.title}** — `{job.state}` · job `{job.id}`")
+    if not job.done:
+        st.progress(frac if frac is not None else 0.0, text=label)
+    if job.state == "failed":
+        st.error(f"Job failed: {job.error or 'see the log'}. Earlier data is untouched.")
+    if show_log:
+        with st.expander("Log", expanded=job.state == "failed"):
+            st.code(jobs.log_tail(job, 3000) or "(empty)", language=None)
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}

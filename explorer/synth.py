@@ -1,0 +1,118 @@
+"""Synthetic trace databases in the contract schema (docs/CONTRACTS.md), generated entirely inside DuckDB.
+
+Used by bench/explorer_queries.py (80 M route rows) and by the tests (a few thousand rows) so both exercise the real
+query functions on a real DuckDB file without running a model. Routing is skewed per task and layer, so tasks
+concentrate on different experts like a trained MoE does: expert = (skewed base + rank * 7) mod E, where the base
+favours a task- and layer-specific offset. The `+ rank * 7` stride keeps the K experts of a token distinct whenever
+E is a power of two (or any E coprime with 7 and > 6 * 7).
+"""
+
+from __future__ import annotations
+
+import json
+
+import duckdb
+
+from explorer.queries import ensure_aggregates
+
+# The contract schema (store.py owns the real one; these statements are only used when the tables do not exist).
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs(run_id INTEGER PRIMARY KEY, task VARCHAR, model VARCHAR, source VARCHAR,
+  status VARCHAR, num_experts INTEGER, top_k INTEGER, layers INTEGER[], n_samples INTEGER, n_tokens BIGINT,
+  params VARCHAR, created_at TIMESTAMP, finished_at TIMESTAMP);
+CREATE TABLE IF NOT EXISTS samples(run_id INTEGER, sample_id INTEGER, n_tokens INTEGER, text VARCHAR);
+CREATE TABLE IF NOT EXISTS tokens(run_id INTEGER, sample_id INTEGER, position INTEGER, token_id INTEGER,
+  token_text VARCHAR);
+CREATE TABLE IF NOT EXISTS routes(run_id INTEGER, sample_id INTEGER, position INTEGER, layer SMALLINT, rank TINYINT,
+  expert SMALLINT, weight FLOAT);
+CREATE TABLE IF NOT EXISTS expert_stats(run_id INTEGER, layer SMALLINT, expert SMALLINT, n_selected BIGINT,
+  gate_sum DOUBLE, sample_token_sum DOUBLE, sample_gate_sum DOUBLE);
+CREATE TABLE IF NOT EXISTS expert_tokens(run_id INTEGER, layer SMALLINT, expert SMALLINT, token_id INTEGER,
+  token_text VARCHAR, n BIGINT, gate_sum DOUBLE);
+"""
+
+WORDS = ["the", "model", "expert", "route", "token", "layer", "gate", "task", "law", "code", "math", "intent", "sum",
+         "of", "to", "and", "is", "in", "for", "with", " ", "\n", "+", "=", "(", ")", "{", "}", "0", "1", "2", "é", "Σ"]
+
+
+def synthesize(
+    db: str,
+    tasks: tuple[str, ...] = ("math", "code", "intent", "law"),
+    tokens_per_task: int = 131072,
+    layers: tuple[int, ...] = tuple(range(1, 27)),
+    num_experts: int = 64,
+    top_k: int = 6,
+    sample_len: int = 512,
+    model: str = "synthetic-moe",
+    vocab: int = 2000,
+) -> dict:
+    """Write a complete synthetic trace DB (runs, samples, tokens, routes, expert_stats, expert_tokens)."""
+    con = duckdb.connect(db)
+    try:
+        con.sql(SCHEMA)
+        n_samples = max(1, tokens_per_task // sample_len)
+        n_tok = n_samples * sample_len
+        n_layers = len(layers)
+        layer_list = "[" + ",".join(str(x) for x in layers) + "]"
+        base = int(con.sql("SELECT coalesce(max(run_id), 0) FROM runs").fetchall()[0][0])
+        words = "[" + ",".join("'" + w.replace("'", "''") + "'" for w in WORDS) + "]"
+        for t_i, task in enumerate(tasks):
+            run = base + t_i + 1
+            params = json.dumps({"data": f"synthetic/{task}.jsonl", "max_tokens": tokens_per_task})
+            con.sql(
+                "INSERT INTO runs VALUES (?, ?, ?, 'record', 'complete', ?, ?, " + layer_list + ", ?, ?, ?, "
+                "now()::TIMESTAMP, now()::TIMESTAMP)",
+                params=[run, task, model, num_experts, top_k, n_samples, n_tok, params],
+            )
+            con.sql(
+                f"INSERT INTO samples SELECT {run}, i, {sample_len}, 'synthetic sample ' || i || ' of {task}' "
+                f"FROM range({n_samples}) t(i)"
+            )
+            # Zipf-ish token ids: small ids are frequent.
+            con.sql(
+                f"""INSERT INTO tokens SELECT {run}, i // {sample_len}, i % {sample_len}, tid,
+                      {words}[1 + tid % {len(WORDS)}] || CASE WHEN tid >= {len(WORDS)} THEN tid::VARCHAR ELSE '' END
+                    FROM (SELECT i, (floor(pow((hash(i * 31 + {run}) % 1000003) / 1000003.0, 3) * {vocab}))::INTEGER
+                          AS tid FROM range({n_tok}) t(i))"""
+            )
+            # One row per (token, layer, rank), in storage order (run, sample, position, layer, rank).
+            layer_arr = layer_list
+            con.sql(
+                f"""INSERT INTO routes
+                SELECT {run}, tok // {sample_len}, tok % {sample_len}, layer, rank,
+                       ((b + rank * 7) % {num_experts})::SMALLINT,
+                       (w0 * pow(0.72, rank))::FLOAT
+                FROM (
+                  SELECT i // ({n_layers} * {top_k}) AS tok,
+                         {layer_arr}[1 + (i // {top_k}) % {n_layers}]::SMALLINT AS layer,
+                         (i % {top_k})::TINYINT AS rank,
+                         (floor(pow((hash(i // {top_k} + {run} * 7919) % 1000003) / 1000003.0, 2.2)
+                                * {num_experts}) + {t_i} * 11 + ((i // {top_k}) % {n_layers}) * 5)::BIGINT AS b,
+                         0.26 + ((hash(i // {top_k}) % 1000) / 1000.0) * 0.1 AS w0
+                  FROM range({n_tok} * {n_layers} * {top_k}) t(i)
+                )"""
+            )
+        build_aggregates(con, [base + i + 1 for i in range(len(tasks))])
+        ensure_aggregates(con)
+        return {"db": db, "route_rows": len(tasks) * n_tok * n_layers * top_k, "runs": len(tasks)}
+    finally:
+        con.close()
+
+
+def build_aggregates(con: duckdb.DuckDBPyConnection, run_ids: list[int]) -> None:
+    """expert_stats and expert_tokens of the given runs, from routes (the contract's pre-aggregations)."""
+    ids = ",".join(str(int(r)) for r in run_ids)
+    con.sql(
+        f"""INSERT INTO expert_stats
+        SELECT r.run_id, r.layer, r.expert, count(*), sum(r.weight),
+               sum(1.0 / s.n_tokens), sum(r.weight / s.n_tokens)
+        FROM routes r JOIN samples s USING (run_id, sample_id)
+        WHERE r.run_id IN ({ids}) GROUP BY ALL"""
+    )
+    con.sql(
+        f"""INSERT INTO expert_tokens
+        SELECT r.run_id, r.layer, r.expert, t.token_id, any_value(t.token_text), count(*), sum(r.weight)
+        FROM routes r JOIN tokens t USING (run_id, sample_id, position)
+        WHERE r.run_id IN ({ids}) GROUP BY r.run_id, r.layer, r.expert, t.token_id
+        ORDER BY r.run_id, r.layer, r.expert"""
+    )

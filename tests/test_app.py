@@ -1,0 +1,122 @@
+"""Every page of the Streamlit app renders without exception (AppTest) on a recorded trace DB, on a missing DB and on
+an empty DB file; key content is present; the SQL console reports bad queries as messages."""
+
+from __future__ import annotations
+
+import shutil
+
+import duckdb
+import pytest
+from explorer_support import REPO, cached_model_and_db
+from streamlit.testing.v1 import AppTest
+
+PAGES = ["runs", "specialization", "overlap", "tokens", "attribution", "select_train", "results", "sql"]
+
+
+@pytest.fixture(scope="module")
+def tiny(request):
+    return cached_model_and_db(request.config.cache.mkdir("esft-explorer"))
+
+
+def app(monkeypatch, tmp_path, db, model="demo") -> AppTest:
+    monkeypatch.setenv("ESFT_DB", str(db))
+    monkeypatch.setenv("ESFT_WORKDIR", str(tmp_path / "work"))
+    monkeypatch.setenv("ESFT_MODEL", str(model))
+    monkeypatch.setenv("ESFT_AUTO_RECORD", "0")
+    monkeypatch.setenv("ESFT_STANDBY", "0")  # no warm runner processes from in-process app tests
+    return AppTest.from_file(str(REPO / "app.py"), default_timeout=60).run()
+
+
+def visit(at: AppTest, page: str) -> AppTest:
+    at.switch_page(f"explorer/page_{page}.py").run()
+    assert not at.exception, f"{page}: {[e.value for e in at.exception]}"
+    assert at.title, f"{page} shows no title"
+    return at
+
+
+def charts_on(at: AppTest) -> int:
+    return len(at.get("vega_lite_chart"))
+
+
+def test_every_page_renders_on_a_recorded_db(monkeypatch, tmp_path, tiny):
+    model, cached = tiny
+    db = tmp_path / "traces.duckdb"
+    shutil.copy(cached, db)
+    at = app(monkeypatch, tmp_path, db, model)
+    visit(at, "runs")
+    assert at.dataframe[0].value.shape[0] == 3 and [m.value for m in at.metric][:2] == ["3", "3"]
+    visit(at, "specialization")
+    assert at.sidebar.selectbox[0].value == str(model) and charts_on(at) == 3  # heatmap, curves, bars
+    visit(at, "overlap")
+    assert charts_on(at) == 3 and at.dataframe[0].value.shape[0] == 3  # 3 task pairs
+    visit(at, "tokens")
+    assert 'class="tok"' in at.get("html")[0].proto.body
+    visit(at, "attribution")
+    assert any("Compute attribution" in b.label for b in at.button)
+    visit(at, "select_train")
+    assert [t.label for t in at.tabs] == ["Top-p selection", "Contrast", "Stability"]
+    assert at.get("download_button") and any("Trainable" in m.label for m in at.metric)
+    visit(at, "results")
+    assert "No training runs yet" in at.info[0].value
+    visit(at, "sql")
+    assert at.dataframe[0].value.shape[0] == 3  # the default example lists the runs
+
+
+def test_pages_react_to_controls(monkeypatch, tmp_path, tiny):
+    model, cached = tiny
+    db = tmp_path / "traces.duckdb"
+    shutil.copy(cached, db)
+    at = app(monkeypatch, tmp_path, db, model)
+    visit(at, "specialization")
+    at.radio(key="spec_metric").set_value("token").run()
+    assert not at.exception
+    assert at.slider(key="spec_p_token").value == 0.2  # the paper's p for the token score
+    visit(at, "sql")
+    at.text_area[0].set_value("SELECT * FROM read_csv('/etc/passwd')")
+    at.button(key="sql_run").click().run()
+    assert not at.exception and "disabled" in at.error[0].value
+    at.text_area[0].set_value("DELETE FROM runs")
+    at.button(key="sql_run").click().run()
+    assert "read-only" in at.error[0].value
+    with duckdb.connect(str(db), read_only=True) as con:
+        assert con.sql("SELECT count(*) FROM runs").fetchall()[0][0] == 3
+    visit(at, "attribution")
+    at.button(key="att_go").click().run(timeout=120)
+    assert not at.exception and any(m.label == "Router logit" for m in at.metric)
+    assert "rgba(" in at.get("html")[0].proto.body
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty"])
+def test_every_page_renders_without_data(monkeypatch, tmp_path, kind):
+    db = tmp_path / "traces.duckdb"
+    if kind == "empty":
+        duckdb.connect(str(db)).close()
+    at = app(monkeypatch, tmp_path, db)
+    for page in PAGES:
+        visit(at, page)
+        assert not at.error, f"{page}: {[e.value for e in at.error]}"
+        if page not in ("runs", "attribution") or kind == "missing":
+            assert at.info, f"{page} explains that there is no data"
+
+
+def test_a_failed_recording_job_shows_its_error_and_keeps_the_data(monkeypatch, tmp_path, tiny):
+    import time
+
+    from esft_core import jobs
+
+    model, cached = tiny
+    db = tmp_path / "traces.duckdb"
+    shutil.copy(cached, db)
+    monkeypatch.setenv("ESFT_STANDBY", "0")
+    job = jobs.start_job(tmp_path / "work", "record", [["esft", "record", "--model", str(model), "--data",
+                                                        str(tmp_path / "nope.jsonl"), "--task", "x", "--db", str(db)]],
+                         title="Recording 'x'", meta={"db": str(db)})
+    t = time.monotonic()
+    while not jobs.load_job(job.dir).done:
+        assert time.monotonic() - t < 60
+        time.sleep(0.2)
+    at = app(monkeypatch, tmp_path, db, model)
+    visit(at, "runs")
+    errors = [e.value for e in at.error]
+    assert any("esft record: error:" in e and "nope.jsonl" in e for e in errors), errors
+    assert at.dataframe[0].value.shape[0] == 3  # the earlier runs are all there

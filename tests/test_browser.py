@@ -1,0 +1,191 @@
+"""Real browser end to end: `streamlit run app.py` on a free port with a fresh work folder, driven by headless Debian
+chromium through Playwright. First start records the (trimmed) demo tasks automatically; every page opens without an
+exception box and shows its key content; the Train button runs a short ESFT job whose loss and evaluation appear.
+Screenshots go to tests/screenshots/ (git-ignored)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from explorer_support import REPO, cached_model_and_db, free_port
+
+CHROMIUM = "/usr/bin/chromium"
+SHOTS = REPO / "tests" / "screenshots"
+pytestmark = [pytest.mark.browser, pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian chromium")]
+
+
+def trimmed_data(root: Path) -> Path:
+    """Two shipped tasks and the general held-out set, cut short so recording and evaluation take seconds."""
+    for task in ("math", "intent"):
+        d = root / "tasks" / task
+        d.mkdir(parents=True)
+        for split, n in (("train", 120), ("eval", 3)):
+            lines = (REPO / "data" / "tasks" / task / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
+            (d / f"{split}.jsonl").write_text("\n".join(lines[:n]) + "\n", encoding="utf-8")
+    (root / "general").mkdir(parents=True)
+    lines = (REPO / "data" / "general" / "heldout.jsonl").read_text(encoding="utf-8").splitlines()
+    (root / "general" / "heldout.jsonl").write_text("\n".join(lines[:3]) + "\n", encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(request, tmp_path_factory):
+    model, _ = cached_model_and_db(request.config.cache.mkdir("esft-explorer"))
+    tmp = tmp_path_factory.mktemp("browser")
+    port = free_port()
+    env = {**os.environ, "ESFT_DB": str(tmp / "traces.duckdb"), "ESFT_WORKDIR": str(tmp / "work"),
+           "ESFT_DATA_DIR": str(trimmed_data(tmp / "data")), "ESFT_MODEL": str(model), "ESFT_AUTO_TOKENS": "256",
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    log = open(tmp / "streamlit.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.port", str(port),
+         "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false",
+         "--server.fileWatcherType", "none"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if urllib.request.urlopen(url + "/_stcore/health", timeout=2).read() == b"ok":
+                break
+        except OSError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp / "streamlit.log").read_text()
+        time.sleep(0.3)
+    yield {"url": url, "tmp": tmp}
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    from playwright.sync_api import sync_playwright
+
+    SHOTS.mkdir(exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        pg = browser.new_page(viewport={"width": 1400, "height": 1000})
+        pg.set_default_timeout(60_000)
+        yield pg
+        browser.close()
+
+
+def open_page(page, server, path: str, heading: str):
+    page.goto(f"{server['url']}/{path}")
+    page.get_by_role("heading", name=heading).first.wait_for()
+    wait_idle(page)
+
+
+IDLE_JS = """() => {
+  const app = document.querySelector('[data-testid="stApp"]');
+  const st = app && app.getAttribute('data-test-script-state');
+  return st && st !== 'initial' && st !== 'running' && !document.querySelector('[data-testid="stSkeleton"]');
+}"""
+
+
+def wait_idle(page, timeout=60):
+    """Until Streamlit finished the script run: app state not running and no element skeletons left."""
+    page.wait_for_timeout(250)
+    page.wait_for_function(IDLE_JS, timeout=timeout * 1000)
+
+
+def wait_text(page, text, name: str, timeout=60_000):
+    """Wait for visible text (str or compiled regex); on timeout keep a screenshot of what was shown instead."""
+    try:
+        page.get_by_text(text).first.wait_for(timeout=timeout)
+    except Exception:
+        page.screenshot(path=str(SHOTS / f"FAILED-{name}.png"), full_page=True)
+        raise
+
+
+def no_exception(page, name: str):
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+    boxes = page.locator('[data-testid="stException"]')
+    assert boxes.count() == 0, f"{name}: {boxes.first.inner_text()}"
+    dialogs = page.locator('[data-testid="stDialog"]')  # e.g. Streamlit's "Page not found"
+    assert dialogs.count() == 0, f"{name}: {dialogs.first.inner_text()}"
+
+
+def test_first_start_pages_and_training_in_a_real_browser(server, page):
+    # First start: no DB → the demo tasks are recorded in the background, with progress on the Runs page.
+    open_page(page, server, "", "Runs")  # the default page lives at /
+    page.get_by_text("First start: recording 2 demo tasks").first.wait_for()
+    no_exception(page, "runs-recording")
+    # Meanwhile another page works (no lock error reaches the user).
+    open_page(page, server, "sql", "SQL")
+    no_exception(page, "sql-during-recording")
+    open_page(page, server, "", "Runs")  # the default page lives at /
+    page.get_by_text("complete", exact=True).first.wait_for(timeout=90_000)
+    page.get_by_text("Runs in this database").wait_for()
+    page.locator('[data-testid="stMetricValue"]', has_text="2").first.wait_for()
+    no_exception(page, "runs")
+    # Uploads are validated: a malformed record is rejected with its line number.
+    bad = server["tmp"] / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"oops": 1}\n', encoding="utf-8")
+    page.get_by_text("Record a new trace").click()
+    page.get_by_text("Upload JSONL/Parquet").click()
+    page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(bad))
+    wait_text(page, re.compile(r"Rejected: bad.jsonl line 2"), "upload")
+    no_exception(page, "runs-upload")
+
+    checks = [("specialization", "Specialization", "Concentration: cumulative score of the top experts"),
+              ("overlap", "Overlap", "Jaccard of selected sets per layer"),
+              ("tokens", "Tokens", "What one expert does"),
+              ("attribution", "Attribution", "Compute attribution"),
+              ("select-train", "Select & Train", "Experts to train"),
+              ("sql", "SQL", "Quick chart")]
+    for path, heading, key_text in checks:
+        open_page(page, server, path, heading)
+        page.get_by_text(key_text).first.wait_for()
+        no_exception(page, path)
+        want = {"specialization": 3, "overlap": 3, "select-train": 1}.get(path, 0)  # hidden tabs mount lazily
+        assert page.locator(".vega-embed").count() >= want, f"{path}: charts missing"
+        if path == "tokens":
+            assert page.locator(".esft-tokens .tok").count() > 10
+            title = page.locator(".esft-tokens .tok").first.get_attribute("title")
+            assert title.startswith("e") and "|" in title  # hover shows the K experts and weights
+
+    # Train from the button: a short ESFT job with live loss, then evaluation vs the untuned model.
+    open_page(page, server, "select-train", "Select & Train")
+    page.get_by_label("Steps").fill("4")
+    page.get_by_label("Eval examples per file").fill("2")
+    page.get_by_label("Sequence length").fill("128")
+    t0 = time.monotonic()
+    page.get_by_role("button", name="Train", exact=True).click()
+    wait_text(page, re.compile(r"step \d/4 · loss"), "first-loss")
+    first_loss_s = time.monotonic() - t0
+    no_exception(page, "train-running")
+    wait_text(page, "Training finished", "train-finished", 120_000)
+    page.get_by_text("Evaluation against the untuned model").wait_for()
+    wait_idle(page)
+    no_exception(page, "train-done")
+    assert page.get_by_text("general loss").count() >= 1
+    work = server["tmp"] / "work" / "train"
+    runs = [d for d in work.iterdir() if d.is_dir()]
+    assert len(runs) == 1 and (runs[0] / "adapter" / "adapter.safetensors").is_file()
+    assert json.loads((runs[0] / "run.json").read_text())["status"] == "complete"
+    (SHOTS / "timings.json").write_text(json.dumps({"train_click_to_first_loss_s": round(first_loss_s, 2)}))
+    print(f"Train button → first loss point: {first_loss_s:.2f} s")
+    assert first_loss_s < 30
+
+    open_page(page, server, "results", "Results")
+    page.get_by_text(runs[0].name).first.wait_for()
+    page.get_by_role("button", name="Compute routing shift").click()
+    page.get_by_text("weight on trained experts").first.wait_for(timeout=60_000)
+    no_exception(page, "results")
+    shutil.rmtree(server["tmp"] / "work" / "uploads", ignore_errors=True)

@@ -1,0 +1,167 @@
+"""Selected-expert parameterisation on fused experts (esft_core/esft.py), on real tiny seeded MoE models."""
+
+import json
+
+import pytest
+import torch
+
+from esft_core.errors import EsftError
+from esft_core.esft import (
+    ExpertConfig,
+    apply_esft,
+    check_config,
+    merge_selected,
+    optimizer_state_bytes,
+    random_config,
+    selected_parameters,
+    tensor_bytes,
+    trainable_parameters,
+)
+from esft_core.models import moe_layout, tiny_moe
+
+CFG = ExpertConfig({1: [0, 3, 5], 2: [7]})
+IDS = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def _model(impl="grouped_mm", family="deepseek_v2"):
+    m = tiny_moe(family, seed=0)
+    m.set_experts_implementation(impl)
+    return m
+
+
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm", "batched_mm"])
+def test_wrapped_logits_equal_base_exactly(impl):
+    m = _model(impl)
+    with torch.no_grad():
+        base = m(IDS).logits
+        apply_esft(m, CFG)
+        wrapped = m(IDS).logits
+    assert m.config._experts_implementation == impl
+    assert torch.equal(base, wrapped)
+
+
+def test_other_family_qwen2_moe_equal_and_trainable():
+    m = _model("grouped_mm", "qwen2_moe")
+    base = m(IDS).logits.detach()
+    apply_esft(m, ExpertConfig({1: [2], 2: [0, 1]}))
+    assert torch.equal(m(IDS).logits, base)
+    names = [n for n, p in m.named_parameters() if p.requires_grad]
+    assert names == [f"model.layers.{k}.mlp.experts.esft.{w}" for k in (1, 2) for w in ("gate_up_proj", "down_proj")]
+
+
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm"])
+def test_gradients_match_the_fused_rows(impl):
+    """The small tensors get exactly the gradient the corresponding fused rows would get."""
+    ref = _model(impl)
+    ref.requires_grad_(False)
+    layout = moe_layout(ref)
+    for k in CFG.experts:
+        layout.experts[k].gate_up_proj.requires_grad_(True)
+        layout.experts[k].down_proj.requires_grad_(True)
+    ref(IDS, labels=IDS).loss.backward()
+
+    m = _model(impl)
+    sel = apply_esft(m, CFG)
+    m(IDS, labels=IDS).loss.backward()
+    for k, ids in CFG.experts.items():
+        torch.testing.assert_close(sel[k].gate_up_proj.grad, layout.experts[k].gate_up_proj.grad[ids])
+        torch.testing.assert_close(sel[k].down_proj.grad, layout.experts[k].down_proj.grad[ids])
+    assert [p for p in m.parameters() if p.grad is not None] == trainable_parameters(m)
+
+
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm"])
+def test_adamw_state_and_decay_touch_only_selected_experts(impl):
+    m = _model(impl)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    apply_esft(m, CFG)
+    sel = selected_parameters(m)
+    assert trainable_parameters(m) == sel
+    opt = torch.optim.AdamW(trainable_parameters(m), lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        m(IDS, labels=IDS).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    # optimizer state: exp_avg + exp_avg_sq of the selected experts only
+    n_sel = 4
+    layout = moe_layout(m)
+    one_expert = sum(p[0].numel() * p.element_size() for p in layout.expert_params(1).values())
+    assert tensor_bytes(sel) == n_sel * one_expert
+    assert optimizer_state_bytes(opt) == 2 * tensor_bytes(sel)
+    # every original parameter (fused experts included, all rows) is bit-identical; the selected copies moved
+    after = dict(m.named_parameters())
+    for n, p in before.items():
+        assert torch.equal(after[n], p), n
+    moved = layout.experts[1].esft.gate_up_proj.detach()
+    assert not torch.equal(moved, before["model.layers.1.mlp.experts.gate_up_proj"][[0, 3, 5]])
+
+
+def test_merge_selected_gives_plain_model_with_same_logits():
+    m = _model("eager")
+    apply_esft(m, CFG)
+    with torch.no_grad():
+        for p in selected_parameters(m):
+            p.add_(0.05 * torch.randn_like(p))
+        tuned = m(IDS).logits
+    merge_selected(m)
+    assert not any(".esft." in n for n, _ in m.named_parameters())
+    assert "forward" not in moe_layout(m).experts[1].__dict__
+    with torch.no_grad():
+        assert torch.equal(m(IDS).logits, tuned)
+    m.set_experts_implementation("grouped_mm")
+    with torch.no_grad():
+        torch.testing.assert_close(m(IDS).logits, tuned)
+
+
+def test_shared_and_non_expert_options_follow_the_authors():
+    m = _model()
+    apply_esft(m, ExpertConfig({1: [1]}, shared_experts=True))
+    names = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert {n for n in names if "shared_experts" in n} == {
+        f"model.layers.{k}.mlp.shared_experts.{w}_proj.weight" for k in (1, 2) for w in ("gate", "up", "down")}
+    assert all("shared_experts" in n or ".esft." in n for n in names)
+
+    m = _model()
+    apply_esft(m, ExpertConfig({1: [1]}, non_expert_modules=True))
+    frozen = {n for n, p in m.named_parameters() if not p.requires_grad}
+    assert frozen == {f"model.layers.{k}.mlp.experts.{w}" for k in (1, 2) for w in ("gate_up_proj", "down_proj")} | {
+        f"model.layers.{k}.mlp.shared_experts.{w}_proj.weight" for k in (1, 2) for w in ("gate", "up", "down")}
+    assert m.model.embed_tokens.weight.requires_grad and m.model.layers[1].mlp.gate.weight.requires_grad
+
+
+def test_bad_config_names_every_problem_in_one_line():
+    m = _model()
+    with pytest.raises(EsftError) as e:
+        check_config(ExpertConfig({0: [1], 1: [2, 8, 11], 7: [0]}), m)
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "layer(s) 7 do not exist (model has 3 decoder layers)" in msg
+    assert "layer(s) 0 are not MoE layers (MoE layers: 1, 2)" in msg
+    assert "layer 1: expert id(s) 8, 11 out of range 0..7" in msg
+    with pytest.raises(EsftError, match="not MoE layers"):
+        apply_esft(m, ExpertConfig({0: [1]}))
+    assert all(p.requires_grad for p in m.parameters())  # nothing was changed
+
+
+def test_config_file_format_and_errors(tmp_path):
+    ok = tmp_path / "cfg.json"
+    ok.write_text(json.dumps({"experts": {"2": [5, 1], "1": []}, "shared_experts": False, "non_expert_modules": False}))
+    cfg = ExpertConfig.load(ok)
+    assert cfg.to_dict() == {"experts": {"1": [], "2": [1, 5]}, "shared_experts": False, "non_expert_modules": False}
+    bad = tmp_path / "bad.json"
+    for text, err in [("{nope", "invalid JSON"), ('{"experts": [1]}', "expected"),
+                      ('{"experts": {"x": [1]}}', "layer key 'x' is not an integer"),
+                      ('{"experts": {"1": [1, 1]}}', "lists an expert twice"),
+                      ('{"experts": {"1": ["a"]}}', "integer expert ids")]:
+        bad.write_text(text)
+        with pytest.raises(EsftError, match=err):
+            ExpertConfig.load(bad)
+    with pytest.raises(EsftError, match="does not exist"):
+        ExpertConfig.load(tmp_path / "missing.json")
+
+
+def test_random_config_keeps_counts_and_is_seeded():
+    like = ExpertConfig({1: [0, 1, 2], 2: [4]})
+    a, b, c = random_config(like, 8, seed=1), random_config(like, 8, seed=1), random_config(like, 8, seed=2)
+    assert a == b and a != c
+    assert {k: len(v) for k, v in a.experts.items()} == {1: 3, 2: 1}
+    assert all(0 <= i < 8 for v in a.experts.values() for i in v)
