@@ -228,11 +228,15 @@ def summarise(rows: list[dict], tasks: list[str]) -> tuple[dict, dict]:
                             "general_loss_rise")}
         out[m]["minus_lora_task_score"] = round(mean(m, "task_score") - mean("lora", "task_score"), 4)
         out[m]["minus_random_task_score"] = round(mean(m, "task_score") - mean(rnd, "task_score"), 4)
+        # answer-token loss on the task's eval set: a graded view where exact-match scores are all 0
+        out[m]["eval_loss"] = ratio(mean(m, "eval_loss"), mean("fft", "eval_loss"))
+        out[m]["minus_lora_eval_loss"] = round(mean(m, "eval_loss") - mean("lora", "eval_loss"), 4)
+        out[m]["minus_random_eval_loss"] = round(mean(m, "eval_loss") - mean(rnd, "eval_loss"), 4)
         # memory training adds on top of the loaded model (sampled), where the runtime's fixed ~0.5 GB cancels out
         rss = [by[(t, m)]["train_peak_rss"] - by[(t, m)]["rss_after_load"] for t in tasks]
         rss_fft = [by[(t, "fft")]["train_peak_rss"] - by[(t, "fft")]["rss_after_load"] for t in tasks]
         out[m]["train_rss_increase"] = ratio(statistics.mean(rss), statistics.mean(rss_fft))
-    means = {m: {k: mean(m, k) for k in ("task_score", "other_score", "general_loss", "general_loss_rise",
+    means = {m: {k: mean(m, k) for k in ("task_score", "eval_loss", "other_score", "general_loss", "general_loss_rise",
                                          "step_time", "peak_rss", "trainable_params", "optimizer_bytes",
                                          "adapter_bytes")} for m in METHODS}
     return out, means
@@ -249,7 +253,8 @@ def _fmt(v, kind=""):
 
 
 def markdown(rows, tasks, ratios, means, meta) -> str:
-    cols = [("task score", "task_score", ""), ("other tasks", "other_score", ""), ("general loss", "general_loss", ""),
+    cols = [("task score", "task_score", ""), ("eval loss", "eval_loss", ""), ("other tasks", "other_score", ""),
+            ("general loss", "general_loss", ""),
             ("rise", "general_loss_rise", ""), ("s/step", "step_time", ""), ("peak RSS", "peak_rss", "bytes"),
             ("trainable", "trainable_params", "int"), ("optimizer", "optimizer_bytes", "bytes"),
             ("adapter", "adapter_bytes", "bytes")]
@@ -283,9 +288,19 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-limit", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--render", metavar="JSON", help="re-render the table and ratios from a saved results JSON")
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        ratios, means = summarise(saved["rows"], saved["meta"]["tasks"])
+        saved.update(ratios=ratios, means=means)
+        Path(args.render).write_text(json.dumps(saved, indent=1) + "\n")
+        Path(args.render).with_suffix(".md").write_text(markdown(saved["rows"], saved["meta"]["tasks"], ratios,
+                                                                 means, saved["meta"]))
+        print(json.dumps(ratios))
         return 0
 
     from esft_core.models import DEMO_MODEL, load_model

@@ -162,9 +162,9 @@ def per_sample_counts(con, task: str, metric: str, normalize: str, run_ids=None)
     smp = con.execute(f"SELECT run_id, sample_id, n_tokens FROM samples WHERE run_id IN ({ids}) "
                       "ORDER BY run_id, sample_id").fetchnumpy()
     layers = sorted({int(x) for r in runs for x in r[3]})
-    val = "count(*)::DOUBLE" if metric == "token" else "sum(weight::DOUBLE)"
-    rows = con.execute(f"SELECT run_id, sample_id, layer, expert, {val} AS v FROM routes WHERE run_id IN ({ids}) "
-                       "GROUP BY ALL").fetchnumpy()
+    col = "n_selected::DOUBLE" if metric == "token" else "gate_sum"
+    rows = con.execute(f"SELECT run_id, sample_id, layer, expert, {col} AS v FROM sample_expert_stats "
+                       f"WHERE run_id IN ({ids})").fetchnumpy()
     key = smp["run_id"].astype(np.int64) * (1 << 32) + smp["sample_id"].astype(np.int64)  # sorted
     sidx = np.searchsorted(key, rows["run_id"].astype(np.int64) * (1 << 32) + rows["sample_id"].astype(np.int64))
     lidx = np.searchsorted(np.array(layers), rows["layer"].astype(np.int64))

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from esft_core.errors import EsftError
 
-TABLES = ("runs", "samples", "tokens", "routes", "expert_stats", "expert_tokens")
+TABLES = ("runs", "samples", "tokens", "routes", "expert_stats", "expert_tokens", "sample_expert_stats")
 RUN_TABLES = TABLES[1:]  # every table but `runs` is keyed by run_id
 
 SCHEMA = """
@@ -51,6 +51,8 @@ CREATE TABLE IF NOT EXISTS expert_stats (
 CREATE TABLE IF NOT EXISTS expert_tokens (
     run_id INTEGER, layer SMALLINT, expert SMALLINT, token_id INTEGER, token_text VARCHAR, n BIGINT,
     gate_sum DOUBLE);
+CREATE TABLE IF NOT EXISTS sample_expert_stats (
+    run_id INTEGER, sample_id INTEGER, layer SMALLINT, expert SMALLINT, n_selected INTEGER, gate_sum DOUBLE);
 """
 
 # routes: per-column compression where DuckDB's automatic choice costs insert time for no space (rows arrive
@@ -156,14 +158,20 @@ def write_aggregates(con, run_id: int, routes_rel: str = "routes", with_token_id
     weights, so gate sums are not rounded through FLOAT); the recorder passes its staged Parquet parts, which also
     carry each row's token_id (with_token_ids), so expert_tokens needs no join of routes with tokens.
     """
-    # per (sample, layer, expert) first, then weight by 1/L_j: the join touches the small pre-aggregate only
+    # per (sample, layer, expert) first (kept as sample_expert_stats: bootstrap and per-sample views read it),
+    # then weighted by 1/L_j: the join touches the small pre-aggregate only
     con.execute(f"""
+        INSERT INTO sample_expert_stats
+        SELECT $run, sample_id, layer, expert, count(*), sum(weight::DOUBLE)
+        FROM {routes_rel} WHERE run_id = $run GROUP BY sample_id, layer, expert
+        ORDER BY sample_id, layer, expert""", {"run": run_id})
+    con.execute("""
         INSERT INTO expert_stats
-        WITH per AS (SELECT sample_id, layer, expert, count(*) AS n, sum(weight::DOUBLE) AS g
-                     FROM {routes_rel} WHERE run_id = $run GROUP BY sample_id, layer, expert)
-        SELECT $run, per.layer, per.expert, sum(per.n), sum(per.g), sum(per.n / s.n_tokens), sum(per.g / s.n_tokens)
-        FROM per JOIN samples s ON s.run_id = $run AND s.sample_id = per.sample_id
-        GROUP BY per.layer, per.expert ORDER BY per.layer, per.expert""", {"run": run_id})
+        SELECT $run, p.layer, p.expert, sum(p.n_selected), sum(p.gate_sum), sum(p.n_selected / s.n_tokens),
+               sum(p.gate_sum / s.n_tokens)
+        FROM sample_expert_stats p JOIN samples s ON s.run_id = $run AND s.sample_id = p.sample_id
+        WHERE p.run_id = $run
+        GROUP BY p.layer, p.expert ORDER BY p.layer, p.expert""", {"run": run_id})
     if with_token_ids:
         per_token = f"""SELECT layer, expert, token_id, count(*) AS n, sum(weight::DOUBLE) AS g
                         FROM {routes_rel} WHERE run_id = $run GROUP BY layer, expert, token_id"""
@@ -274,7 +282,9 @@ class StagedRun:
             schema = ARROW_SCHEMAS[name]
             if name == "routes" and "token_id" in t.column_names:  # staging only: lets expert_tokens skip a join
                 schema = schema.append(pa.field("token_id", pa.int32()))
-            pq.write_table(t.select(schema.names).cast(schema), path.with_suffix(".tmp"), compression="lz4")
+            # dictionary encoding and statistics halve the write speed and buy nothing for a file read once
+            pq.write_table(t.select(schema.names).cast(schema), path.with_suffix(".tmp"), compression="lz4",
+                           use_dictionary=["token_text"], write_statistics=False)
             os.replace(path.with_suffix(".tmp"), path)  # a part is either whole or absent
             self.n_rows[name] += t.num_rows
         self.n_parts += 1
@@ -353,7 +363,7 @@ def import_runs(db: str | Path, src_dir: str | Path, task: str | None = None) ->
     src = Path(src_dir)
     if not (src / "runs.parquet").exists():
         raise EsftError(f"{src} is not an exported trace folder (no runs.parquet)")
-    for name in TABLES:
+    for name in TABLES[:-1]:  # sample_expert_stats is optional (older exports)
         if not (src / f"{name}.parquet").exists():
             raise EsftError(f"{src} lacks {name}.parquet")
     tag = uuid.uuid4().hex[:8]
@@ -372,6 +382,8 @@ def import_runs(db: str | Path, src_dir: str | Path, task: str | None = None) ->
             f"FROM read_parquet(?) r JOIN idmap_{tag} m ON r.run_id = m.old",
             ([task] if task else []) + [str(src / "runs.parquet")])
         for name in RUN_TABLES:
+            if not (src / f"{name}.parquet").exists():
+                continue
             con.execute(f"INSERT INTO {name} SELECT m.new::INTEGER AS run_id, t.* EXCLUDE (run_id) "
                         f"FROM read_parquet(?) t JOIN idmap_{tag} m ON t.run_id = m.old",
                         [str(src / f"{name}.parquet")])

@@ -98,7 +98,8 @@ with st.form("train_form"):
                           help="esft: only the experts above; fft: everything; lora: peft LoRA; random: as many "
                                "experts per layer as above, chosen at random (the paper's ablation)")
     steps = c2.number_input("Steps", 1, 100000, 30, key="tr_steps")
-    lr = c3.number_input("Learning rate", 1e-6, 1.0, 1e-4 if method == "fft" else 1e-3, format="%.5f", key="tr_lr")
+    lr = c3.number_input("Learning rate", 1e-6, 1.0, 1e-3, format="%.5f", key="tr_lr",
+                         help="1e-3 suits ESFT/LoRA on the demo; full fine-tuning (fft) usually wants ~1e-4")
     batch = c4.number_input("Batch size", 1, 256, 4, key="tr_batch")
     c5, c6, c7 = st.columns([1, 1, 2])
     seq_len = c5.number_input("Sequence length", 32, 8192, 256, step=32, key="tr_seq")

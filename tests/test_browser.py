@@ -113,6 +113,17 @@ def wait_text(page, text, name: str, timeout=60_000):
         raise
 
 
+def click(page, locator, name: str):
+    """Click once the app is idle; on failure keep a screenshot and report any open dialog."""
+    wait_idle(page)
+    try:
+        locator.click(timeout=30_000)
+    except Exception as e:
+        page.screenshot(path=str(SHOTS / f"FAILED-{name}.png"), full_page=True)
+        dialogs = page.locator('[data-testid="stDialog"]').all_inner_texts()
+        raise AssertionError(f"cannot click in {name}; dialogs: {dialogs}") from e
+
+
 def no_exception(page, name: str):
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
     boxes = page.locator('[data-testid="stException"]')
@@ -137,8 +148,8 @@ def test_first_start_pages_and_training_in_a_real_browser(server, page):
     # Uploads are validated: a malformed record is rejected with its line number.
     bad = server["tmp"] / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"oops": 1}\n', encoding="utf-8")
-    page.get_by_text("Record a new trace").click()
-    page.get_by_text("Upload JSONL/Parquet").click()
+    click(page, page.get_by_text("Record a new trace"), "expander")
+    click(page, page.get_by_text("Upload JSONL/Parquet"), "upload-radio")
     page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(bad))
     wait_text(page, re.compile(r"Rejected: bad.jsonl line 2"), "upload")
     no_exception(page, "runs-upload")
@@ -166,7 +177,7 @@ def test_first_start_pages_and_training_in_a_real_browser(server, page):
     page.get_by_label("Eval examples per file").fill("2")
     page.get_by_label("Sequence length").fill("128")
     t0 = time.monotonic()
-    page.get_by_role("button", name="Train", exact=True).click()
+    click(page, page.get_by_role("button", name="Train", exact=True), "train")
     wait_text(page, re.compile(r"step \d/4 · loss"), "first-loss")
     first_loss_s = time.monotonic() - t0
     no_exception(page, "train-running")
@@ -174,7 +185,8 @@ def test_first_start_pages_and_training_in_a_real_browser(server, page):
     page.get_by_text("Evaluation against the untuned model").wait_for()
     wait_idle(page)
     no_exception(page, "train-done")
-    assert page.get_by_text("general loss").count() >= 1
+    baselines = list((server["tmp"] / "work" / "baselines").glob("eval-*.json"))
+    assert len(baselines) == 1 and json.loads(baselines[0].read_text())["general_loss"] > 0  # the untuned model
     work = server["tmp"] / "work" / "train"
     runs = [d for d in work.iterdir() if d.is_dir()]
     assert len(runs) == 1 and (runs[0] / "adapter" / "adapter.safetensors").is_file()
@@ -185,7 +197,7 @@ def test_first_start_pages_and_training_in_a_real_browser(server, page):
 
     open_page(page, server, "results", "Results")
     page.get_by_text(runs[0].name).first.wait_for()
-    page.get_by_role("button", name="Compute routing shift").click()
+    click(page, page.get_by_role("button", name="Compute routing shift"), "routing-shift")
     page.get_by_text("weight on trained experts").first.wait_for(timeout=60_000)
     no_exception(page, "results")
     shutil.rmtree(server["tmp"] / "work" / "uploads", ignore_errors=True)

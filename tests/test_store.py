@@ -25,6 +25,9 @@ CONTRACT = {
                      ("gate_sum", "DOUBLE"), ("sample_token_sum", "DOUBLE"), ("sample_gate_sum", "DOUBLE")],
     "expert_tokens": [("run_id", "INTEGER"), ("layer", "SMALLINT"), ("expert", "SMALLINT"), ("token_id", "INTEGER"),
                       ("token_text", "VARCHAR"), ("n", "BIGINT"), ("gate_sum", "DOUBLE")],
+    # added (not in the contract): per-sample pre-aggregate for bootstrap / per-sample views
+    "sample_expert_stats": [("run_id", "INTEGER"), ("sample_id", "INTEGER"), ("layer", "SMALLINT"),
+                            ("expert", "SMALLINT"), ("n_selected", "INTEGER"), ("gate_sum", "DOUBLE")],
 }
 
 META = dict(task="t", model="m", source="record", num_experts=4, top_k=2, layers=[1], params={"x": 1})
@@ -63,6 +66,9 @@ def test_ingest_writes_rows_and_aggregates(tmp_db):
         # expert 0: tokens (s0,p0),(s0,p1) of sample 0 (L=2) and (s1,p0) of sample 1 (L=1)
         assert stats == [(0, 3, 1.75, 2.0, 0.625 + 0.5), (1, 1, 0.25, 0.5, 0.125), (2, 1, 0.125, 0.5, 0.0625),
                          (3, 1, 0.5, 1.0, 0.5)]
+        per_sample = con.execute("SELECT sample_id, expert, n_selected, gate_sum FROM sample_expert_stats "
+                                 "ORDER BY sample_id, expert").fetchall()
+        assert per_sample == [(0, 0, 2, 1.25), (0, 1, 1, 0.25), (0, 2, 1, 0.125), (1, 0, 1, 0.5), (1, 3, 1, 0.5)]
         top = con.execute("SELECT expert, token_text, n, gate_sum FROM expert_tokens ORDER BY expert, token_text")
         assert top.fetchall() == [(0, "a", 2, 1.0), (0, "b", 1, 0.75), (1, "a", 1, 0.25), (2, "b", 1, 0.125),
                                   (3, "a", 1, 0.5)]
@@ -123,13 +129,22 @@ def test_staged_run_lifecycle_and_stale_reaping(tmp_db):
                                                                                       (2, "complete")]
         assert con.execute("SELECT DISTINCT run_id FROM routes").fetchall() == [(2,)]
     assert not second.dir.exists()
+    third = store.StagedRun(tmp_db, "t", "m", 4, 2, [1], {})
+    third.stage(small_run())
+    third.fail("RuntimeError: out of memory")
+    with store.reader(tmp_db) as con:
+        assert con.execute("SELECT status, json_extract_string(params, '$.error') FROM runs WHERE run_id = 3"
+                           ).fetchone() == ("failed", "RuntimeError: out of memory")
+        assert con.execute("SELECT count(*) FROM routes WHERE run_id = 3").fetchone()[0] == 0
+    assert not third.dir.exists()
 
 
 def test_export_import_roundtrip_and_merge(tmp_path, tmp_db):
     store.ingest_arrow(tmp_db, META, small_run())
     store.ingest_arrow(tmp_db, {**META, "task": "other"}, small_run())
     counts = store.export_runs(tmp_db, [1], tmp_path / "exp")
-    assert counts == {"runs": 1, "samples": 2, "tokens": 3, "routes": 6, "expert_stats": 4, "expert_tokens": 5}
+    assert counts == {"runs": 1, "samples": 2, "tokens": 3, "routes": 6, "expert_stats": 4, "expert_tokens": 5,
+                      "sample_expert_stats": 5}
     other = tmp_path / "other.duckdb"
     assert store.import_runs(other, tmp_path / "exp") == [1]
     assert store.import_runs(other, tmp_path / "exp", task="renamed") == [2]
