@@ -163,8 +163,14 @@ def per_sample_counts(con, task: str, metric: str, normalize: str, run_ids=None)
                       "ORDER BY run_id, sample_id").fetchnumpy()
     layers = sorted({int(x) for r in runs for x in r[3]})
     col = "n_selected::DOUBLE" if metric == "token" else "gate_sum"
-    rows = con.execute(f"SELECT run_id, sample_id, layer, expert, {col} AS v FROM sample_expert_stats "
-                       f"WHERE run_id IN ({ids})").fetchnumpy()
+    src = (f"SELECT run_id, sample_id, layer, expert, {col} AS v FROM sample_expert_stats WHERE run_id IN ({ids})")
+    has = con.execute("SELECT count(*) FROM duckdb_tables() WHERE table_name = 'sample_expert_stats'").fetchone()[0]
+    n_runs = con.execute(f"SELECT count(DISTINCT run_id) FROM sample_expert_stats WHERE run_id IN ({ids})"
+                         ).fetchone()[0] if has else 0
+    if n_runs < len(runs):  # a DB written before sample_expert_stats existed: aggregate the routes
+        val = "count(*)::DOUBLE" if metric == "token" else "sum(weight::DOUBLE)"
+        src = f"SELECT run_id, sample_id, layer, expert, {val} AS v FROM routes WHERE run_id IN ({ids}) GROUP BY ALL"
+    rows = con.execute(src).fetchnumpy()
     key = smp["run_id"].astype(np.int64) * (1 << 32) + smp["sample_id"].astype(np.int64)  # sorted
     sidx = np.searchsorted(key, rows["run_id"].astype(np.int64) * (1 << 32) + rows["sample_id"].astype(np.int64))
     lidx = np.searchsorted(np.array(layers), rows["layer"].astype(np.int64))

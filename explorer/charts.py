@@ -90,10 +90,10 @@ def task_matrix(df: pl.DataFrame, value: str, title: str, fmt: str = ".2f", sche
     base = alt.Chart(df).encode(x=alt.X("task_b:N", title=None), y=alt.Y("task_a:N", title=None))
     rect = base.mark_rect().encode(color=alt.Color(f"{value}:Q", scale=alt.Scale(scheme=scheme), title=value),
                                    tooltip=["task_a:N", "task_b:N", alt.Tooltip(f"{value}:Q", format=fmt)])
-    text = base.mark_text(fontSize=12).encode(
+    lo, hi = float(df[value].min() or 0), float(df[value].max() or 0)
+    text = base.mark_text(fontSize=12).encode(  # white on the dark half of the colour scale, black on the light half
         text=alt.Text(f"{value}:Q", format=fmt),
-        color=alt.condition(f"datum.{value} > {float(df[value].max() or 0) * 0.6}", alt.value("white"),
-                            alt.value("black")))
+        color=alt.condition(f"datum.{value} > {(lo + hi) / 2}", alt.value("white"), alt.value("black")))
     n = max(df["task_a"].n_unique(), 1)
     return alt.layer(rect, text).properties(title=title, width=max(200, 60 * n), height=max(160, 40 * n))
 

@@ -68,10 +68,15 @@ def official_db(tmp_path_factory):
 
 def test_official_configs_and_summary_reproduced_byte_for_byte(official_db, tmp_path):
     out = tmp_path / "law.json"
-    sel_law, sel_intent, summary = run_parallel(
+    sel_law, sel_intent, summary, as_json = run_parallel(
         ["select", "--db", official_db, "--task", "law", "--metric", "token", "--top-p", "0.2", "--out", out],
         ["select", "--db", official_db, "--task", "intent", "--metric", "token", "--top-p", "0.2"],
-        ["scores", "--db", official_db, "--task", "intent", "--format", "esft-summary"])
+        ["scores", "--db", official_db, "--task", "intent", "--format", "esft-summary"],
+        ["scores", "--db", official_db, "--task", "law", "--metric", "gate", "--format", "json"])
+    doc = json.loads(as_json.stdout)
+    assert (doc["task"], doc["normalize"], doc["runs"], doc["n_tokens"], doc["top_k"]) == ("law", "token", [2], 8327, 6)
+    ref_gate = json.loads((OFFICIAL / "expert_scores" / "law" / "summary.json").read_text())["gate_scores"]
+    assert {layer: {e: round(v, 4) for e, v in row.items()} for layer, row in doc["scores"]["gate"].items()} == ref_gate
     assert sel_law.returncode == 0 and sel_law.stdout == "", sel_law.stderr
     assert out.read_bytes() == (OFFICIAL / "expert_configs" / "law.json").read_bytes()
     ref = json.loads((OFFICIAL / "expert_configs" / "intent.json").read_text())

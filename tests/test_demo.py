@@ -79,7 +79,7 @@ def test_demo_model_routes_every_token_to_top_k_experts():
     assert cfg.first_k_dense_replace == 1 and layout.layers[0] == 1 and len(layout.layers) >= 4
     assert layout.num_experts >= 32 and layout.top_k >= 4 and cfg.n_shared_experts == 2
     seen = {}
-    hooks = [r.register_forward_hook(lambda m, i, o, l=layer: seen.__setitem__(l, o[2]))
+    hooks = [r.register_forward_hook(lambda m, i, o, key=layer: seen.__setitem__(key, o[2]))
              for layer, r in layout.routers.items()]
     ids = tok(["The answer is 42.", "def add(x):\n    return x + 1"], return_tensors="pt", padding=True).input_ids
     with torch.no_grad():

@@ -146,6 +146,11 @@ def test_stability_bootstrap(tmp_db):
         st2 = stability(con, "t", "token", "token", p=0.6, n_boot=200, n_orders=10, seed=1)
         with pytest.raises(EsftError, match="--bootstrap must be >= 1"):
             stability(con, "t", "token", "token", p=0.6, n_boot=0)
+    con = store.connect(tmp_db)  # a DB from before sample_expert_stats existed: stability reads the routes
+    con.execute("DROP TABLE sample_expert_stats")
+    con.close()
+    with store.reader(tmp_db) as con:
+        assert stability(con, "t", "token", "token", p=0.6, n_boot=200, n_orders=10, seed=1) == st
     assert st == st2  # seeded
     prob = st["selection_probability"]["1"]
     assert prob["0"] == 1.0  # always selected

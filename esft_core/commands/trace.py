@@ -47,23 +47,21 @@ def _runs_arg(p):
 
 # -- record ---------------------------------------------------------------------------------------------------
 def cmd_record(args) -> int:
+    import torch
+
     from esft_core.data import read_records
-    from esft_core.models import load_model
+    from esft_core.models import load_model, moe_layout
     from esft_core.record import record
 
     if args.max_tokens < 1 or args.seq_len < 2 or args.batch_size < 1:
         raise EsftError("--max-tokens must be >= 1, --seq-len >= 2 and --batch-size >= 1")
-    records = read_records(args.data)
-    import torch
-
+    records = read_records(args.data)  # bad data fails before the model loads and before the DB is touched
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
-    from esft_core.models import moe_layout
-
     moe_layout(model)  # a dense model fails here, before anything is written
-    if args.device != "cpu":
-        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device != "cpu":
         model.to(device)
     bar = None
     if not args.quiet:
