@@ -185,7 +185,8 @@ def write_aggregates(con, run_id: int, routes_rel: str = "routes", with_token_id
              txt AS (SELECT token_id, any_value(token_text) AS token_text FROM tokens WHERE run_id = $run
                      GROUP BY token_id)
         SELECT $run, per.layer, per.expert, per.token_id, txt.token_text, per.n, per.g
-        FROM per JOIN txt ON per.token_id = txt.token_id""", {"run": run_id})
+        FROM per JOIN txt ON per.token_id = txt.token_id
+        ORDER BY per.layer, per.expert""", {"run": run_id})  # sorted rows keep zone maps tight: top-tokens lookups
 
 
 def complete_run(con, run_id: int) -> tuple[int, int]:

@@ -119,16 +119,19 @@ def bar_chart(df: pl.DataFrame, x: str, y: str, color: str | None = None, title:
 
 
 def top_tokens_chart(df: pl.DataFrame) -> alt.Chart:
-    """Top tokens of an expert, one row per task (label column), bars sorted by count."""
-    d = df.with_columns(token=pl.col("token_text").map_elements(visible_token, return_dtype=pl.Utf8))
+    """Top tokens of an expert: one bar per (task, token), grouped by task, sorted by count within the task; bar
+    colour = share of the token's uses routed to this expert. (No facets, so the chart stretches to the page.)"""
+    d = (df.with_columns(token=pl.col("token_text").map_elements(visible_token, return_dtype=pl.Utf8))
+         .sort(["label", "n"], descending=[False, True])
+         .with_columns(row=pl.col("label") + " · " + pl.col("token")))
     return alt.Chart(d).mark_bar().encode(
-        y=alt.Y("token:N", sort="-x", title=None), x=alt.X("n:Q", title="times routed here"),
+        y=alt.Y("row:N", sort=d["row"].to_list(), title=None, axis=alt.Axis(labelOverlap=False, labelLimit=240)),
+        x=alt.X("n:Q", title="times routed here"),
         color=alt.Color("share:Q", scale=alt.Scale(scheme="oranges", domain=[0, 1]),
                         title="share of token's uses"),
-        row=alt.Row("label:N", title=None),
-        tooltip=["label:N", "token:N", "n:Q", alt.Tooltip("mean_gate:Q", format=".3f"),
+        tooltip=[alt.Tooltip("label:N", title="task"), "token:N", "n:Q", alt.Tooltip("mean_gate:Q", format=".3f"),
                  alt.Tooltip("share:Q", format=".2f")],
-    ).properties(height=alt.Step(14), width=320).resolve_scale(y="independent")
+    ).properties(height=max(120, 18 * d.height))
 
 
 def loss_chart(metrics: pl.DataFrame, color: str = "run") -> alt.Chart:

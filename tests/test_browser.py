@@ -167,6 +167,9 @@ def test_first_start_pages_and_training_in_a_real_browser(server, page):
         want = {"specialization": 3, "overlap": 3, "select-train": 1}.get(path, 0)  # hidden tabs mount lazily
         assert page.locator(".vega-embed").count() >= want, f"{path}: charts missing"
         if path == "tokens":
+            page.locator(".vega-embed canvas, .vega-embed svg").first.wait_for()
+            width = page.evaluate("() => document.querySelector('.vega-embed').clientWidth")
+            assert width > 300, f"top-tokens chart is {width}px wide"
             assert page.locator(".esft-tokens .tok").count() > 10
             title = page.locator(".esft-tokens .tok").first.get_attribute("title")
             assert title.startswith("e") and "|" in title  # hover shows the K experts and weights

@@ -80,8 +80,8 @@ def test_loss_shift_convergence_topk_charts():
     tt = pl.DataFrame({"label": ["law", "law"], "token_text": [" the", "\n"], "n": [5, 3], "mean_gate": [0.2, 0.1],
                        "share": [0.5, 1.0]})
     d = spec(charts.top_tokens_chart(tt))
-    tokens = [r["token"] for ds in d["datasets"].values() for r in ds]
-    assert tokens == ["␣the", "↵"]
+    rows = [r["row"] for ds in d["datasets"].values() for r in ds]
+    assert rows == ["law · ␣the", "law · ↵"] and d["encoding"]["y"]["sort"] == rows
 
 
 def test_quick_chart_picks_a_sensible_view():
