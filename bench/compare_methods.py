@@ -2,8 +2,9 @@
 
 For each task (>= 3 adaptation + >= 1 enhancement), with the same data, steps and hyper-parameters:
 vanilla (no tuning), fft, lora, esft_token (p=0.2), esft_gate (p=0.1), random_token / random_gate (as many experts per
-layer as the token / gate config, chosen at random). Expert configs come straight from router outputs over the task's
-training data (token selection ratio and average gate score, per-token normalisation, the authors' top-p stop rule).
+layer as the token / gate config, chosen at random). Expert configs come from the real pipeline over the task's
+training data: record into DuckDB, score (token selection ratio / average gate score, per-token normalisation), select
+with the authors' top-p stop rule.
 
 Each method trains in its own subprocess (`--worker`), which reports its own peak RSS (ru_maxrss) measured right after
 training, before evaluation. Columns: task score (own task), other tasks' mean score, general held-out loss and its
@@ -37,81 +38,21 @@ TRAINED = METHODS[1:]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def router_scores(model, tok, records, seq_len: int = 256, batch_size: int = 8) -> dict[str, dict[int, list[float]]]:
-    """Token selection ratio and average gate score per layer and expert, normalised per token (authors' configs).
-
-    token: Σ_tokens 1(expert in top-K) / (K · tokens); gate: Σ_tokens gate weight / tokens. Over every token of
-    each sample (prompt and answer), as the authors' scoring run does.
-    """
-    import torch
-
-    from esft_core.data import encode_record
-    from esft_core.models import moe_layout
-
-    layout = moe_layout(model)
-    E, K = layout.num_experts, layout.top_k
-    counts = {k: torch.zeros(E, dtype=torch.float64) for k in layout.layers}
-    gates = {k: torch.zeros(E, dtype=torch.float64) for k in layout.layers}
-    mask_now = {}
-
-    def hook(layer):
-        def fn(_mod, _inp, out):
-            _, weights, idx = out  # (T, K), (T, K) over the flattened batch
-            keep = mask_now["m"]  # (T,) real (non-pad) tokens
-            idx, weights = idx[keep], weights[keep].double()
-            counts[layer].index_add_(0, idx.reshape(-1), torch.ones(idx.numel(), dtype=torch.float64))
-            gates[layer].index_add_(0, idx.reshape(-1), weights.reshape(-1))
-        return fn
-
-    handles = [layout.routers[k].register_forward_hook(hook(k)) for k in layout.layers]
-    n_tokens = 0
-    try:
-        enc = [encode_record(r, tok)[0][:seq_len] for r in records]
-        with torch.no_grad():
-            for i in range(0, len(enc), batch_size):
-                chunk = enc[i : i + batch_size]
-                width = max(map(len, chunk))
-                ids = torch.zeros((len(chunk), width), dtype=torch.long)
-                att = torch.zeros((len(chunk), width), dtype=torch.long)
-                for j, e in enumerate(chunk):
-                    ids[j, : len(e)], att[j, : len(e)] = torch.tensor(e), 1
-                mask_now["m"] = att.reshape(-1).bool()
-                model(input_ids=ids, attention_mask=att)
-                n_tokens += int(att.sum())
-    finally:
-        for h in handles:
-            h.remove()
-    return {"token": {k: (counts[k] / (K * n_tokens)).tolist() for k in layout.layers},
-            "gate": {k: (gates[k] / n_tokens).tolist() for k in layout.layers}}
-
-
-def top_p(row: list[float], p: float) -> list[int]:
-    try:
-        import numpy as np
-
-        from esft_core.select import top_p as official_top_p
-
-        return sorted(official_top_p(np.asarray(row), p))
-    except ImportError:  # the selection module is not there: the same stop rule, inline
-        chosen, total = [], 0.0
-        for e, s in sorted(enumerate(round(v, 4) for v in row), key=lambda x: (-x[1], x[0])):
-            if total >= p:
-                break
-            chosen.append(e)
-            total += s
-        return sorted(chosen)
-
-
 def expert_configs(model, tok, train_file: Path, n: int, out_dir: Path) -> dict[str, Path]:
+    """ESFT-Token (p=0.2) and ESFT-Gate (p=0.1) configs through the real pipeline: record the first `n` training
+    records into a throwaway DuckDB trace store, score (token normalisation, as the authors' configs) and select."""
+    from esft_core import record, store
     from esft_core.data import read_records
+    from esft_core.select import select_for_task
 
-    scores = router_scores(model, tok, read_records(train_file, limit=n))
+    db = out_dir / "traces.duckdb"
+    record.record(model, tok, read_records(train_file, limit=n), db, "task", max_tokens=10**9, seq_len=256)
     paths = {}
-    for metric, p in (("token", 0.2), ("gate", 0.1)):
-        cfg = {"experts": {str(k): top_p(row, p) for k, row in scores[metric].items()},
-               "shared_experts": False, "non_expert_modules": False}
-        paths[metric] = out_dir / f"expert_cfg_{metric}.json"
-        paths[metric].write_text(json.dumps(cfg, indent=1))
+    with store.reader(db) as con:
+        for metric, p in (("token", 0.2), ("gate", 0.1)):
+            paths[metric] = out_dir / f"expert_cfg_{metric}.json"
+            cfg = select_for_task(con, "task", metric, "token", p=p).config()
+            paths[metric].write_text(json.dumps(cfg, indent=1))
     return paths
 
 
