@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from explorer import queries as q  # noqa: E402
+from explorer import sql_console as sc  # noqa: E402
 from explorer import synth  # noqa: E402
 
 FULL_TOKENS, TASKS, LAYERS, K, E = 131072, ("math", "code", "intent", "law"), 26, 6, 64
@@ -101,9 +102,9 @@ def main() -> None:
         "expert_contexts": with_con(lambda c: q.expert_contexts(c, r1, 13, 7, 5, 8, 8192)),
         "expert_load": with_con(lambda c: q.expert_load(c, list(runs.values()))),
         "stability_view": with_con(lambda c: q.stability_view(c, r1, "token", "token", 0.2, 40)),
-        "sql_example_runs": lambda d: q.run_sql(d, q.EXAMPLE_QUERIES["Runs"]),
-        "sql_example_load": lambda d: q.run_sql(d, q.EXAMPLE_QUERIES["Expert load per layer (latest run)"]),
-        "sql_select_star_routes_capped": lambda d: q.run_sql(d, "SELECT * FROM routes", row_cap=1000),
+        "sql_example_runs": lambda d: sc.run_sql(d, sc.EXAMPLE_QUERIES["Runs"]),
+        "sql_example_load": lambda d: sc.run_sql(d, sc.EXAMPLE_QUERIES["Expert load per layer (latest run)"]),
+        "sql_select_star_routes_capped": lambda d: sc.run_sql(d, "SELECT * FROM routes", row_cap=1000),
     }
     out = {}
     for name, fn in bench.items():

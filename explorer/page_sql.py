@@ -3,7 +3,7 @@ queries; results as a table and a quick chart."""
 
 import streamlit as st
 
-from explorer import charts, queries, state
+from explorer import charts, queries, sql_console, state
 
 st.title("SQL")
 db = state.db_path()
@@ -14,8 +14,8 @@ if not db.exists():
     st.page_link("explorer/page_runs.py", label="Go to Runs", icon=":material/database:")
     st.stop()
 
-example = st.selectbox("Example queries", list(queries.EXAMPLE_QUERIES), key="sql_example")
-sql = st.text_area("Query", value=queries.EXAMPLE_QUERIES[example], height=180, key=f"sql_text_{example}")
+example = st.selectbox("Example queries", list(sql_console.EXAMPLE_QUERIES), key="sql_example")
+sql = st.text_area("Query", value=sql_console.EXAMPLE_QUERIES[example], height=180, key=f"sql_text_{example}")
 c1, c2, _ = st.columns([1, 1, 3])
 cap = c1.number_input("Row cap", 1, 100_000, 1000, key="sql_cap")
 limit = c2.number_input("Time limit (s)", 1, 120, 10, key="sql_limit")
@@ -27,7 +27,7 @@ if clicked or "sql_last" not in st.session_state:
     st.session_state["sql_last"] = (sql, int(cap), int(limit))
 q, cap_, limit_ = st.session_state["sql_last"]
 try:
-    res = queries.run_sql(db, q, row_cap=cap_, timeout_s=limit_)
+    res = sql_console.run_sql(db, q, row_cap=cap_, timeout_s=limit_)
 except (ValueError, queries.DbBusy) as e:
     st.error(f"Query failed: {e}")
     st.stop()

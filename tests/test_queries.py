@@ -13,6 +13,7 @@ import polars as pl
 import pytest
 
 from explorer import queries as q
+from explorer import sql_console as sc
 from explorer import synth
 
 TASKS = ("math", "code", "law")
@@ -158,20 +159,20 @@ def test_stability_matches_selection_and_converges(sdb):
 
 
 def test_sql_console_is_read_only_capped_and_time_limited(sdb):
-    r = q.run_sql(sdb, "SELECT * FROM routes", row_cap=7)
+    r = sc.run_sql(sdb, "SELECT * FROM routes", row_cap=7)
     assert r.frame.height == 7 and r.truncated
-    assert q.run_sql(sdb, "SELECT count(*) AS n FROM runs").frame["n"].to_list() == [3]
+    assert sc.run_sql(sdb, "SELECT count(*) AS n FROM runs").frame["n"].to_list() == [3]
     for bad, msg in [("DELETE FROM runs", "read-only"), ("SELECT * FROM read_csv('/etc/passwd')", "disabled"),
                      ("SET enable_external_access = true", "locked"), ("SELEC 1", "syntax"),
                      ("ATTACH '/tmp/x.duckdb' AS x", "disabled")]:
         with pytest.raises(ValueError, match=msg):
-            q.run_sql(sdb, bad)
+            sc.run_sql(sdb, bad)
     t = time.perf_counter()
     with pytest.raises(ValueError, match="time limit"):
-        q.run_sql(sdb, "SELECT count(*) FROM range(1000000000000) a, range(10) b", timeout_s=0.3)
+        sc.run_sql(sdb, "SELECT count(*) FROM range(1000000000000) a, range(10) b", timeout_s=0.3)
     assert time.perf_counter() - t < 5
-    for name, sql in q.EXAMPLE_QUERIES.items():
-        assert q.run_sql(sdb, sql).frame.height > 0, name
+    for name, sql in sc.EXAMPLE_QUERIES.items():
+        assert sc.run_sql(sdb, sql).frame.height > 0, name
 
 
 def test_readers_wait_for_a_writer_then_succeed(sdb, tmp_path):

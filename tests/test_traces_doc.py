@@ -1,4 +1,4 @@
-"""Every SQL query of docs/traces.md runs on a real trace DB (official imports + a recorded run) and returns rows."""
+"""Every SQL query of the README cookbook runs on a real trace DB (official imports + a recorded run)."""
 
 import re
 from pathlib import Path
@@ -8,7 +8,7 @@ import pytest
 from esft_core import official, record, store
 from esft_core.models import REPO_ROOT, tiny_moe, tiny_tokenizer
 
-DOC = Path(REPO_ROOT) / "docs" / "traces.md"
+DOC = Path(REPO_ROOT) / "README.md"
 OFFICIAL = Path(REPO_ROOT).parent / "shared" / "esft-official" / "expert_scores"
 QUERIES = re.findall(r"```sql\n(.*?)```", DOC.read_text(), flags=re.S)
 
