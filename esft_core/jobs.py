@@ -27,6 +27,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from esft_core.store import pid_alive
+
 STATES = ("queued", "running", "complete", "failed", "stopped")
 FINAL = ("complete", "failed", "stopped")
 _TQDM = re.compile(r"(\d+)/(\d+) \[")  # tqdm's "12/40 [00:03<..." progress fragment
@@ -75,23 +77,6 @@ def _read_json(path: Path) -> dict:
         except json.JSONDecodeError:
             time.sleep(0.01)
     return {}
-
-
-def _pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (finished, not yet reaped by the parent that spawned it) is not alive for our purposes.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][:1] != "Z"
-    except (FileNotFoundError, IndexError):
-        return True
 
 
 def jobs_dir(workdir: str | Path) -> Path:
@@ -159,7 +144,7 @@ def ensure_standby(workdir: str | Path) -> int | None:
     sd.mkdir(parents=True, exist_ok=True)
     for f in [*sd.glob("ready-*"), *sd.glob("starting-*")]:
         pid = int(f.name.split("-", 1)[1])
-        if _pid_alive(pid):
+        if pid_alive(pid):
             return pid
         f.unlink(missing_ok=True)
     if active_jobs(workdir):
@@ -177,7 +162,7 @@ def _hand_to_standby(workdir: str | Path, d: Path) -> int | None:
     sd = _standby_dir(workdir)
     for f in sorted(sd.glob("ready-*")) if sd.is_dir() else []:
         pid = int(f.name.split("-", 1)[1])
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             f.unlink(missing_ok=True)
             continue
         try:
@@ -233,7 +218,7 @@ def job_status(d: str | Path) -> dict:
     """The status dict; a runner that vanished without a final state is reported as failed."""
     d = Path(d)
     st = _read_json(d / "status.json")
-    if st.get("state") in ("queued", "running") and st.get("pid") and not _pid_alive(st["pid"]):
+    if st.get("state") in ("queued", "running") and st.get("pid") and not pid_alive(st["pid"]):
         time.sleep(0.05)  # the runner may be writing its final state right now
         st = _read_json(d / "status.json")
         if st.get("state") in ("queued", "running"):
@@ -267,9 +252,9 @@ def stop_job(job: Job | str | Path, grace_s: float = 5.0) -> dict:
     except ProcessLookupError:
         pass
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and _pid_alive(pid):
+    while time.monotonic() < deadline and pid_alive(pid):
         time.sleep(0.05)
-    if _pid_alive(pid):
+    if pid_alive(pid):
         try:
             os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:

@@ -234,14 +234,21 @@ def staging_root(db: str | Path) -> Path:
     return Path(f"{db}.staging")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int | None) -> bool:
+    """Whether local process `pid` runs (a zombie — finished, not yet reaped — counts as gone)."""
+    if not pid:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][:1] != "Z"
+    except (FileNotFoundError, IndexError):
+        return True
 
 
 def reap_stale_runs(con, db: str | Path) -> list[int]:
@@ -250,7 +257,7 @@ def reap_stale_runs(con, db: str | Path) -> list[int]:
     stale = []
     for run_id, params in con.execute("SELECT run_id, params FROM runs WHERE status = 'running'").fetchall():
         p = json.loads(params or "{}")
-        if p.get("host") == host and p.get("pid") and not _pid_alive(int(p["pid"])):
+        if p.get("host") == host and p.get("pid") and not pid_alive(int(p["pid"])):
             stale.append(run_id)
             con.execute("UPDATE runs SET status = 'failed', finished_at = now() WHERE run_id = ?", [run_id])
             shutil.rmtree(staging_root(db) / f"run-{run_id}", ignore_errors=True)

@@ -64,7 +64,7 @@ def test_progress_from_tqdm_while_running_then_stop(tmp_path):
     st = jobs.stop_job(j, grace_s=3)
     assert st["state"] == "stopped" and time.monotonic() - t < 6
     assert "never" not in jobs.log_tail(j)
-    assert not jobs._pid_alive(st["pid"])
+    assert not jobs.pid_alive(st["pid"])
 
 
 def test_runner_killed_without_final_state_reads_as_failed(tmp_path):

@@ -133,7 +133,8 @@ def test_contrast_prefers_task_specific_experts(sdb):
 
 def test_selection_agrees_with_esft_select(sdb):
     """The page's selection (Polars) equals esft_core.select (helper of `esft select`) on the same scores."""
-    select = pytest.importorskip("esft_core.select")
+    from esft_core import select
+
     with q.reading(sdb) as con:
         s = q.expert_scores(con, "m", ["code"], "token", "token")
     sel = q.selection_dict(q.select_top_p(s, 0.2), "code")
