@@ -7,11 +7,7 @@ import streamlit as st
 from explorer import charts, queries, state
 
 st.title("Overlap")
-model = state.pick_model()
-if model is None:
-    st.stop()
-tasks = state.query("tasks", model)
-lay = state.query("model_layout", model)
+model, tasks, lay = state.model_context()
 metric, norm, p = state.score_controls("ov")
 chosen = st.multiselect("Tasks", tasks, default=tasks, key="ov_tasks")
 if len(chosen) < 2:

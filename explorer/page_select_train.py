@@ -12,11 +12,7 @@ from esft_core import jobs
 from explorer import charts, queries, results, state
 
 st.title("Select & Train")
-model = state.pick_model()
-if model is None:
-    st.stop()
-tasks = state.query("tasks", model)
-lay = state.query("model_layout", model)
+model, tasks, lay = state.model_context()
 work = state.workdir()
 files = state.task_files()
 jobs.ensure_standby(work)  # a warm runner makes Train → first loss point several seconds faster

@@ -7,11 +7,7 @@ import streamlit as st
 from explorer import charts, queries, state
 
 st.title("Specialization")
-model = state.pick_model()
-if model is None:
-    st.stop()
-tasks = state.query("tasks", model)
-lay = state.query("model_layout", model)
+model, tasks, lay = state.model_context()
 st.caption(f"{model}: {len(lay['layers'])} MoE layers × {lay['num_experts']} routed experts, top-{lay['top_k']}.")
 
 metric, norm, p = state.score_controls("spec")

@@ -9,11 +9,7 @@ import streamlit as st
 from explorer import charts, state
 
 st.title("Tokens")
-model = state.pick_model()
-if model is None:
-    st.stop()
-tasks = state.query("tasks", model)
-lay = state.query("model_layout", model)
+model, tasks, lay = state.model_context()
 layers = lay["layers"]
 
 # ------------------------------------------------------------------------------------------------ a sample's routing

@@ -88,6 +88,15 @@ def query(fn_name: str, *args):
         st.stop()
 
 
+def model_context() -> tuple[str, list[str], dict]:
+    """(model, its tasks, its MoE layout) for pages that need traces; stops the page with an explanation when the
+    database has no complete run yet."""
+    model = pick_model()
+    if model is None:
+        st.stop()
+    return model, query("tasks", model), query("model_layout", model)
+
+
 def pick_model(key: str = "model") -> str | None:
     """Sidebar model picker (models with complete runs); None with an explanation when there is no data."""
     models = query("models") if db_path().exists() else None
