@@ -4,13 +4,14 @@
             token scores in SQL and top-p 0.2 selection → expert config;
 - authors': per line `split('\\t\\t')`, `[int(i) ...]` / `[float(w) ...]` as in their get_expert_scores.py, np.add.at
             accumulation, 4-decimal summary, then their generate_expert_config.py selection.
-Both must produce the same config (checked). Tasks intent and law from ../shared/esft-official, interleaved, median
+Both must produce the same config (checked). Tasks intent and law from tests/fixtures/esft-official, interleaved, median
 of --repeat. Prints a final JSON line {"speedup": authors' / ours, ...}.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import statistics
 import sys
@@ -26,15 +27,15 @@ from esft_core import official, store  # noqa: E402
 from esft_core.models import REPO_ROOT  # noqa: E402
 from esft_core.select import select_for_task  # noqa: E402
 
-SCORES = Path(REPO_ROOT).parent / "shared" / "esft-official" / "expert_scores"
+SCORES = Path(REPO_ROOT) / "tests" / "fixtures" / "esft-official" / "expert_scores"
 
 
 def authors_pipeline(log_dir: Path, top_k: int = 6, n_experts: int = 64, p: float = 0.2) -> dict:
     token_scores = {}
-    for path in sorted(log_dir.glob("expert_weights_*.txt")):
+    for path in sorted(log_dir.glob("expert_weights_*.txt*")):
         layer = path.name.split("_")[2].split(".")[0]
         gate, tok = np.zeros(n_experts), np.zeros(n_experts)
-        with open(path) as f:
+        with (gzip.open(path, "rt") if path.suffix == ".gz" else open(path)) as f:
             for line in f:
                 ids, weights = line.split("\t\t")
                 ids = [int(i) for i in ids.split("\t")]

@@ -12,6 +12,7 @@ Validation happens before the DB is opened, so a bad log directory writes nothin
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import re
@@ -27,7 +28,7 @@ import pyarrow.csv as pcsv
 from esft_core import store
 from esft_core.errors import EsftError
 
-LOG_RE = re.compile(r"^expert_weights_(\d+)\.txt$")
+LOG_RE = re.compile(r"^expert_weights_(\d+)\.txt(\.gz)?$")  # plain or gzip-compressed
 OFFICIAL_MODEL = "deepseek-ai/ESFT-vanilla-lite"
 
 
@@ -51,7 +52,10 @@ def find_layer_files(log_dir: str | Path) -> dict[int, Path]:
     for p in d.iterdir():
         m = LOG_RE.match(p.name)
         if m:
-            files[int(m.group(1))] = p
+            layer = int(m.group(1))
+            if layer in files:
+                raise EsftError(f"{d}: layer {layer} is there twice ({files[layer].name} and {p.name})")
+            files[layer] = p
     if not files:
         raise EsftError(f"{d} holds no expert_weights_<layer>.txt files")
     lo, hi = min(files), max(files)
@@ -88,7 +92,11 @@ def _locate_error(path: Path, text: str) -> str:
 
 def parse_layer_file(layer: int, path: Path) -> LayerLog:
     """Parse one log file without a Python loop over tokens; raise EsftError naming file and line on bad input."""
-    data = path.read_bytes().rstrip(b"\r\n") + b"\n"
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (OSError, EOFError) as e:  # BadGzipFile is an OSError; a truncated stream is an EOFError
+        raise EsftError(f"{path.name}: not a readable gzip file ({e})") from None
+    data = raw.rstrip(b"\r\n") + b"\n"
     b = np.frombuffer(data, np.uint8)
     nl = np.flatnonzero(b == 10)  # (lines,) end of each line
     tabs = np.flatnonzero(b == 9)  # (total tabs,)

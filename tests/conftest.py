@@ -10,7 +10,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"  # read-only test data next to the repo (never copied into it)
+OFFICIAL = REPO / "tests" / "fixtures" / "esft-official"  # the authors' published files (see its README)
 
 torch.set_num_threads(1)  # the test machine is small and shared
 

@@ -18,7 +18,7 @@ from esft_core.models import REPO_ROOT, save_tiny
 from esft_core.official import import_official
 from esft_core.scores import load_scores
 
-OFFICIAL = Path(REPO_ROOT).parent / "shared" / "esft-official"
+OFFICIAL = Path(REPO_ROOT) / "tests" / "fixtures" / "esft-official"
 
 CONTRACT_FLAGS = {
     "record": ["--model", "--data", "--task", "--db", "--max-tokens", "--seq-len", "--batch-size", "--seed"],

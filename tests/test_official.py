@@ -1,5 +1,6 @@
 """Import of the authors' routing logs: reproduce their summary.json and expert configs; reject bad logs whole."""
 
+import gzip
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from esft_core.models import REPO_ROOT
 from esft_core.scores import esft_summary, load_scores
 from esft_core.select import select_for_task
 
-OFFICIAL = Path(REPO_ROOT).parent / "shared" / "esft-official"
+OFFICIAL = Path(REPO_ROOT) / "tests" / "fixtures" / "esft-official"
 TASKS = ("intent", "law")
 
 
@@ -63,7 +64,8 @@ def test_runs_metadata_and_rank_order(official_db):
 
 
 def test_first_token_parsed_like_the_file(official_db):
-    line = (OFFICIAL / "expert_scores" / "law" / "expert_weights_3.txt").read_text().split("\n")[0]
+    raw = gzip.decompress((OFFICIAL / "expert_scores" / "law" / "expert_weights_3.txt.gz").read_bytes())
+    line = raw.decode().split("\n")[0]
     ids, ws = line.split("\t\t")
     pairs = sorted(zip([float(w) for w in ws.split("\t")[:6]], [int(i) for i in ids.split("\t")[:6]],
                        strict=True), key=lambda p: -p[0])
@@ -124,3 +126,30 @@ def test_no_logs_and_explicit_top_k(tmp_path, tmp_db):
     with pytest.raises(EsftError, match="--num-experts is 3"):
         official.read_logs(d, num_experts=3)
     assert not tmp_db.exists()
+
+
+def test_plain_and_gzip_logs_import_alike(tmp_path):
+    """The importer reads expert_weights_<layer>.txt and .txt.gz; a corrupt .gz is one clear error."""
+    src = OFFICIAL / "expert_scores" / "intent"
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for layer in (1, 2):
+        (plain / f"expert_weights_{layer}.txt").write_bytes(
+            gzip.decompress((src / f"expert_weights_{layer}.txt.gz").read_bytes()))
+    got = [official.read_logs(plain)[0], official.read_logs(_gz_copy(src, tmp_path / "gz", (1, 2)))[0]]
+    assert [lg.ids.tolist() for lg in got[0]] == [lg.ids.tolist() for lg in got[1]]
+    assert [lg.weights.tolist() for lg in got[0]] == [lg.weights.tolist() for lg in got[1]]
+    bad = _gz_copy(src, tmp_path / "bad", (1,))
+    (bad / "expert_weights_1.txt.gz").write_bytes(b"not gzip")
+    with pytest.raises(EsftError, match="expert_weights_1.txt.gz: not a readable gzip file"):
+        official.read_logs(bad)
+    (plain / "expert_weights_1.txt.gz").write_bytes((src / "expert_weights_1.txt.gz").read_bytes())
+    with pytest.raises(EsftError, match="layer 1 is there twice"):
+        official.read_logs(plain)
+
+
+def _gz_copy(src: Path, dst: Path, layers) -> Path:
+    dst.mkdir()
+    for layer in layers:
+        (dst / f"expert_weights_{layer}.txt.gz").write_bytes((src / f"expert_weights_{layer}.txt.gz").read_bytes())
+    return dst

@@ -9,7 +9,7 @@ from esft_core import official, record, store
 from esft_core.models import REPO_ROOT, tiny_moe, tiny_tokenizer
 
 DOC = Path(REPO_ROOT) / "README.md"
-OFFICIAL = Path(REPO_ROOT).parent / "shared" / "esft-official" / "expert_scores"
+OFFICIAL = Path(REPO_ROOT) / "tests" / "fixtures" / "esft-official" / "expert_scores"
 QUERIES = re.findall(r"```sql\n(.*?)```", DOC.read_text(), flags=re.S)
 
 
