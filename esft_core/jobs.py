@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from esft_core.store import pid_alive
+from esft_core.procs import pid_alive
 
 STATES = ("queued", "running", "complete", "failed", "stopped")
 FINAL = ("complete", "failed", "stopped")

@@ -112,11 +112,13 @@ def score_sql(metric: str, normalize: str, run_ids: list[int]) -> str:
 
 
 def compute_scores(con, task: str, metric: str = "token", normalize: str = "token",
-                   run_ids: list[int] | None = None) -> Scores:
-    """Scores of `task` over its complete runs (or `run_ids`), read from an open connection."""
+                   run_ids: list[int] | None = None, model: str | None = None, pool_models: bool = False) -> Scores:
+    """Scores of `task` over its complete runs (or `run_ids`) of `model`, read from an open connection.
+
+    Without `model`, runs of several models are refused unless `pool_models` (see store.complete_runs)."""
     fn = get_score(metric)
     fn.sql(normalize)  # validates normalize
-    runs = store.complete_runs(con, task, run_ids)
+    runs = store.complete_runs(con, task, run_ids, model, pool_models)
     ids = [r[0] for r in runs]
     rows = con.execute(score_sql(metric, normalize, ids)).fetchnumpy()
     layers = sorted({int(x) for x in rows["layer"]})
@@ -127,27 +129,21 @@ def compute_scores(con, task: str, metric: str = "token", normalize: str = "toke
 
 
 def load_scores(db, task: str, metric: str = "token", normalize: str = "token",
-                run_ids: list[int] | None = None) -> Scores:
+                run_ids: list[int] | None = None, model: str | None = None, pool_models: bool = False) -> Scores:
     """compute_scores on a short-lived read-only connection to `db`."""
     with store.reader(db) as con:
-        return compute_scores(con, task, metric, normalize, run_ids)
+        return compute_scores(con, task, metric, normalize, run_ids, model, pool_models)
 
 
 def esft_summary(db, task: str, normalize: str = "token", run_ids: list[int] | None = None,
-                 digits: int = 4) -> dict:
+                 digits: int = 4, model: str | None = None, pool_models: bool = False) -> dict:
     """The authors' summary.json structure: {"token_scores": {layer: {expert: s}}, "gate_scores": {...}}, rounded."""
     out = {}
     with store.reader(db) as con:
         for metric in ("token", "gate"):
-            s = compute_scores(con, task, metric, normalize, run_ids)
+            s = compute_scores(con, task, metric, normalize, run_ids, model, pool_models)
             out[f"{metric}_scores"] = {
                 str(layer): {str(e): round(float(v), digits) for e, v in enumerate(s.row(layer))}
                 for layer in sorted(s.layers, key=str)  # string order, as the authors' files
             }
     return out
-
-
-def scores_records(s: Scores) -> list[dict]:
-    """Flat rows (layer, expert, score) for CSV/JSON output."""
-    return [{"layer": layer, "expert": e, "score": float(v)}
-            for li, layer in enumerate(s.layers) for e, v in enumerate(s.values[li])]

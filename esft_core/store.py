@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from esft_core.errors import EsftError
+from esft_core.procs import pid_alive
 
 TABLES = ("runs", "samples", "tokens", "routes", "expert_stats", "expert_tokens", "sample_expert_stats")
 RUN_TABLES = TABLES[1:]  # every table but `runs` is keyed by run_id
@@ -69,11 +70,16 @@ ARROW_SCHEMAS = {
                          ("weight", pa.float32())]),
 }
 
-LOCK_WORDS = ("lock", "Conflicting", "being used by another process")
+# what DuckDB's lock errors say (Linux, macOS, Windows); compared lower-case
+LOCK_WORDS = ("lock", "conflicting", "being used by another process", "resource temporarily unavailable")
+
+
+class DbLocked(EsftError):
+    """Another process held the trace database's lock for longer than the caller would wait."""
 
 
 def _is_lock_error(e: Exception) -> bool:
-    return isinstance(e, duckdb.IOException) and any(w in str(e) for w in LOCK_WORDS)
+    return isinstance(e, duckdb.IOException) and any(w in str(e).lower() for w in LOCK_WORDS)
 
 
 def connect(db: str | Path, read_only: bool = False, timeout: float = 30.0,
@@ -99,9 +105,11 @@ def connect(db: str | Path, read_only: bool = False, timeout: float = 30.0,
             con = duckdb.connect(str(db), read_only=read_only, config=config)
             break
         except duckdb.IOException as e:
-            if not _is_lock_error(e) or time.monotonic() > deadline:
-                what = "locked by another process" if _is_lock_error(e) else str(e).splitlines()[0]
-                raise EsftError(f"cannot open trace database {db}: {what}") from None
+            if not _is_lock_error(e):
+                raise EsftError(f"cannot open trace database {db}: {str(e).splitlines()[0]}") from None
+            if time.monotonic() > deadline:
+                raise DbLocked(f"cannot open trace database {db}: locked by another process for more than "
+                               f"{timeout:.0f} s; try again when the writer is done") from None
             time.sleep(delay)
             delay = min(delay * 2, 0.5)
         except duckdb.Error as e:
@@ -234,23 +242,6 @@ def staging_root(db: str | Path) -> Path:
     return Path(f"{db}.staging")
 
 
-def pid_alive(pid: int | None) -> bool:
-    """Whether local process `pid` runs (a zombie — finished, not yet reaped — counts as gone)."""
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][:1] != "Z"
-    except (FileNotFoundError, IndexError):
-        return True
-
-
 def reap_stale_runs(con, db: str | Path) -> list[int]:
     """Mark 'running' runs of dead local writer processes as 'failed' and drop their staging folders."""
     host = socket.gethostname()
@@ -327,26 +318,52 @@ class StagedRun:
 
 
 # -- queries shared by scores/select/CLI ----------------------------------------------------------------------
-def complete_runs(con, task: str, run_ids: list[int] | None = None) -> list[tuple]:
-    """(run_id, num_experts, top_k, layers, n_samples, n_tokens) of the complete runs of `task`; errors say why none."""
+def complete_runs(con, task: str, run_ids: list[int] | None = None, model: str | None = None,
+                  pool_models: bool = False) -> list[tuple]:
+    """(run_id, num_experts, top_k, layers, n_samples, n_tokens) of the complete runs of `task`; errors say why none.
+
+    `model` keeps that model's runs only. Without it, runs of different models are refused (their experts are not
+    the same experts) unless `pool_models` asks for pooling.
+    """
     rows = con.execute(
-        "SELECT run_id, num_experts, top_k, layers, n_samples, n_tokens FROM runs "
-        "WHERE task = ? AND status = 'complete' ORDER BY run_id", [task]).fetchall()
+        "SELECT run_id, num_experts, top_k, layers, n_samples, n_tokens, model FROM runs "
+        "WHERE task = ? AND status = 'complete' AND (? IS NULL OR model = ?) ORDER BY run_id",
+        [task, model, model]).fetchall()
     if run_ids:
         rows = [r for r in rows if r[0] in set(run_ids)]
         missing = sorted(set(run_ids) - {r[0] for r in rows})
         if missing:
-            raise EsftError(f"run(s) {', '.join(map(str, missing))} are not complete runs of task '{task}'")
+            of = f" of model '{model}'" if model else ""
+            raise EsftError(f"run(s) {', '.join(map(str, missing))} are not complete runs of task '{task}'{of}")
     if not rows:
         tasks = [t for (t,) in con.execute(
-            "SELECT DISTINCT task FROM runs WHERE status = 'complete' ORDER BY task").fetchall()]
-        known = f"; known tasks: {', '.join(tasks)}" if tasks else "; the database holds no complete runs"
-        raise EsftError(f"unknown task '{task}' (no complete run){known}")
+            "SELECT DISTINCT task FROM runs WHERE status = 'complete' AND (? IS NULL OR model = ?) ORDER BY task",
+            [model, model]).fetchall()]
+        of = f" of model '{model}'" if model else ""
+        known = f"; known tasks{of}: {', '.join(tasks)}" if tasks else f"; the database holds no complete runs{of}"
+        raise EsftError(f"unknown task '{task}' (no complete run{of}){known}")
+    models = sorted({r[6] for r in rows})
+    if len(models) > 1 and not pool_models:
+        raise EsftError(f"task '{task}' has complete runs of {len(models)} models ({', '.join(models)}); choose one "
+                        "with --model MODEL (or pool them with --pool-models)")
     if len({(r[1], r[2]) for r in rows}) > 1:
         raise EsftError(f"runs of task '{task}' differ in num_experts/top_k; pick runs with --run")
     if sum(r[5] for r in rows) == 0:
         raise EsftError(f"task '{task}' has no tokens (empty run)")
-    return rows
+    return [r[:6] for r in rows]
+
+
+def ensure_sample_aggregates(con) -> int:
+    """Fill `sample_expert_stats` for complete runs written before it existed (read-write connection); returns the
+    number of runs added. Cheap: one GROUP BY over a run's routes."""
+    con.execute(SCHEMA)
+    todo = [r[0] for r in con.execute(
+        "SELECT run_id FROM runs WHERE status = 'complete' "
+        "AND run_id NOT IN (SELECT DISTINCT run_id FROM sample_expert_stats)").fetchall()]
+    for run in todo:
+        con.execute("INSERT INTO sample_expert_stats SELECT run_id, sample_id, layer, expert, count(*), "
+                    "sum(weight::DOUBLE) FROM routes WHERE run_id = ? GROUP BY ALL", [run])
+    return len(todo)
 
 
 # -- Parquet export / import (merge runs recorded on many machines) --------------------------------------------

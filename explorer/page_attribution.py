@@ -4,7 +4,7 @@ on the input embeddings), shown as highlighted text."""
 import polars as pl
 import streamlit as st
 
-from explorer import charts, state
+from explorer import charts, queries, state
 
 st.title("Attribution")
 st.caption("Integrated gradients from a baseline (all tokens → pad) to the sample, on the input embeddings, of the "
@@ -12,8 +12,8 @@ st.caption("Integrated gradients from a baseline (all tokens → pad) to the sam
 model_name = state.pick_model()
 if model_name is None:
     st.stop()
-tasks = state.query("tasks", model_name)
-lay = state.query("model_layout", model_name)
+tasks = state.query(queries.tasks, model_name)
+lay = state.query(queries.model_layout, model_name)
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=2)
@@ -30,13 +30,13 @@ if not ready:
 
 c1, c2, c3, c4 = st.columns([1, 2, 1, 1])
 task = c1.selectbox("Task", tasks, key="att_task")
-run_id = state.query("latest_run", model_name, task)
-samples = state.query("list_samples", run_id, 200)
+run_id = state.query(queries.latest_run, model_name, task)
+samples = state.query(queries.list_samples, run_id, 200)
 labels = {r["sample_id"]: f"#{r['sample_id']} ({r['n_tokens']} tok) {r['preview'][:50]}"
           for r in samples.iter_rows(named=True)}
 sid = c2.selectbox("Sample", list(labels), format_func=labels.get, key=f"att_sample_{run_id}")
 layer = c3.selectbox("Layer", lay["layers"], key="att_layer")
-routes = state.query("sample_routes", run_id, sid, layer, 256)
+routes = state.query(queries.sample_routes, run_id, sid, layer, 256)
 # Default expert: the one that wins most positions of this sample at this layer.
 top = routes["top_expert"].drop_nulls()
 default_e = int(top.mode().sort()[0]) if len(top) else 0
@@ -60,7 +60,7 @@ if st.button("Compute attribution", type="primary", key="att_go"):
     from esft_core.attribution import router_attribution
     from esft_core.errors import EsftError
 
-    ids = state.query("sample_token_ids", run_id, sid, target + 1)
+    ids = state.query(queries.sample_token_ids, run_id, sid, target + 1)
     try:
         model, tok = load(model_name)
         with st.spinner("Integrating gradients…"):

@@ -8,7 +8,7 @@ from pathlib import Path
 import streamlit as st
 
 from esft_core import jobs
-from explorer import state
+from explorer import queries, state
 
 cfg = state.config()
 work = state.workdir()
@@ -86,8 +86,8 @@ st.subheader("Runs in this database")
 if not db.exists():
     st.info(f"`{db}` does not exist yet; it is created by the first recording below.")
 else:
-    runs = state.query("list_runs")
-    summary = state.query("db_summary")
+    runs = state.query(queries.list_runs)
+    summary = state.query(queries.db_summary)
     m1, m2, m3, m4 = st.columns(4)
     m1.metric("Runs", runs.height)
     m2.metric("Complete", int((runs["status"] == "complete").sum()) if runs.height else 0)

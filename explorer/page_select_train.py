@@ -20,7 +20,6 @@ jobs.ensure_standby(work)  # a warm runner makes Train → first loss point seve
 task = st.selectbox("Task to tune", tasks, index=0, key="sel_task")
 metric, norm, p = state.score_controls("sel", default_metric="token")
 sc = state.scores(model, tasks, metric, norm)
-run_id = state.query("latest_run", model, task)
 
 tab_sel, tab_con, tab_stab = st.tabs(["Top-p selection", "Contrast", "Stability"])
 with tab_sel:
@@ -31,8 +30,10 @@ with tab_con:
     others = [t for t in tasks if t != task]
     against = st.multiselect("Contrast against", others, default=others, key="sel_against",
                              help="Prefer experts this task uses more than the contrast tasks do")
-    con_scores = queries.contrast_scores(sc, task, against, state.query("task_weights", model, norm))
-    con_sel = queries.select_top_p(con_scores, p)
+    lam = st.number_input("Contrast weight λ", 0.0, 10.0, 1.0, 0.1, key="sel_lambda",
+                          help="c = max(0, s_task − λ·s_contrast), renormalised per layer (esft select "
+                               "--contrast-weight)")
+    con_sel = state.query(queries.contrast_selection, model, task, tuple(against), metric, norm, p, float(lam))
     state.chart(charts.score_heatmap(con_sel, title="contrast score max(0, s_task − s_contrast), per-layer share",
                                      selected=con_sel.filter(pl.col("selected")).select("layer", "expert"),
                                      scheme="magma", name="contrast_cell"))
@@ -40,7 +41,7 @@ with tab_con:
                                disabled=not against)
 with tab_stab:
     n_boot = st.slider("Bootstrap resamples", 10, 200, 40, 10, key="sel_boot")
-    prob, curve = state.query("stability_view", run_id, metric, norm, p, n_boot)
+    prob, curve = state.query(queries.stability_view, model, task, metric, norm, p, n_boot)
     c1, c2 = st.columns([3, 2])
     with c1:
         state.chart(charts.score_heatmap(prob, value="prob", title="P(selected) over bootstrap resamples of samples",
@@ -58,7 +59,7 @@ selection = queries.selection_dict(chosen_sel.with_columns(task=pl.lit(task)), t
 st.subheader("Experts to train")
 edit_df = pl.DataFrame({"layer": list(selection), "experts": [", ".join(map(str, v)) for v in selection.values()],
                         "count": [len(v) for v in selection.values()]})
-ed_key = f"sel_editor_{task}_{metric}_{norm}_{p}_{bool(use_contrast)}_{len(against)}"
+ed_key = f"sel_editor_{task}_{metric}_{norm}_{p}_{bool(use_contrast)}_{len(against)}_{lam}"
 edited = st.data_editor(edit_df, key=ed_key, hide_index=True, width="stretch", disabled=["layer", "count"],
                         column_config={"experts": st.column_config.TextColumn(
                             "experts (comma-separated ids, editable)", width="large")})

@@ -34,8 +34,8 @@ if cell:
     c1, c2 = st.columns([1, 2])
     c1.metric(f"Layer {layer}, expert {expert}", f"{row['score'][0]:.4f}", help="score of the clicked cell")
     c1.caption(f"rank {row['rank'][0]} in its layer; {'selected' if row['selected'][0] else 'not selected'}")
-    run_ids = [state.query("latest_run", model, t) for t in chosen]
-    tt = state.query("top_tokens", [r for r in run_ids if r is not None], layer, expert, 8)
+    run_ids = [state.query(queries.latest_run, model, t) for t in chosen]
+    tt = state.query(queries.top_tokens, [r for r in run_ids if r is not None], layer, expert, 8)
     names = {r: t for r, t in zip(run_ids, chosen, strict=True)}
     if tt is not None and tt.height:
         c2.dataframe(tt.with_columns(task=pl.col("run_id").replace_strict(names, default=None),

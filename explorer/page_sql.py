@@ -21,7 +21,7 @@ cap = c1.number_input("Row cap", 1, 100_000, 1000, key="sql_cap")
 limit = c2.number_input("Time limit (s)", 1, 120, 10, key="sql_limit")
 clicked = st.button("Run", type="primary", key="sql_run")
 if clicked or "sql_last" not in st.session_state:
-    if not clicked and not state.query("db_summary"):
+    if not clicked and not state.query(queries.db_summary):
         st.info("The database holds no tables yet; record a trace on the **Runs** page, or run any query above.")
         st.stop()
     st.session_state["sql_last"] = (sql, int(cap), int(limit))

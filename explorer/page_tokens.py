@@ -6,7 +6,7 @@ import html
 import polars as pl
 import streamlit as st
 
-from explorer import charts, state
+from explorer import charts, queries, state
 
 st.title("Tokens")
 model, tasks, lay = state.model_context()
@@ -16,8 +16,8 @@ layers = lay["layers"]
 st.subheader("Routing of one sample")
 c1, c2, c3 = st.columns([1, 2, 1])
 task = c1.selectbox("Task", tasks, key="tok_task")
-run_id = state.query("latest_run", model, task)
-samples = state.query("list_samples", run_id, 300)
+run_id = state.query(queries.latest_run, model, task)
+samples = state.query(queries.list_samples, run_id, 300)
 if samples is None or samples.height == 0:
     st.info("This run has no samples.")
     st.stop()
@@ -25,7 +25,7 @@ labels = {r["sample_id"]: f"#{r['sample_id']} ({r['n_tokens']} tok) {r['preview'
           for r in samples.iter_rows(named=True)}
 sid = c2.selectbox("Sample", list(labels), format_func=labels.get, key=f"tok_sample_{run_id}")
 layer = c3.selectbox("Layer", layers, key="tok_layer")
-routes = state.query("sample_routes", run_id, sid, layer, 1024)
+routes = state.query(queries.sample_routes, run_id, sid, layer, 1024)
 st.html(charts.token_html(routes))
 top = routes["top_expert"].drop_nulls()
 counts = top.value_counts(sort=True).head(12)
@@ -43,8 +43,8 @@ e_layer = d1.selectbox("Layer ", layers, index=layers.index(default_layer) if de
                        key="tok_e_layer")
 expert = d2.number_input("Expert", 0, max(lay["num_experts"] - 1, 0), int(default_expert), key="tok_expert")
 which = d3.multiselect("Tasks ", tasks, default=tasks, key="tok_e_tasks")
-run_ids = {t: state.query("latest_run", model, t) for t in which}
-tt = state.query("top_tokens", [r for r in run_ids.values() if r is not None], e_layer, int(expert), 12)
+run_ids = {t: state.query(queries.latest_run, model, t) for t in which}
+tt = state.query(queries.top_tokens, [r for r in run_ids.values() if r is not None], e_layer, int(expert), 12)
 if tt is None or tt.height == 0:
     st.info(f"Expert {expert} of layer {e_layer} was never selected in these tasks.")
 else:
@@ -56,7 +56,7 @@ else:
 for t, r in run_ids.items():
     if r is None:
         continue
-    ctx = state.query("expert_contexts", r, e_layer, int(expert), 5, 8, 8192)
+    ctx = state.query(queries.expert_contexts, r, e_layer, int(expert), 5, 8, 8192)
     with st.expander(f"{t}: example contexts ({0 if ctx is None else ctx.height})", expanded=False):
         if ctx is None or ctx.height == 0:
             st.write("No occurrences in the first 8,192 tokens of this trace.")

@@ -1,24 +1,16 @@
-"""Read-side queries of the explorer: DuckDB SQL on the trace store (schema in docs/CONTRACTS.md) → Polars frames.
+"""Read-side queries of the explorer: the trace maths of esft_core (store, scores, select) reshaped into Polars
+frames for charts. No streamlit here; pages call these through explorer/state.py, which caches results per DB
+version. Nothing here computes a score or a selection itself: scores come from esft_core.scores (the same SQL as
+`esft scores`), selections from esft_core.select (the same top-p/contrast/stability as `esft select`).
 
-No streamlit here; pages call these through explorer/state.py, which caches results per DB version.
-
-Concurrency: recording/import jobs write the same DuckDB file from another process. DuckDB lets one process hold a
-read-write lock or many hold read-only locks, so the explorer (1) opens a read-only connection per query batch and
-closes it at once (`reading`), never keeping the file locked while a page is idle, and (2) retries for a few seconds
-when a writer holds the lock — writers keep it only for short commits. The pages never see a lock error unless a
-writer holds the file for longer than `LOCK_WAIT_S`.
-
-Scores follow DESIGN.md: gate score g = Σ gate / tokens (normalize='token') or 1/N_s Σ_j 1/L_j Σ_k gate
-(normalize='sample'); token score r = the same with 1(selected)/K. They are computed from the `expert_stats`
-pre-aggregation, so every page query touches thousands of rows, not the 80 M route rows of a full trace.
+Concurrency: recording/import jobs write the same DuckDB file from another process. The explorer opens a read-only
+connection per query batch and closes it at once (`reading`, = esft_core.store.reader), and waits up to
+`LOCK_WAIT_S` while a writer holds the lock (writers keep it only for short commits).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import random
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,14 +18,13 @@ import duckdb
 import numpy as np
 import polars as pl
 
+from esft_core import select, store
+from esft_core.scores import NORMALIZATIONS, SCORES, compute_scores
+
 LOCK_WAIT_S = 8.0
-READ_CONFIG = {"enable_external_access": False}  # every read connection: no files/URLs outside the DB
-METRICS = ("gate", "token")
-NORMALIZE = ("token", "sample")
-
-
-class DbBusy(RuntimeError):
-    """A writer held the DB lock for longer than we are willing to wait."""
+METRICS = tuple(SCORES)
+NORMALIZE = NORMALIZATIONS
+DbBusy = store.DbLocked  # a writer held the DB lock for longer than we are willing to wait
 
 
 # ----------------------------------------------------------------------------------------------------------- access
@@ -49,33 +40,11 @@ def db_version(db: str | Path) -> tuple:
     return tuple(out)
 
 
-def connect_ro(db: str | Path, wait_s: float = LOCK_WAIT_S) -> duckdb.DuckDBPyConnection:
-    """A read-only connection, retrying while another process holds the write lock."""
-    if not Path(db).exists():
-        raise FileNotFoundError(f"trace database {db} does not exist yet")
-    deadline = time.monotonic() + wait_s
-    delay = 0.02
-    while True:
-        try:
-            return duckdb.connect(str(db), read_only=True, config=dict(READ_CONFIG))
-        except duckdb.IOException as e:
-            msg = str(e).lower()
-            if "lock" not in msg and "resource temporarily unavailable" not in msg:
-                raise
-            if time.monotonic() > deadline:
-                raise DbBusy(f"{db} is locked by a writer for more than {wait_s:.0f} s; try again shortly") from None
-            time.sleep(delay * (0.5 + random.random()))
-            delay = min(delay * 1.6, 0.25)
-
-
 @contextlib.contextmanager
 def reading(db: str | Path, wait_s: float = LOCK_WAIT_S) -> Iterator[duckdb.DuckDBPyConnection]:
-    """`with reading(db) as con:` — a short-lived read-only connection, closed on exit so writers can proceed."""
-    con = connect_ro(db, wait_s)
-    try:
+    """`with reading(db) as con:` — a short-lived read-only connection without file access, closed on exit."""
+    with store.reader(db, timeout=wait_s, external_access=False) as con:
         yield con
-    finally:
-        con.close()
 
 
 def _pl(con: duckdb.DuckDBPyConnection, sql: str, params: list | None = None) -> pl.DataFrame:
@@ -152,14 +121,6 @@ def db_summary(con: duckdb.DuckDBPyConnection) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------- scores
-_SCORE_EXPR = {
-    ("gate", "token"): "sum(s.gate_sum) / any_value(tot.nt)",
-    ("token", "token"): "sum(s.n_selected) / (any_value(tot.nt) * any_value(tot.k))",
-    ("gate", "sample"): "sum(s.sample_gate_sum) / any_value(tot.ns)",
-    ("token", "sample"): "sum(s.sample_token_sum) / (any_value(tot.ns) * any_value(tot.k))",
-}
-
-
 def _check(metric: str, normalize: str) -> None:
     if metric not in METRICS:
         raise ValueError(f"unknown metric '{metric}'; choose one of {', '.join(METRICS)}")
@@ -167,63 +128,50 @@ def _check(metric: str, normalize: str) -> None:
         raise ValueError(f"unknown normalisation '{normalize}'; choose one of {', '.join(NORMALIZE)}")
 
 
+_SCORE_SCHEMA = {"task": pl.Utf8, "layer": pl.Int32, "expert": pl.Int32, "score": pl.Float64}
+
+
+def _frame(task: str, layers: list[int], values: np.ndarray, **extra: np.ndarray) -> pl.DataFrame:
+    """(layers, E) arrays → long frame task, layer, expert, score (+ extra columns of the same shape)."""
+    n_e = values.shape[1]
+    cols = {"task": [task] * values.size, "layer": np.repeat(np.asarray(layers, np.int32), n_e),
+            "expert": np.tile(np.arange(n_e, dtype=np.int32), len(layers)), "score": values.reshape(-1)}
+    cols.update({k: v.reshape(-1) for k, v in extra.items()})
+    return pl.DataFrame(cols).with_columns(pl.col("task").cast(pl.Utf8))
+
+
 def expert_scores(con: duckdb.DuckDBPyConnection, model: str, tasks_: list[str] | None = None,
                   metric: str = "gate", normalize: str = "token") -> pl.DataFrame:
-    """Score of every (task, layer, expert) — zero-filled over the model's full layer × expert grid.
-
-    All complete runs of a task on `model` are pooled (sums over their tokens or samples).
-    Columns: task, layer, expert, score.
-    """
+    """Score of every (task, layer, expert) of `model` (esft_core.scores.compute_scores: all complete runs of the
+    task on that model pooled), zero-filled over the layer × expert grid. Columns: task, layer, expert, score."""
     _check(metric, normalize)
-    lay = model_layout(con, model)
-    if not lay["layers"]:
-        return pl.DataFrame(schema={"task": pl.Utf8, "layer": pl.Int32, "expert": pl.Int32, "score": pl.Float64})
-    task_filter = ""
-    params: list = [model]
-    if tasks_ is not None:
-        if not tasks_:
-            return pl.DataFrame(schema={"task": pl.Utf8, "layer": pl.Int32, "expert": pl.Int32,
-                                        "score": pl.Float64})
-        task_filter = "AND task IN (" + ",".join("?" * len(tasks_)) + ")"
-        params += list(tasks_)
-    sql = f"""
-    WITH r AS (SELECT run_id, task, n_tokens, n_samples, top_k FROM runs
-               WHERE status = 'complete' AND model = ? {task_filter}),
-         tot AS (SELECT task, sum(n_tokens) nt, sum(n_samples) ns, max(top_k) k FROM r GROUP BY task),
-         sc AS (SELECT r.task, s.layer::INTEGER layer, s.expert::INTEGER expert,
-                       {_SCORE_EXPR[(metric, normalize)]} score
-                FROM expert_stats s JOIN r USING (run_id) JOIN tot USING (task)
-                GROUP BY r.task, s.layer, s.expert),
-         grid AS (SELECT t.task, l.layer::INTEGER layer, e.expert::INTEGER expert
-                  FROM (SELECT DISTINCT task FROM r) t,
-                       (SELECT unnest(?::INTEGER[]) layer) l, range(?) e(expert))
-    SELECT g.task, g.layer, g.expert, coalesce(sc.score, 0.0)::DOUBLE score
-    FROM grid g LEFT JOIN sc USING (task, layer, expert)
-    ORDER BY g.task, g.layer, g.expert"""
-    return _pl(con, sql, params + [lay["layers"], lay["num_experts"]])
+    names = tasks(con, model) if tasks_ is None else list(tasks_)
+    frames = [_frame(t, s.layers, s.values) for t in names
+              for s in [compute_scores(con, t, metric, normalize, model=model)]]
+    return pl.concat(frames) if frames else pl.DataFrame(schema=_SCORE_SCHEMA)
 
 
 def select_top_p(scores: pl.DataFrame, p: float, round_digits: int | None = 4) -> pl.DataFrame:
-    """Per (task, layer): sort by score (desc, ties by expert id) and keep experts while the running sum < p.
-
-    The authors' stop rule (scripts/generate_expert_config.py), as `esft select` applies it: scores rounded to 4
-    decimals first (what reproduces their shipped configs), an expert is added while the sum of the experts before
-    it is below p, and experts with a zero score are never added. Input columns task, layer, expert, score; output
-    adds rank (1-based), cum, selected.
-    """
+    """esft_core.select.top_p_mask per (task, layer) of a score frame (the authors' stop rule, scores rounded to
+    `round_digits` first, as `esft select` does). Input columns task, layer, expert, score (+ any); output adds
+    rank (1-based, by rounded score then expert id), cum (running rounded score) and selected."""
     if not 0 < p <= 1:
         raise ValueError(f"p must be in (0, 1], got {p}")
-    s = pl.col("score").round(round_digits) if round_digits is not None else pl.col("score")
-    return (
-        scores.with_columns(_s=s)
-        .sort(["task", "layer", "_s", "expert"], descending=[False, False, True, False])
-        .with_columns(
-            rank=pl.int_range(1, pl.len() + 1).over(["task", "layer"]),
-            cum=pl.col("_s").cum_sum().over(["task", "layer"]),
-        )
-        .with_columns(selected=((pl.col("cum") - pl.col("_s")) < p) & (pl.col("_s") > 0))
-        .drop("_s")
-    )
+    if scores.height == 0:
+        return scores.with_columns(rank=pl.lit(0, pl.UInt32), cum=pl.lit(0.0), selected=pl.lit(False))
+    parts = []
+    for _, g in scores.sort(["task", "layer", "expert"]).group_by(["task"], maintain_order=True):
+        layers = g["layer"].unique(maintain_order=True).to_list()
+        vals = g["score"].to_numpy().reshape(len(layers), -1)  # (layers, E): full grid, as expert_scores gives
+        r = select.round_scores(vals, round_digits)
+        mask = select.top_p_mask(r, p)  # (layers, E)
+        order = np.argsort(-r, axis=-1, kind="stable")
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.arange(1, r.shape[1] + 1)[None].repeat(len(layers), 0), axis=-1)
+        cum = np.take_along_axis(np.cumsum(np.take_along_axis(r, order, -1), -1), np.argsort(order, -1), -1)
+        parts.append(g.with_columns(rank=pl.Series(rank.reshape(-1), dtype=pl.UInt32), cum=pl.Series(cum.reshape(-1)),
+                                    selected=pl.Series(mask.reshape(-1))))
+    return pl.concat(parts).sort(["task", "layer", "rank"])
 
 
 def selection_dict(selected: pl.DataFrame, task: str) -> dict[int, list[int]]:
@@ -403,149 +351,24 @@ def expert_load(con: duckdb.DuckDBPyConnection, run_ids: list[int]) -> pl.DataFr
 
 
 # ------------------------------------------------------------------------------------- contrast and stability views
-def contrast_scores(scores: pl.DataFrame, task: str, against: list[str], weights: dict[str, float] | None = None,
-                    lam: float = 1.0) -> pl.DataFrame:
-    """Task-specific score, as esft_core.select.contrast: c_e = max(0, s_task,e − λ·s'_e) renormalised per layer to
-    sum to 1, where s' pools the contrast tasks' scores weighted by `weights` (their tokens for token
-    normalisation, samples for sample normalisation; equal weights when not given). Experts every input uses get
-    c ≈ 0; experts only this task uses keep a large share. Columns task, layer, expert, score, raw, contrast_mean."""
-    t = scores.filter(pl.col("task") == task).select("layer", "expert", "score")
-    if against:
-        w = pl.DataFrame({"task": list(against), "w": [float((weights or {}).get(a, 1.0)) for a in against]})
-        c = (scores.filter(pl.col("task").is_in(against)).join(w, on="task")
-             .group_by(["layer", "expert"])
-             .agg(contrast_mean=(pl.col("score") * pl.col("w")).sum() / pl.col("w").sum()))
-        t = t.join(c, on=["layer", "expert"], how="left").with_columns(pl.col("contrast_mean").fill_null(0.0))
-    else:
-        t = t.with_columns(contrast_mean=pl.lit(0.0))
-    t = t.with_columns(c=(pl.col("score") - lam * pl.col("contrast_mean")).clip(lower_bound=0.0))
-    t = t.with_columns(tot=pl.col("c").sum().over("layer"))
-    return t.select(pl.lit(task).alias("task"), "layer", "expert",
-                    pl.when(pl.col("tot") > 0).then(pl.col("c") / pl.col("tot")).otherwise(0.0).alias("score"),
-                    pl.col("score").alias("raw"), "contrast_mean").sort(["layer", "expert"])
-
-
-def task_weights(con: duckdb.DuckDBPyConnection, model: str, normalize: str = "token") -> dict[str, float]:
-    """Tokens (normalize='token') or samples per task over its complete runs: the pooling weights of contrast."""
-    if not has_table(con, "runs"):
-        return {}
-    col = "n_tokens" if normalize == "token" else "n_samples"
-    rows = _q(con, f"SELECT task, sum({col}) FROM runs WHERE status = 'complete' AND model = ? GROUP BY task",
-              [model]).fetchall()
-    return {t: float(n or 0) for t, n in rows}
-
-
-def ensure_aggregates(con: duckdb.DuckDBPyConnection) -> int:
-    """Extra pre-aggregation for the stability view (needs a read-write connection): per-sample expert counts
-    `sample_expert_stats(run_id, sample_id, layer, expert, n_selected, gate_sum)` for every complete run that lacks
-    them. Cheap (one GROUP BY over a run's routes) and ~64× smaller than routes. Returns the number of runs added."""
-    _q(con, """CREATE TABLE IF NOT EXISTS sample_expert_stats(run_id INTEGER, sample_id INTEGER, layer SMALLINT,
-                   expert SMALLINT, n_selected INTEGER, gate_sum DOUBLE)""")
-    todo = [r[0] for r in _q(con,
-        """SELECT run_id FROM runs WHERE status = 'complete'
-           AND run_id NOT IN (SELECT DISTINCT run_id FROM sample_expert_stats)""").fetchall()]
-    for run in todo:
-        _q(con, """INSERT INTO sample_expert_stats SELECT run_id, sample_id, layer, expert, count(*), sum(weight)
-                       FROM routes WHERE run_id = ? GROUP BY ALL""", [run])
-    return len(todo)
-
-
-def sample_expert_matrix(con: duckdb.DuckDBPyConnection, run_id: int, metric: str = "gate") -> dict:
-    """Per-sample sums as a dense array (samples, layers, experts) plus tokens per sample, for bootstrap views.
-
-    Reads `sample_expert_stats` when present, else aggregates the run's routes on the fly (fine for demo-sized runs).
-    """
-    lay = _q(con, "SELECT layers, num_experts, top_k FROM runs WHERE run_id = ?", [run_id]).fetchall()
-    lay = lay[0] if lay else None
-    if lay is None:
-        raise ValueError(f"no run {run_id}")
-    layers, n_exp, k = list(lay[0]), int(lay[1]), int(lay[2])
-    col = "gate_sum" if metric == "gate" else "n_selected"
-    if has_table(con, "sample_expert_stats") and _q(con,
-            "SELECT count(*) > 0 FROM sample_expert_stats WHERE run_id = ?", [run_id]).fetchall()[0][0]:
-        src = f"SELECT sample_id, layer, expert, {col} v FROM sample_expert_stats WHERE run_id = ?"
-    else:
-        agg = "sum(weight)" if metric == "gate" else "count(*)"
-        src = f"SELECT sample_id, layer, expert, {agg} v FROM routes WHERE run_id = ? GROUP BY ALL"
-    samples = _q(con, "SELECT sample_id, n_tokens FROM samples WHERE run_id = ? ORDER BY sample_id",
-                 [run_id]).fetchnumpy()
-    n_s, n_l = len(samples["sample_id"]), len(layers)
-    t = _q(con, src, [run_id]).to_arrow_table()  # (sample, layer, expert, value) rows; Arrow → NumPy is zero-copy
-    sid, lay_arr = samples["sample_id"].astype(np.int64), np.asarray(layers, dtype=np.int64)
-    s_in, l_in = (t.column(c).to_numpy().astype(np.int64) for c in ("sample_id", "layer"))
-    e_in, v = t.column("expert").to_numpy().astype(np.int64), t.column("v").to_numpy().astype(np.float64)
-    si = np.searchsorted(sid, s_in).clip(0, max(n_s - 1, 0))
-    order = np.argsort(lay_arr)
-    li = order[np.searchsorted(lay_arr[order], l_in).clip(0, max(n_l - 1, 0))]
-    ok = (sid[si] == s_in) & (lay_arr[li] == l_in) if n_s and n_l else np.zeros(len(s_in), dtype=bool)
-    # one bincount over the dense (sample, layer, expert) index: no Python loop, no np.add.at
-    m = np.bincount(((si * n_l + li) * n_exp + e_in)[ok], weights=v[ok], minlength=n_s * n_l * n_exp)
-    m = m[: n_s * n_l * n_exp].reshape(n_s, n_l, n_exp)
-    if metric == "token":
-        m /= k
-    return {"m": m, "n_tokens": samples["n_tokens"].astype(np.float64), "layers": layers, "num_experts": n_exp}
-
-
-def _top_p_mask(scores: np.ndarray, p: float) -> np.ndarray:
-    """Boolean mask (…, E) of the top-p selection along the last axis (authors' stop rule)."""
-    order = np.argsort(-scores, axis=-1, kind="stable")
-    sorted_s = np.take_along_axis(scores, order, axis=-1)
-    before = np.cumsum(sorted_s, axis=-1) - sorted_s
-    keep_sorted = (before < p) & (sorted_s > 0)
-    mask = np.zeros_like(keep_sorted)
-    np.put_along_axis(mask, order, keep_sorted, axis=-1)
-    return mask
-
-
-def _normalised(m: np.ndarray, n_tokens: np.ndarray, weights: np.ndarray, normalize: str) -> np.ndarray:
-    # m: (samples, layers, experts); weights: (B, samples) resampling counts → (B, layers, experts)
-    if normalize == "sample":
-        per = m / n_tokens[:, None, None]
-        return np.einsum("bs,sle->ble", weights, per) / weights.sum(1)[:, None, None]
-    return np.einsum("bs,sle->ble", weights, m) / (weights @ n_tokens)[:, None, None]
-
-
-def stability(mat: dict, p: float, normalize: str = "token", n_boot: int = 50, seed: int = 0,
-              checkpoints: int = 16) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Bootstrap over samples: probability that each (layer, expert) is selected at top-p; and, adding samples in
-    order, the mean Jaccard between the selection so far and the final one vs tokens seen (where it flattens, more
-    data stops changing the selection). Returns (prob: layer, expert, prob, selected), (curve: tokens, jaccard)."""
-    m, nt, layers = mat["m"], mat["n_tokens"], mat["layers"]
-    n_s = m.shape[0]
-    if n_s == 0:
-        empty = {"layer": pl.Int32, "expert": pl.Int32, "prob": pl.Float64, "selected": pl.Boolean}
-        return (pl.DataFrame(schema=empty),
-                pl.DataFrame(schema={"tokens": pl.Int64, "jaccard": pl.Float64}))
-    rng = np.random.default_rng(seed)
-    w = np.stack([np.bincount(rng.integers(0, n_s, n_s), minlength=n_s) for _ in range(n_boot)]).astype(np.float64)
-    prob = _top_p_mask(_normalised(m, nt, w, normalize), p).mean(0)  # (layers, experts)
-    final = _top_p_mask(_normalised(m, nt, np.ones((1, n_s)), normalize), p)[0]
-    cuts = sorted(set(np.unique(np.linspace(1, n_s, min(checkpoints, n_s)).astype(int)).tolist()))
-    pref = np.zeros((len(cuts), n_s))
-    for i, c in enumerate(cuts):
-        pref[i, :c] = 1.0
-    sel = _top_p_mask(_normalised(m, nt, pref, normalize), p)  # (cuts, layers, experts)
-    inter = (sel & final[None]).sum(-1)
-    union = (sel | final[None]).sum(-1)
-    jac = np.where(union > 0, inter / np.maximum(union, 1), 1.0).mean(-1)
-    tokens_seen = np.cumsum(nt)[np.array(cuts) - 1]
-    n_e = m.shape[2]
-    prob_df = pl.DataFrame({
-        "layer": np.repeat(np.array(layers, dtype=np.int32), n_e),
-        "expert": np.tile(np.arange(n_e, dtype=np.int32), len(layers)),
-        "prob": prob.reshape(-1),
-        "selected": final.reshape(-1),
-    })
-    return prob_df, pl.DataFrame({"tokens": tokens_seen.astype(np.int64), "jaccard": jac})
-
-
-def stability_view(con: duckdb.DuckDBPyConnection, run_id: int, metric: str, normalize: str, p: float,
-                   n_boot: int = 50) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """stability() of one run (a query function, so pages can cache it per DB version)."""
+def contrast_selection(con: duckdb.DuckDBPyConnection, model: str, task: str, against: list[str], metric: str,
+                       normalize: str, p: float, lam: float = 1.0) -> pl.DataFrame:
+    """esft_core.select's contrast scores of `task` against `against` (pooled by their tokens or samples) and their
+    top-p selection under the library's rounding rule — what `esft select --contrast` writes. Columns task, layer,
+    expert, score (contrast share), raw (the task's score), contrast_mean (pooled score), rank, cum, selected."""
     _check(metric, normalize)
-    return stability(sample_expert_matrix(con, run_id, metric), p, normalize, n_boot)
+    c, own, pooled = select.task_scores(con, task, metric, normalize, list(against), lam, model=model)
+    mean = pooled.values if pooled is not None else np.zeros_like(own.values)
+    frame = _frame(task, c.layers, c.values, raw=own.values, contrast_mean=mean)
+    return select_top_p(frame, p, select.selection_round_digits(4, pooled is not None))
 
 
-def env_path(name: str, default: str | Path) -> Path:
-    """A path from an environment variable (ESFT_DB, ESFT_WORKDIR, ESFT_DATA_DIR), else the default."""
-    return Path(os.environ.get(name) or default).expanduser()
+def stability_view(con: duckdb.DuckDBPyConnection, model: str, task: str, metric: str, normalize: str, p: float,
+                   n_boot: int = 50) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """esft_core.select.stability_arrays of `task` on `model` (the numbers of `esft select --bootstrap`):
+    (prob: layer, expert, prob, selected), (curve: tokens, jaccard of the first-n-samples selection with the final)."""
+    _check(metric, normalize)
+    a = select.stability_arrays(con, task, metric, normalize, p, n_boot, model=model)
+    f = _frame(task, a["layers"], a["prob"], selected=a["full"])
+    prob = f.select("layer", "expert", pl.col("score").alias("prob"), "selected")
+    return prob, pl.DataFrame({"tokens": a["curve_tokens"], "jaccard": a["curve_jaccard"]})

@@ -66,8 +66,7 @@ def run_sql(db: str | Path, query: str, row_cap: int = 1000, timeout_s: float = 
     if not query.strip():
         raise ValueError("empty query")
     t0 = time.perf_counter()
-    with reading(db) as con:
-        con.sql("SET lock_configuration = true")  # the query cannot re-enable external access or change limits
+    with reading(db) as con:  # external access off and configuration locked (store.connect): no way back out
         timer = threading.Timer(timeout_s, con.interrupt)
         timer.start()
         try:

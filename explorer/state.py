@@ -70,19 +70,21 @@ def workdir() -> Path:
 
 # ------------------------------------------------------------------------------------------------- cached queries
 @st.cache_data(show_spinner=False, max_entries=512, ttl=3600)
-def _cached(db: str, version: tuple, fn_name: str, args: tuple):
+def _cached(db: str, version: tuple, name: str, _fn, args: tuple):
+    # `name` (module.qualname) is the cache key of `_fn`; the leading underscore keeps the function unhashed
     with queries.reading(db) as con:
-        return getattr(queries, fn_name)(con, *args)
+        return _fn(con, *args)
 
 
-def query(fn_name: str, *args):
-    """queries.<fn_name>(con, *args) on a short-lived read-only connection, cached until the DB file changes.
+def query(fn, *args):
+    """fn(con, *args) (a query function, e.g. queries.tasks) on a short-lived read-only connection, cached until the
+    DB file changes.
     A DB that is busy longer than the retry window shows a warning and stops the page (never a traceback)."""
     db = db_path()
     if not db.exists():
         return None
     try:
-        return _cached(str(db), queries.db_version(db), fn_name, tuple(args))
+        return _cached(str(db), queries.db_version(db), f"{fn.__module__}.{fn.__qualname__}", fn, tuple(args))
     except queries.DbBusy as e:
         st.warning(f"The trace database is busy ({e}). The page will work again when the writer is done.")
         st.stop()
@@ -94,12 +96,12 @@ def model_context() -> tuple[str, list[str], dict]:
     model = pick_model()
     if model is None:
         st.stop()
-    return model, query("tasks", model), query("model_layout", model)
+    return model, query(queries.tasks, model), query(queries.model_layout, model)
 
 
 def pick_model(key: str = "model") -> str | None:
     """Sidebar model picker (models with complete runs); None with an explanation when there is no data."""
-    models = query("models") if db_path().exists() else None
+    models = query(queries.models) if db_path().exists() else None
     if not models:
         active = [j for j in jobs.active_jobs(workdir()) if j.kind in ("record", "import")]
         if active:
@@ -129,7 +131,7 @@ def score_controls(prefix: str, default_metric: str = "gate", p: bool = True) ->
 
 
 def scores(model: str, tasks: list[str] | None, metric: str, normalize: str):
-    return query("expert_scores", model, None if tasks is None else list(tasks), metric, normalize)
+    return query(queries.expert_scores, model, None if tasks is None else list(tasks), metric, normalize)
 
 
 def chart(ch, key: str | None = None, on_select: str = "ignore", **kw):

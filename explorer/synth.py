@@ -13,23 +13,7 @@ import json
 
 import duckdb
 
-from explorer.queries import ensure_aggregates
-
-# The contract schema (store.py owns the real one; these statements are only used when the tables do not exist).
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs(run_id INTEGER PRIMARY KEY, task VARCHAR, model VARCHAR, source VARCHAR,
-  status VARCHAR, num_experts INTEGER, top_k INTEGER, layers INTEGER[], n_samples INTEGER, n_tokens BIGINT,
-  params VARCHAR, created_at TIMESTAMP, finished_at TIMESTAMP);
-CREATE TABLE IF NOT EXISTS samples(run_id INTEGER, sample_id INTEGER, n_tokens INTEGER, text VARCHAR);
-CREATE TABLE IF NOT EXISTS tokens(run_id INTEGER, sample_id INTEGER, position INTEGER, token_id INTEGER,
-  token_text VARCHAR);
-CREATE TABLE IF NOT EXISTS routes(run_id INTEGER, sample_id INTEGER, position INTEGER, layer SMALLINT, rank TINYINT,
-  expert SMALLINT, weight FLOAT);
-CREATE TABLE IF NOT EXISTS expert_stats(run_id INTEGER, layer SMALLINT, expert SMALLINT, n_selected BIGINT,
-  gate_sum DOUBLE, sample_token_sum DOUBLE, sample_gate_sum DOUBLE);
-CREATE TABLE IF NOT EXISTS expert_tokens(run_id INTEGER, layer SMALLINT, expert SMALLINT, token_id INTEGER,
-  token_text VARCHAR, n BIGINT, gate_sum DOUBLE);
-"""
+from esft_core import store
 
 WORDS = ["the", "model", "expert", "route", "token", "layer", "gate", "task", "law", "code", "math", "intent", "sum",
          "of", "to", "and", "is", "in", "for", "with", " ", "\n", "+", "=", "(", ")", "{", "}", "0", "1", "2", "é", "Σ"]
@@ -49,7 +33,7 @@ def synthesize(
     """Write a complete synthetic trace DB (runs, samples, tokens, routes, expert_stats, expert_tokens)."""
     con = duckdb.connect(db)
     try:
-        con.sql(SCHEMA)
+        con.execute(store.SCHEMA)
         n_samples = max(1, tokens_per_task // sample_len)
         n_tok = n_samples * sample_len
         n_layers = len(layers)
@@ -92,27 +76,8 @@ def synthesize(
                   FROM range({n_tok} * {n_layers} * {top_k}) t(i)
                 )"""
             )
-        build_aggregates(con, [base + i + 1 for i in range(len(tasks))])
-        ensure_aggregates(con)
+        for i in range(len(tasks)):  # the recorder's aggregates (expert_stats, expert_tokens, sample_expert_stats)
+            store.write_aggregates(con, base + i + 1)
         return {"db": db, "route_rows": len(tasks) * n_tok * n_layers * top_k, "runs": len(tasks)}
     finally:
         con.close()
-
-
-def build_aggregates(con: duckdb.DuckDBPyConnection, run_ids: list[int]) -> None:
-    """expert_stats and expert_tokens of the given runs, from routes (the contract's pre-aggregations)."""
-    ids = ",".join(str(int(r)) for r in run_ids)
-    con.sql(
-        f"""INSERT INTO expert_stats
-        SELECT r.run_id, r.layer, r.expert, count(*), sum(r.weight),
-               sum(1.0 / s.n_tokens), sum(r.weight / s.n_tokens)
-        FROM routes r JOIN samples s USING (run_id, sample_id)
-        WHERE r.run_id IN ({ids}) GROUP BY ALL"""
-    )
-    con.sql(
-        f"""INSERT INTO expert_tokens
-        SELECT r.run_id, r.layer, r.expert, t.token_id, any_value(t.token_text), count(*), sum(r.weight)
-        FROM routes r JOIN tokens t USING (run_id, sample_id, position)
-        WHERE r.run_id IN ({ids}) GROUP BY r.run_id, r.layer, r.expert, t.token_id
-        ORDER BY r.run_id, r.layer, r.expert"""
-    )

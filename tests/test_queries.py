@@ -122,41 +122,75 @@ def test_tokens_queries_agree_with_tables(sdb):
 
 def test_contrast_prefers_task_specific_experts(sdb):
     with q.reading(sdb) as con:
-        s = q.expert_scores(con, "m", None, "gate", "token")
-        w = q.task_weights(con, "m", "token")
-    assert w == {"math": 2048.0, "code": 2048.0, "law": 2048.0}
-    c = q.contrast_scores(s, "law", ["math", "code"], w)
+        c = q.contrast_selection(con, "m", "law", ["math", "code"], "gate", "token", 0.2)
     # renormalised to 1 per layer; experts the contrast tasks use at least as much get 0
     assert c.group_by("layer").agg(pl.col("score").sum())["score"].to_list() == pytest.approx([1.0] * 3)
     assert c.filter(pl.col("raw") <= pl.col("contrast_mean"))["score"].max() == 0.0
+    assert c.filter(pl.col("selected"))["score"].min() > 0
 
 
-def test_selection_agrees_with_esft_select(sdb):
-    """The page's selection (Polars) equals esft_core.select (helper of `esft select`) on the same scores."""
-    from esft_core import select
+def _cli_select(db, *args) -> dict:
+    import json
 
+    out = subprocess.run([sys.executable, "-m", "esft_core.cli", "select", "--db", str(db), *args],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
+def _page_dict(frame: pl.DataFrame) -> dict:
+    return {str(layer): sorted(frame.filter((pl.col("layer") == layer) & pl.col("selected"))["expert"].to_list())
+            for layer in sorted(set(frame["layer"].to_list()))}
+
+
+def _cfg_dict(cfg: dict) -> dict:
+    return {k: sorted(v) for k, v in cfg["experts"].items()}
+
+
+def test_page_selections_equal_esft_select_for_every_page_option(sdb):
+    """Every option the Select & Train page offers (metric, normalisation, p, contrast set and λ, stability) gives
+    the same experts on the page as `esft select` (a real subprocess) on the same DB."""
+    import itertools
+    import json
+
+    for metric, norm, p in itertools.product(("gate", "token"), ("token", "sample"), (0.1, 0.35)):
+        with q.reading(sdb) as con:
+            scores = q.expert_scores(con, "m", None, metric, norm)
+            page_plain = q.select_top_p(scores.filter(pl.col("task") == "law"), p)
+            page_con = {lam: q.contrast_selection(con, "m", "law", ["math", "code"], metric, norm, p, lam)
+                        for lam in (1.0, 0.5)}
+            page_one = q.contrast_selection(con, "m", "law", ["math"], metric, norm, p, 1.0)
+        base = ["--task", "law", "--metric", metric, "--normalize", norm, "--top-p", str(p), "--model", "m"]
+        assert _page_dict(page_plain) == _cfg_dict(_cli_select(sdb, *base))
+        for lam, frame in page_con.items():
+            want = _cli_select(sdb, *base, "--contrast", "math,code", "--contrast-weight", str(lam))
+            assert _page_dict(frame) == _cfg_dict(want), (metric, norm, p, lam)
+        assert _page_dict(page_one) == _cfg_dict(_cli_select(sdb, *base, "--contrast", "math"))
+    # stability: the page's bootstrap probabilities are `esft select --bootstrap`'s
     with q.reading(sdb) as con:
-        s = q.expert_scores(con, "m", ["code"], "token", "token")
-    sel = q.selection_dict(q.select_top_p(s, 0.2), "code")
-    for layer in (1, 2, 3):
-        row = s.filter(pl.col("layer") == layer).sort("expert")["score"].to_numpy()
-        assert sel[layer] == sorted(select.top_p(row, 0.2))
+        prob, curve = q.stability_view(con, "m", "math", "gate", "token", 0.3, 30)
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        _cli_select(sdb, "--task", "math", "--metric", "gate", "--top-p", "0.3", "--bootstrap", "30",
+                    "--stability-out", f"{d}/stab.json", "--model", "m")
+        stab = json.loads(open(f"{d}/stab.json").read())
+    assert _page_dict(prob) == {k: sorted(v) for k, v in stab["selected"].items()}
+    got = {}
+    for r in prob.filter(pl.col("prob") > 0).iter_rows(named=True):
+        got.setdefault(str(r["layer"]), {})[str(r["expert"])] = round(r["prob"], 4)
+    assert got == {k: v for k, v in stab["selection_probability"].items() if v}
+    assert curve["tokens"].to_list()[-1] == 2048 and curve["jaccard"].to_list()[-1] == 1.0
 
 
 def test_stability_matches_selection_and_converges(sdb):
     with q.reading(sdb) as con:
-        run = q.latest_run(con, "m", "math")
-        prob, curve = q.stability_view(con, run, "gate", "token", 0.3, 30)
+        prob, curve = q.stability_view(con, "m", "math", "gate", "token", 0.3, 30)
         s = q.expert_scores(con, "m", ["math"], "gate", "token")
-        # also without the per-sample pre-aggregation (computed from routes)
-        mat_routes = q.sample_expert_matrix(con, run, "gate")
-    want = q.selection_dict(q.select_top_p(s, 0.3), "math")
+    want = q.selection_dict(q.select_top_p(s, 0.3, round_digits=None), "math")
     got = {layer: sorted(prob.filter((pl.col("layer") == layer) & pl.col("selected"))["expert"].to_list())
            for layer in (1, 2, 3)}
-    assert got == want  # the numpy bootstrap path and the polars path select the same experts
+    assert got == want  # the bootstrap path and the score path select the same experts
     assert ((prob["prob"] >= 0) & (prob["prob"] <= 1)).all()
-    assert curve["tokens"].to_list()[-1] == 2048 and curve["jaccard"].to_list()[-1] == 1.0
-    assert mat_routes["m"].shape == (16, 3, 16)
+    assert curve["jaccard"].to_list()[-1] == 1.0
 
 
 def test_sql_console_is_read_only_capped_and_time_limited(sdb):
@@ -183,8 +217,8 @@ def test_readers_wait_for_a_writer_then_succeed(sdb, tmp_path):
             "time.sleep(float(sys.argv[2])); c.close()")
     p = subprocess.Popen([sys.executable, "-c", hold, str(db), "1.5"], stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "locked"
-    with pytest.raises(q.DbBusy):
-        q.connect_ro(db, wait_s=0.2)
+    with pytest.raises(q.DbBusy), q.reading(db, wait_s=0.2):
+        pass
     t = time.perf_counter()
     with q.reading(db, wait_s=10) as con:  # retries until the writer lets go
         assert con.sql("SELECT count(*) FROM runs").fetchall()[0][0] == 3
@@ -193,8 +227,10 @@ def test_readers_wait_for_a_writer_then_succeed(sdb, tmp_path):
 
 
 def test_empty_and_missing_databases(tmp_path):
-    with pytest.raises(FileNotFoundError):
-        q.connect_ro(tmp_path / "nope.duckdb")
+    from esft_core.errors import EsftError
+
+    with pytest.raises(EsftError, match="does not exist"), q.reading(tmp_path / "nope.duckdb"):
+        pass
     db = tmp_path / "empty.duckdb"
     duckdb.connect(str(db)).close()
     with q.reading(db) as con:

@@ -171,3 +171,23 @@ def test_complete_runs_errors(tmp_db):
             store.complete_runs(con, "nope")
         with pytest.raises(EsftError, match="run\\(s\\) 7"):
             store.complete_runs(con, "t", [7])
+
+
+def test_runs_of_two_models_are_never_pooled_silently(tmp_db):
+    store.ingest_arrow(tmp_db, META, small_run())
+    store.ingest_arrow(tmp_db, {**META, "model": "other-moe"}, small_run())
+    with store.reader(tmp_db) as con:
+        with pytest.raises(EsftError, match="runs of 2 models.*--model"):
+            store.complete_runs(con, "t")
+        assert [r[0] for r in store.complete_runs(con, "t", model="other-moe")] == [2]
+        assert [r[0] for r in store.complete_runs(con, "t", pool_models=True)] == [1, 2]
+        with pytest.raises(EsftError, match="no complete run of model 'x'"):
+            store.complete_runs(con, "t", model="x")
+    # `esft scores --task t` refuses in one line (exit 2); --model picks one
+    cmd = [sys.executable, "-m", "esft_core.cli", "scores", "--db", str(tmp_db), "--task", "t"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().startswith("esft scores: error: task 't' has complete runs of 2 models")
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = subprocess.run(cmd + ["--model", "other-moe"], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.startswith("layer,expert")

@@ -40,6 +40,13 @@ def _write_out(text: str, out: str | None) -> None:
     os.replace(tmp, path)
 
 
+def _model_args(p) -> None:
+    p.add_argument("--model", default=None, help="use only this model's runs (needed when the task has runs of "
+                                                  "several models)")
+    p.add_argument("--pool-models", action="store_true",
+                   help="allow pooling runs of different models (their experts differ; rarely meaningful)")
+
+
 def _runs_arg(p):
     p.add_argument("--run", type=int, action="append", metavar="ID",
                    help="use only this complete run (repeatable; default: every complete run of the task)")
@@ -117,10 +124,12 @@ def cmd_scores(args) -> int:
     if args.format not in ("csv", "json", "esft-summary"):
         raise EsftError(f"unknown format '{args.format}'; choose csv, json or esft-summary")
     if args.format == "esft-summary":
-        _write_out(json.dumps(esft_summary(args.db, args.task, args.normalize, args.run)), args.out)
+        _write_out(json.dumps(esft_summary(args.db, args.task, args.normalize, args.run, model=args.model,
+                                            pool_models=args.pool_models)), args.out)
         return 0
     with store.reader(args.db) as con:
-        sc = {m: compute_scores(con, args.task, m, args.normalize, args.run) for m in metrics}
+        sc = {m: compute_scores(con, args.task, m, args.normalize, args.run, args.model, args.pool_models)
+              for m in metrics}
     first = sc[metrics[0]]
     if args.format == "json":
         doc = {"task": args.task, "normalize": args.normalize, "runs": first.run_ids, "n_tokens": first.n_tokens,
@@ -167,9 +176,10 @@ def cmd_select(args) -> int:
     with store.reader(args.db) as con:
         sel = select_for_task(con, args.task, args.metric, args.normalize, args.top_p, args.top_k, args.include,
                               args.exclude, contrast, args.contrast_weight, args.round, args.run,
-                              args.shared_experts, args.non_expert_modules)
-        stab = (stability(con, args.task, args.metric, args.normalize, args.top_p, args.bootstrap,
-                          seed=args.seed, run_ids=args.run) if args.bootstrap is not None else None)
+                              args.shared_experts, args.non_expert_modules, args.model, args.pool_models)
+        stab = (stability(con, args.task, args.metric, args.normalize, args.top_p, args.bootstrap, seed=args.seed,
+                          run_ids=args.run, model=args.model, pool_models=args.pool_models)
+                if args.bootstrap is not None else None)
     _write_out(json.dumps(sel.config()), args.out)
     if stab is not None:
         if args.stability_out:
@@ -239,7 +249,8 @@ def cmd_export(args) -> int:
     if not args.run and not args.task:
         raise EsftError("give --run ID (repeatable) or --task NAME")
     with store.reader(args.db) as con:
-        ids = [r[0] for r in store.complete_runs(con, args.task, args.run)] if args.task else list(args.run)
+        ids = ([r[0] for r in store.complete_runs(con, args.task, args.run, args.model, args.pool_models)]
+               if args.task else list(args.run))
         found = {r[0] for r in con.execute(
             f"SELECT run_id FROM runs WHERE status = 'complete' AND run_id IN ({', '.join(map(str, ids))})"
         ).fetchall()}
@@ -299,6 +310,7 @@ def register(sub) -> None:
     p.add_argument("--format", default="csv", help="csv, json, or esft-summary (authors' summary.json)")
     p.add_argument("--out", default=None, help="output file (default: stdout)")
     _runs_arg(p)
+    _model_args(p)
 
     p = add("select", cmd_select, "select experts per layer → authors' expert-config JSON")
     p.add_argument("--db", required=True, help="trace database")
@@ -323,6 +335,7 @@ def register(sub) -> None:
     p.add_argument("--shared-experts", action="store_true", help="config: also train shared experts")
     p.add_argument("--non-expert-modules", action="store_true", help="config: also train non-expert modules")
     _runs_arg(p)
+    _model_args(p)
 
     p = add("sql", cmd_sql, "run a read-only SQL query on the trace DB (no file access) and print a table")
     p.add_argument("--db", required=True, help="trace database")
@@ -335,6 +348,7 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--task", default=None, help="export every complete run of this task")
     _runs_arg(p)
+    _model_args(p)
 
     p = add("import", cmd_import, "import runs exported with `esft export` (new run ids; merges runs)")
     p.add_argument("src", metavar="DIR", help="directory written by `esft export`")
