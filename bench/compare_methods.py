@@ -51,7 +51,7 @@ def expert_configs(model, tok, train_file: Path, n: int, out_dir: Path) -> dict[
     with store.reader(db) as con:
         for metric, p in (("token", 0.2), ("gate", 0.1)):
             paths[metric] = out_dir / f"expert_cfg_{metric}.json"
-            cfg = select_for_task(con, "task", metric, "token", p=p).config()
+            cfg = select_for_task(con, "task", metric, "token", p=p).to_dict()
             paths[metric].write_text(json.dumps(cfg, indent=1))
     return paths
 

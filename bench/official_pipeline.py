@@ -68,7 +68,7 @@ def ours(log_dir: Path, db: Path, task: str, p: float = 0.2, parts: dict | None 
     store.ingest_arrow(db, meta, tables, exact_weights=True)
     t2 = time.perf_counter()
     with store.reader(db) as con:
-        cfg = select_for_task(con, task, "token", "token", p=p).config()
+        cfg = select_for_task(con, task, "token", "token", p=p).to_dict()
     if parts is not None:
         for key, dt in (("parse", t1 - t0), ("db_write", t2 - t1), ("scores_select", time.perf_counter() - t2)):
             parts[key] = parts.get(key, 0.0) + dt

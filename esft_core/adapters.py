@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from esft_core.errors import EsftError
-from esft_core.esft import ExpertConfig, SelectedExperts, apply_esft, check_config, is_wrapped, merge_selected
+from esft_core.esft import SelectedExperts, apply_esft, check_config, is_wrapped, merge_selected
+from esft_core.expert_config import ExpertConfig
 
 ADAPTER_FILE = "adapter.safetensors"
 CONFIG_FILE = "expert_cfg.json"

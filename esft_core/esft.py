@@ -21,80 +21,18 @@ Expert configs use the authors' format: {"experts": {"<layer>": [ids]}, "shared_
 
 from __future__ import annotations
 
-import json
 import random
 import types
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from esft_core.errors import EsftError
+from esft_core.expert_config import ExpertConfig  # noqa: F401  (re-exported: the type lived here)
 from esft_core.models import MoeLayout, decoder_layers, moe_layout
 
 SHARED_EXPERT_ATTRS = ("shared_experts", "shared_expert", "shared_expert_gate")
-
-
-@dataclass
-class ExpertConfig:
-    """Which experts to train, in the authors' meaning."""
-
-    experts: dict[int, list[int]] = field(metadata={"help": "decoder-layer index -> routed expert ids to train"})
-    shared_experts: bool = field(default=False, metadata={"help": "also train the shared experts of MoE layers"})
-    non_expert_modules: bool = field(
-        default=False, metadata={"help": "also train everything outside the experts (attention, norms, routers, ...)"}
-    )
-
-    def __post_init__(self):
-        for layer, ids in self.experts.items():
-            if len(set(ids)) != len(ids):
-                raise EsftError(f"expert config: layer {layer} lists an expert twice: {ids}")
-        self.experts = {int(k): sorted(int(i) for i in v) for k, v in sorted(self.experts.items())}
-
-    @classmethod
-    def from_dict(cls, d, where: str = "expert config") -> ExpertConfig:
-        if not isinstance(d, dict) or not isinstance(d.get("experts"), dict):
-            raise EsftError(f"{where}: expected {{\"experts\": {{\"<layer>\": [expert ids]}}, ...}}")
-        experts = {}
-        for k, v in d["experts"].items():
-            try:
-                layer = int(k)
-            except (TypeError, ValueError):
-                raise EsftError(f"{where}: layer key {k!r} is not an integer") from None
-            if not isinstance(v, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
-                raise EsftError(f"{where}: layer {k}: expected a list of integer expert ids, got {v!r}")
-            experts[layer] = v
-        for flag in ("shared_experts", "non_expert_modules"):
-            if not isinstance(d.get(flag, False), bool):
-                raise EsftError(f"{where}: '{flag}' must be true or false")
-        return cls(experts, bool(d.get("shared_experts", False)), bool(d.get("non_expert_modules", False)))
-
-    @classmethod
-    def load(cls, path: str | Path) -> ExpertConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise EsftError(f"expert config {path} does not exist")
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise EsftError(f"expert config {path}: invalid JSON ({getattr(e, 'msg', e)})") from None
-        return cls.from_dict(d, where=f"expert config {path}")
-
-    def to_dict(self) -> dict:
-        return {
-            "experts": {str(k): list(v) for k, v in self.experts.items()},
-            "shared_experts": self.shared_experts,
-            "non_expert_modules": self.non_expert_modules,
-        }
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
-
-    @property
-    def n_selected(self) -> int:
-        return sum(len(v) for v in self.experts.values())
 
 
 def check_config(cfg: ExpertConfig, model: nn.Module, layout: MoeLayout | None = None) -> MoeLayout:

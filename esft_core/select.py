@@ -15,12 +15,12 @@ and bootstrap stability. Output is the authors' expert-config JSON.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
 from esft_core import store
 from esft_core.errors import EsftError
+from esft_core.expert_config import ExpertConfig
 from esft_core.scores import Scores, compute_scores, get_score
 
 
@@ -161,26 +161,9 @@ def contrast(task: Scores, other: Scores, weight: float = 1.0) -> Scores:
                   task.n_tokens, task.n_samples)
 
 
-@dataclass
-class Selection:
-    """Chosen experts per layer (ordered by score, as in the authors' configs)."""
-
-    experts: dict[int, list[int]]
-    shared_experts: bool = False
-    non_expert_modules: bool = False
-
-    def config(self) -> dict:
-        """The authors' expert-config JSON structure (layer keys are decoder-layer indices, as strings).
-
-        Layer keys come in string order ("1", "10", "11", ..., "2"), as in the authors' files, so a config written
-        with --out is byte-identical to theirs.
-        """
-        return {"experts": {str(k): [int(e) for e in self.experts[k]] for k in sorted(self.experts, key=str)},
-                "shared_experts": self.shared_experts, "non_expert_modules": self.non_expert_modules}
-
-
 def select(scores: Scores, p: float | None = None, k: int | None = None, include=None, exclude=None,
-           round_digits: int | None = 4, shared_experts: bool = False, non_expert_modules: bool = False) -> Selection:
+           round_digits: int | None = 4, shared_experts: bool = False,
+           non_expert_modules: bool = False) -> ExpertConfig:
     """Select per layer with top-p or top-k (exactly one of p, k)."""
     if (p is None) == (k is None):
         raise EsftError("give exactly one of --top-p or --top-k")
@@ -199,7 +182,7 @@ def select(scores: Scores, p: float | None = None, k: int | None = None, include
     if not any(out.values()):
         raise EsftError(f"the selection of task '{scores.task}' is empty (every score is 0 after contrast/exclude); "
                         "no expert config written")
-    return Selection(out, shared_experts, non_expert_modules)
+    return ExpertConfig(out, shared_experts, non_expert_modules)
 
 
 # -- stability ------------------------------------------------------------------------------------------------
@@ -322,7 +305,7 @@ def select_for_task(con, task: str, metric: str, normalize: str = "token", p: fl
                     k: int | None = None, include_specs=None, exclude_specs=None, contrast_tasks=None,
                     contrast_weight: float = 1.0, round_digits: int | None = 4, run_ids=None,
                     shared_experts: bool = False, non_expert_modules: bool = False, model: str | None = None,
-                    pool_models: bool = False) -> Selection:
+                    pool_models: bool = False) -> ExpertConfig:
     """Everything `esft select` does but output: scores, optional contrast, include/exclude, top-p/top-k."""
     if p is not None:
         check_p(p)

@@ -237,7 +237,8 @@ class Recipe:
     def setup(self) -> None:
         """Validate everything that can be wrong before writing anything, then create the run directory."""
         from esft_core.adapters import base_fingerprint
-        from esft_core.esft import ExpertConfig, check_config, random_config
+        from esft_core.esft import check_config, random_config
+        from esft_core.expert_config import ExpertConfig
         from esft_core.models import load_model, moe_layout, resolve_model_path
 
         cfg = self.cfg
@@ -489,7 +490,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, progress: bool = True) 
     Returns the final run.json content (rank 0). Errors before the run directory exists leave nothing behind.
     """
     if cfg.method in ("esft", "random") and cfg.experts_cfg is None:
-        from esft_core.esft import ExpertConfig
+        from esft_core.expert_config import ExpertConfig
 
         cfg.experts_cfg = ExpertConfig.load(cfg.experts).to_dict()
     recipe = Recipe(cfg, resume=resume, progress=progress)

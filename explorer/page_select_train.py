@@ -2,13 +2,14 @@
 that costs, download expert_cfg.json, and train (ESFT, or FFT/LoRA for comparison) as a background job with live
 loss; on completion compare the evaluation with the untuned model."""
 
-import json
 import time
 
 import polars as pl
 import streamlit as st
 
 from esft_core import jobs
+from esft_core.errors import EsftError
+from esft_core.expert_config import ExpertConfig
 from explorer import charts, queries, results, state
 
 st.title("Select & Train")
@@ -55,7 +56,7 @@ with tab_stab:
 
 # ---------------------------------------------------------------------------------------------- editable selection
 chosen_sel = (con_sel if use_contrast and against else base_sel)
-selection = queries.selection_dict(chosen_sel.with_columns(task=pl.lit(task)), task)
+selection = queries.selection_dict(chosen_sel.with_columns(task=pl.lit(task)), task, by_rank=True)
 st.subheader("Experts to train")
 edit_df = pl.DataFrame({"layer": list(selection), "experts": [", ".join(map(str, v)) for v in selection.values()],
                         "count": [len(v) for v in selection.values()]})
@@ -67,12 +68,12 @@ final: dict[int, list[int]] = {}
 bad = []
 for row in edited.iter_rows(named=True) if isinstance(edited, pl.DataFrame) else edited.to_dict("records"):
     try:
-        final[int(row["layer"])] = results.parse_experts(str(row["experts"] or ""), lay["num_experts"])
-    except ValueError as e:
+        final[int(row["layer"])] = ExpertConfig.parse_ids(str(row["experts"] or ""), lay["num_experts"])
+    except EsftError as e:
         bad.append(f"layer {row['layer']}: {e}")
 for b in bad:
     st.error(b)
-cfg_json = results.expert_config(final)
+expert_cfg = ExpertConfig(final)
 facts = results.model_facts(model)
 n_sel = sum(len(v) for v in final.values())
 m1, m2, m3, m4 = st.columns(4)
@@ -83,7 +84,7 @@ if facts.get("per_expert"):
     m3.metric("Trainable parameters", f"{trainable:,}")
     if facts.get("total"):
         m4.metric("Share of the model", f"{trainable / facts['total']:.2%}", help=f"of {facts['total']:,} parameters")
-st.download_button("Download expert_cfg.json", json.dumps(cfg_json, indent=2), file_name=f"{task}_expert_cfg.json",
+st.download_button("Download expert_cfg.json", expert_cfg.to_json(), file_name=f"{task}_expert_cfg.json",
                    mime="application/json", disabled=bool(bad), key="sel_download")
 
 # ---------------------------------------------------------------------------------------------------------- train
@@ -121,7 +122,7 @@ if go:
         out = work / "train" / name
         cfg_file = work / "train" / f"{name}.expert_cfg.json"
         cfg_file.parent.mkdir(parents=True, exist_ok=True)
-        cfg_file.write_text(json.dumps(cfg_json, indent=2))
+        expert_cfg.save(cfg_file)
         eval_files = [str(files[task]["eval"])] if task in files and "eval" in files[task] else []
         if state.general_heldout():
             eval_files.append(str(state.general_heldout()))

@@ -174,12 +174,15 @@ def select_top_p(scores: pl.DataFrame, p: float, round_digits: int | None = 4) -
     return pl.concat(parts).sort(["task", "layer", "rank"])
 
 
-def selection_dict(selected: pl.DataFrame, task: str) -> dict[int, list[int]]:
-    """{layer: [experts]} of one task from select_top_p output (every layer present, possibly empty)."""
+def selection_dict(selected: pl.DataFrame, task: str, by_rank: bool = False) -> dict[int, list[int]]:
+    """{layer: [experts]} of one task from select_top_p output (every layer present, possibly empty); experts sorted
+    by id, or by rank (score order, as `esft select` writes them into a config)."""
     out: dict[int, list[int]] = {}
     df = selected.filter(pl.col("task") == task)
     for layer in sorted(set(df["layer"].to_list())):
-        out[int(layer)] = sorted(int(e) for e in df.filter((pl.col("layer") == layer) & pl.col("selected"))["expert"])
+        rows = df.filter((pl.col("layer") == layer) & pl.col("selected"))
+        out[int(layer)] = ([int(e) for e in rows.sort("rank")["expert"]] if by_rank
+                           else sorted(int(e) for e in rows["expert"]))
     return out
 
 

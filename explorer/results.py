@@ -59,26 +59,6 @@ def model_facts(model: str) -> dict:
     return {"total": total, "per_expert": per, "num_experts": n_exp, "hidden": hidden, "expert_inter": inter}
 
 
-def expert_config(selection: dict[int, list[int]], shared_experts: bool = False,
-                  non_expert_modules: bool = False) -> dict:
-    """The authors' expert-config JSON structure (layer keys as strings, sorted expert ids)."""
-    return {"experts": {str(k): sorted(int(e) for e in v) for k, v in sorted(selection.items())},
-            "shared_experts": shared_experts, "non_expert_modules": non_expert_modules}
-
-
-def parse_experts(text: str, num_experts: int) -> list[int]:
-    """'3, 17 40' → [3, 17, 40]; raises ValueError naming the bad entry."""
-    out = []
-    for part in text.replace(",", " ").split():
-        if not part.lstrip("-").isdigit():
-            raise ValueError(f"'{part}' is not an expert id")
-        e = int(part)
-        if not 0 <= e < num_experts:
-            raise ValueError(f"expert {e} does not exist (0..{num_experts - 1})")
-        out.append(e)
-    return sorted(set(out))
-
-
 def baseline_path(workdir: Path, model: str, files: list[str], limit: int, seq_len: int) -> Path:
     key = hashlib.sha1(json.dumps([model, [str(f) for f in files], limit, seq_len]).encode()).hexdigest()[:12]
     return Path(workdir) / "baselines" / f"eval-{key}.json"

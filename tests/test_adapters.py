@@ -140,9 +140,9 @@ def test_import_official_adapter_into_fused_layout(tmp_path, prefix):
     model = tiny_moe("deepseek_v2", seed=0)
     import_official_adapter(src, model, tmp_path / "ours")
     ours = load_file(tmp_path / "ours" / "adapter.safetensors")
-    assert ours["model.layers.1.mlp.experts.esft.expert_ids"].tolist() == [1, 4]
+    assert ours["model.layers.1.mlp.experts.esft.expert_ids"].tolist() == [4, 1]  # the config's (score) order
     t = lambda k: tensors[f"{prefix}layers.{k}.weight"]
-    assert torch.equal(ours["model.layers.1.mlp.experts.esft.gate_up_proj"][1],
+    assert torch.equal(ours["model.layers.1.mlp.experts.esft.gate_up_proj"][0],  # slot 0 = expert 4
                        torch.cat([t("1.mlp.experts.4.gate_proj"), t("1.mlp.experts.4.up_proj")]))
     assert torch.equal(ours["model.layers.2.mlp.experts.esft.down_proj"][0], t("2.mlp.experts.7.down_proj"))
 

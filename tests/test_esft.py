@@ -146,7 +146,8 @@ def test_config_file_format_and_errors(tmp_path):
     ok = tmp_path / "cfg.json"
     ok.write_text(json.dumps({"experts": {"2": [5, 1], "1": []}, "shared_experts": False, "non_expert_modules": False}))
     cfg = ExpertConfig.load(ok)
-    assert cfg.to_dict() == {"experts": {"1": [], "2": [1, 5]}, "shared_experts": False, "non_expert_modules": False}
+    # order kept (the authors list experts by score)
+    assert cfg.to_dict() == {"experts": {"1": [], "2": [5, 1]}, "shared_experts": False, "non_expert_modules": False}
     bad = tmp_path / "bad.json"
     for text, err in [("{nope", "invalid JSON"), ('{"experts": [1]}', "expected"),
                       ('{"experts": {"x": [1]}}', "layer key 'x' is not an integer"),

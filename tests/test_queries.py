@@ -256,15 +256,17 @@ def test_model_facts_count_parameters_without_loading(request):
 
 
 def test_selection_editing_config_and_eval_comparison():
+    from esft_core.errors import EsftError
+    from esft_core.expert_config import ExpertConfig
     from explorer import results
 
-    assert results.parse_experts("3, 1 3,7", 8) == [1, 3, 7]
-    with pytest.raises(ValueError, match="does not exist"):
-        results.parse_experts("8", 8)
-    with pytest.raises(ValueError, match="not an expert id"):
-        results.parse_experts("x1", 8)
-    assert results.expert_config({2: [5, 1], 1: []}) == {"experts": {"1": [], "2": [1, 5]}, "shared_experts": False,
-                                                          "non_expert_modules": False}
+    assert ExpertConfig.parse_ids("3, 1 3,7", 8) == [3, 1, 7]  # order kept (score order), duplicates dropped
+    with pytest.raises(EsftError, match="does not exist"):
+        ExpertConfig.parse_ids("8", 8)
+    with pytest.raises(EsftError, match="not an expert id"):
+        ExpertConfig.parse_ids("x1", 8)
+    assert ExpertConfig({2: [5, 1], 10: [0], 1: []}).to_json() == (
+        '{"experts": {"1": [], "10": [0], "2": [5, 1]}, "shared_experts": false, "non_expert_modules": false}')
     tuned = {"tasks": {"law": {"score": 0.5, "loss": 1.0}}, "general_loss": 2.5}
     base = {"tasks": {"law": {"score": 0.1, "loss": 3.0}}, "general_loss": 2.0}
     cmp = results.compare_eval(tuned, base)

@@ -6,9 +6,9 @@ import pytest
 
 from esft_core import store
 from esft_core.errors import EsftError
+from esft_core.expert_config import ExpertConfig
 from esft_core.scores import SCORES, compute_scores, get_score, load_scores, score_sql
 from esft_core.select import (
-    Selection,
     contrast,
     parse_expert_lists,
     select,
@@ -111,7 +111,7 @@ def test_top_k_include_exclude():
         parse_expert_lists(["1:9"], [1, 2], 4, "--exclude")
     with pytest.raises(EsftError, match="expected LAYER:E1,E2"):
         parse_expert_lists(["3"], [1, 2], 4, "--exclude")
-    assert Selection({2: [1], 10: [3, 0]}).config() == {"experts": {"10": [3, 0], "2": [1]},
+    assert ExpertConfig({2: [1], 10: [3, 0]}).to_dict() == {"experts": {"10": [3, 0], "2": [1]},
                                                         "shared_experts": False, "non_expert_modules": False}
 
 

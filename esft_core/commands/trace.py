@@ -180,7 +180,7 @@ def cmd_select(args) -> int:
         stab = (stability(con, args.task, args.metric, args.normalize, args.top_p, args.bootstrap, seed=args.seed,
                           run_ids=args.run, model=args.model, pool_models=args.pool_models)
                 if args.bootstrap is not None else None)
-    _write_out(json.dumps(sel.config()), args.out)
+    _write_out(sel.to_json(), args.out)
     if stab is not None:
         if args.stability_out:
             _write_out(json.dumps(stab), args.stability_out)
