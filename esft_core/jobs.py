@@ -31,6 +31,7 @@ from esft_core.procs import pid_alive
 
 STATES = ("queued", "running", "complete", "failed", "stopped")
 FINAL = ("complete", "failed", "stopped")
+STOP_FILE = "stop-requested"  # written by stop_job before it signals the runner
 _TQDM = re.compile(r"(\d+)/(\d+) \[")  # tqdm's "12/40 [00:03<..." progress fragment
 
 
@@ -222,8 +223,11 @@ def job_status(d: str | Path) -> dict:
         time.sleep(0.05)  # the runner may be writing its final state right now
         st = _read_json(d / "status.json")
         if st.get("state") in ("queued", "running"):
-            st.update(state="failed", error=st.get("error") or last_error(d) or "the job process died unexpectedly",
-                      finished=st.get("finished") or time.time())
+            if (d / STOP_FILE).exists():  # stopped, and the runner was killed before it wrote that down
+                st.update(state="stopped", error="stopped by the user", finished=st.get("finished") or time.time())
+            else:
+                st.update(state="failed", error=st.get("error") or last_error(d) or "the job process died unexpectedly",
+                          finished=st.get("finished") or time.time())
     return st
 
 
@@ -247,6 +251,9 @@ def stop_job(job: Job | str | Path, grace_s: float = 5.0) -> dict:
     pid = st.get("pid")
     if st.get("state") in FINAL or not pid:
         return st
+    # the marker, not the signal handler, makes the final state `stopped`: the running command (e.g. training) may
+    # install its own SIGTERM handler and end through its failure path
+    (d / STOP_FILE).write_text(str(time.time()))
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
@@ -343,6 +350,109 @@ def cli_options(command: str) -> set[str]:
     return set()
 
 
+# ---------------------------------------------------------------------------------------------------- launchers
+@dataclass
+class RecordRequest:
+    """One `esft record` of a job (the fields of its CLI flags)."""
+
+    model: str = field(metadata={"help": "base model: 'demo', a directory or a hub id"})
+    data: str = field(metadata={"help": "JSONL/Parquet records to route"})
+    task: str = field(metadata={"help": "task name the run is stored under"})
+    db: str = field(metadata={"help": "trace database"})
+    max_tokens: int = field(default=8192, metadata={"help": "token budget"})
+    seq_len: int = field(default=512, metadata={"help": "sequence length"})
+    batch_size: int = field(default=8, metadata={"help": "sequences per forward pass"})
+
+    def argv(self) -> list[str]:
+        return ["esft", "record", "--model", self.model, "--data", str(self.data), "--task", self.task,
+                "--db", str(self.db), "--max-tokens", str(int(self.max_tokens)), "--seq-len", str(int(self.seq_len)),
+                "--batch-size", str(int(self.batch_size))]
+
+
+def start_record(workdir: str | Path, requests: list[RecordRequest], title: str = "", meta: dict | None = None) -> Job:
+    """A job recording one or more tasks, in order (one runner, torch imported once)."""
+    if not requests:
+        raise ValueError("nothing to record")
+    dbs = {str(r.db) for r in requests}
+    meta = {"db": next(iter(dbs)), "tasks": [r.task for r in requests], "task": requests[0].task, **(meta or {})}
+    return start_job(workdir, "record", [r.argv() for r in requests],
+                     title=title or f"Recording '{requests[0].task}' on {requests[0].model}", meta=meta)
+
+
+def start_import(workdir: str | Path, log_dir: str | Path, task: str, db: str | Path) -> Job:
+    """A job importing the authors' routing logs (`esft import-official`)."""
+    return start_job(workdir, "import", [["esft", "import-official", str(log_dir), "--task", task, "--db", str(db)]],
+                     title=f"Importing authors' logs as '{task}'", meta={"db": str(db), "task": task})
+
+
+def train_argv(cfg, resume: bool = False) -> list[str]:
+    """`esft train` argv from a TrainConfig (or its asdict): every set field as its CLI flag (lists as nargs)."""
+    import dataclasses
+
+    config = cfg if isinstance(cfg, dict) else dataclasses.asdict(cfg)
+    argv = ["esft", "train"]
+    for k, v in config.items():
+        if k == "experts_cfg" or v is None or v == []:  # experts_cfg: filled in by the trainer from --experts
+            continue
+        flag = "--" + k.replace("_", "-")
+        argv += [flag, *map(str, v)] if isinstance(v, list) else [flag, str(v)]
+    return argv + (["--resume"] if resume else []) + ["--no-progress"]
+
+
+def start_training(workdir: str | Path, cfg, task: str, expert_cfg=None,
+                   eval_baseline: bool = True) -> tuple[Job, Path]:
+    """Launch `esft train` for `cfg` (a TrainConfig) in a new run directory (esft_core/runs.py layout); with eval data
+    and `eval_baseline`, the untuned model is evaluated on the same files first unless cached. Returns (job, run
+    dir). `cfg.out` and (with an expert config) `cfg.experts` are set to paths inside the run directory."""
+    from esft_core import runs
+
+    run_dir = runs.new_run_dir(workdir, task, cfg.method)
+    cfg.out = str(run_dir / runs.TRAIN)
+    if expert_cfg is not None:
+        cfg.experts = str(run_dir / runs.EXPERT_CFG)
+    base = None
+    cmds = [train_argv(cfg)]
+    if cfg.eval_data and eval_baseline:
+        base = runs.baseline_path(workdir, cfg.model, cfg.eval_data, cfg.eval_limit, cfg.seq_len)
+        if not base.exists():
+            base.parent.mkdir(parents=True, exist_ok=True)
+            cmds.append(["esft", "eval", "--model", cfg.model, "--data", *map(str, cfg.eval_data), "--limit",
+                         str(cfg.eval_limit), "--seq-len", str(cfg.seq_len), "--out", str(base)])
+    import dataclasses
+
+    runs.write_launch(run_dir, dataclasses.asdict(cfg), task, expert_cfg, base)
+    meta = {"out": cfg.out, "run": str(run_dir), "steps": cfg.steps, "task": task, "method": cfg.method,
+            "model": cfg.model, "baseline": str(base) if base else None}
+    job = start_job(workdir, "train", cmds, title=f"{cfg.method} on {task} ({cfg.steps} steps)", meta=meta)
+    runs.set_job(run_dir, job)
+    return job, run_dir
+
+
+def resume_training(workdir: str | Path, run_dir: str | Path) -> Job:
+    """Continue a stopped or failed run from its last checkpoint (`esft train --resume`), as a new job."""
+    from esft_core import runs
+    from esft_core.errors import EsftError
+
+    info = runs.read_run(run_dir)
+    if info.status in ("running", "queued", "complete"):
+        raise EsftError(f"run {info.name} is {info.status}; only stopped or failed runs can be resumed")
+    argv = train_argv(info.config, resume=True)
+    job = start_job(workdir, "train", [argv], title=f"resume {info.name}",
+                    meta={"out": str(info.train_dir), "run": str(info.dir), "steps": info.config.get("steps"),
+                          "task": info.task, "method": info.config.get("method"), "model": info.config.get("model"),
+                          "baseline": info.launch.get("baseline")})
+    runs.set_job(Path(run_dir), job)
+    return job
+
+
+def start_routing_shift(workdir: str | Path, run_dir: str | Path, n_prompts: int = 8) -> Job:
+    """Route the run's eval prompts through the untuned and tuned models in a background job; the result lands in
+    the run directory (runs.RunInfo.routing_shift)."""
+    return start_job(workdir, "shift", [[sys.executable, "-m", "esft_core.runs", "routing-shift", str(run_dir),
+                                         str(int(n_prompts))]],
+                     title=f"Routing shift of {Path(run_dir).name}", meta={"run": str(run_dir), "n": int(n_prompts)})
+
+
 # ------------------------------------------------------------------------------------------------------- the runner
 def _run(d: Path) -> int:
     spec = _read_json(d / "job.json")
@@ -381,6 +491,8 @@ def _run(d: Path) -> int:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     st = {**_read_json(d / "status.json"), "returncode": rc, "finished": time.time(), "peak_rss": peak}
+    if (d / STOP_FILE).exists():
+        st.update(state="stopped", error="stopped by the user")
     if st.get("state") != "stopped":
         st["state"] = "complete" if rc == 0 else "failed"
         if rc != 0:

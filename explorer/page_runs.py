@@ -39,20 +39,16 @@ record_jobs = [j for j in jobs.list_jobs(work) if j.kind in ("record", "import")
 active = [j for j in record_jobs if not j.done]
 
 
-def record_command(model: str, data: Path, task: str, max_tokens: int, seq_len: int, batch: int) -> list[str]:
-    return ["esft", "record", "--model", model, "--data", str(data), "--task", task, "--db", str(db),
-            "--max-tokens", str(max_tokens), "--seq-len", str(seq_len), "--batch-size", str(batch)]
-
-
 # ------------------------------------------------------------------------------- first start: record the demo tasks
 marker = work / f".auto-record-{re.sub(r'[^A-Za-z0-9]+', '_', str(db))[-80:]}"
 if not db.exists() and not record_jobs and cfg.auto_record and not marker.exists():
     ready, why = state.model_ready(cfg.model)
     tasks = state.task_files()
     if ready and tasks:
-        cmds = [record_command(cfg.model, f["train"], t, cfg.auto_tokens, 256, 8) for t, f in tasks.items()]
-        job = jobs.start_job(work, "record", cmds, title=f"First start: recording {len(cmds)} demo tasks",
-                             meta={"db": str(db), "tasks": list(tasks), "auto": True})
+        reqs = [jobs.RecordRequest(cfg.model, str(f["train"]), t, str(db), cfg.auto_tokens, 256, 8)
+                for t, f in tasks.items()]
+        job = jobs.start_record(work, reqs, title=f"First start: recording {len(reqs)} demo tasks",
+                                meta={"auto": True})
         marker.write_text(job.id)
         record_jobs, active = [job], [job]
     elif not ready:
@@ -167,9 +163,7 @@ with st.expander("➕ Record a new trace", expanded=not db.exists()):
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", task):
             st.error("Task names use letters, digits, '.', '_' or '-' (at most 64).")
         elif source.startswith("Authors"):
-            job = jobs.start_job(work, "import", [["esft", "import-official", str(data_path), "--task", task,
-                                                   "--db", str(db)]],
-                                 title=f"Importing authors' logs as '{task}'", meta={"db": str(db), "task": task})
+            job = jobs.start_import(work, data_path, task, db)
             st.toast(f"Started {job.id}")
             time.sleep(0.3)
             st.rerun()
@@ -178,9 +172,8 @@ with st.expander("➕ Record a new trace", expanded=not db.exists()):
             if not ready:
                 st.error(f"Model not usable: {why}")
             else:
-                job = jobs.start_job(work, "record", [record_command(model, data_path, task, int(max_tokens),
-                                                                     int(seq_len), int(batch))],
-                                     title=f"Recording '{task}' on {model}", meta={"db": str(db), "task": task})
+                job = jobs.start_record(work, [jobs.RecordRequest(model, str(data_path), task, str(db),
+                                                                  int(max_tokens), int(seq_len), int(batch))])
                 st.toast(f"Started {job.id}")
                 time.sleep(0.3)
                 st.rerun()

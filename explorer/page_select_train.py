@@ -7,7 +7,7 @@ import time
 import polars as pl
 import streamlit as st
 
-from esft_core import jobs
+from esft_core import jobs, runs
 from esft_core.errors import EsftError
 from esft_core.expert_config import ExpertConfig
 from explorer import charts, queries, results, state
@@ -118,35 +118,18 @@ if go:
     elif method in ("esft", "random") and n_sel == 0:
         st.error("No experts selected; raise p or edit the selection.")
     else:
-        name = time.strftime("%Y%m%d-%H%M%S") + f"-{task}-{method}"
-        out = work / "train" / name
-        cfg_file = work / "train" / f"{name}.expert_cfg.json"
-        cfg_file.parent.mkdir(parents=True, exist_ok=True)
-        expert_cfg.save(cfg_file)
+        from esft_core.train import TrainConfig
+
         eval_files = [str(files[task]["eval"])] if task in files and "eval" in files[task] else []
         if state.general_heldout():
             eval_files.append(str(state.general_heldout()))
-        cmd = ["esft", "train", "--model", model, "--data", str(Path(data).expanduser().resolve()),
-               "--method", method, "--out", str(out), "--steps", str(int(steps)), "--lr", str(lr),
-               "--batch-size", str(int(batch)), "--seq-len", str(int(seq_len)), "--no-progress"]
-        if method in ("esft", "random"):
-            cmd += ["--experts", str(cfg_file)]
-        cmds = [cmd]
-        base_file = None
-        if eval_files:
-            cmd += ["--eval-data", *eval_files, "--eval-limit", str(int(eval_limit))]
-            base_file = results.baseline_path(work, model, eval_files, int(eval_limit), int(seq_len))
-            if not base_file.exists():
-                base_file.parent.mkdir(parents=True, exist_ok=True)
-                cmds.append(["esft", "eval", "--model", model, "--data", *eval_files, "--limit", str(int(eval_limit)),
-                             "--seq-len", str(int(seq_len)), "--out", str(base_file)])
-        meta = {"out": str(out), "steps": int(steps), "task": task, "method": method, "model": model,
-                "baseline": str(base_file) if base_file else None, "expert_cfg": str(cfg_file)}
-        job = jobs.start_job(work, "train", cmds, title=f"{method} on {task} ({int(steps)} steps)", meta=meta)
-        out.parent.mkdir(parents=True, exist_ok=True)
+        tcfg = TrainConfig(data=str(Path(data).expanduser().resolve()), out="", model=model, method=method,
+                           experts=runs.EXPERT_CFG if method in ("esft", "random") else None, steps=int(steps),
+                           lr=float(lr), batch_size=int(batch), seq_len=int(seq_len), eval_data=eval_files,
+                           eval_limit=int(eval_limit), save_every=max(1, int(steps) // 5))
+        job, run_dir = jobs.start_training(work, tcfg, task, expert_cfg if method in ("esft", "random") else None)
         st.session_state["train_job"] = str(job.dir)
         st.session_state["train_started"] = time.time()
-        (work / "train" / f"{name}.job").write_text(str(job.dir))
 
 job_dir = st.session_state.get("train_job")
 if job_dir is None and active_train:
@@ -174,14 +157,12 @@ if job_dir:
             with st.expander("Log", expanded=job.state == "failed"):
                 st.code(jobs.log_tail(job, 3000) or "(empty)", language=None)
             if job.state == "complete":
-                run = state.read_json(f"{job.meta['out']}/run.json")
-                ev = state.read_json(f"{job.meta['out']}/eval.json") or run.get("eval") or {}
-                base = state.read_json(job.meta["baseline"]) if job.meta.get("baseline") else {}
-                st.success(f"Training finished. Adapter: `{run.get('adapter') or job.meta['out'] + '/adapter'}` "
-                           f"({results.dir_bytes(job.meta['out'] + '/adapter') / 2**20:.2f} MB)")
-                if ev:
+                info = runs.read_run(job.meta["run"])
+                st.success(f"Training finished. Adapter: `{info.run.get('adapter') or info.adapter_dir}` "
+                           f"({info.adapter_bytes / 2**20:.2f} MB)")
+                if info.eval:
                     st.markdown("**Evaluation against the untuned model**")
-                    st.dataframe(results.compare_eval(ev, base), hide_index=True,
+                    st.dataframe(results.compare_eval(info.eval, info.baseline), hide_index=True,
                                  column_config={"change": st.column_config.NumberColumn(format="%+.4f")})
                 st.page_link("explorer/page_results.py", label="Compare runs on the Results page",
                              icon=":material/leaderboard:")

@@ -4,14 +4,11 @@ evaluations against the untuned model. No streamlit here."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from pathlib import Path
 
 import polars as pl
-
-from esft_core.jobs import read_metrics
 
 
 def _read_json(p: Path) -> dict:
@@ -59,36 +56,6 @@ def model_facts(model: str) -> dict:
     return {"total": total, "per_expert": per, "num_experts": n_exp, "hidden": hidden, "expert_inter": inter}
 
 
-def baseline_path(workdir: Path, model: str, files: list[str], limit: int, seq_len: int) -> Path:
-    key = hashlib.sha1(json.dumps([model, [str(f) for f in files], limit, seq_len]).encode()).hexdigest()[:12]
-    return Path(workdir) / "baselines" / f"eval-{key}.json"
-
-
-def dir_bytes(path: Path) -> int:
-    p = Path(path)
-    if not p.exists():
-        return 0
-    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-
-
-def training_runs(workdir: Path) -> list[dict]:
-    """Run directories under WORKDIR/train/ (newest first): run.json plus derived fields."""
-    root = Path(workdir) / "train"
-    out = []
-    if not root.is_dir():
-        return out
-    for d in sorted(root.iterdir(), reverse=True):
-        run = _read_json(d / "run.json")
-        if not run:
-            continue
-        meta = _read_json(d / "explorer.json")
-        metrics = read_metrics(d)
-        ev = _read_json(d / "eval.json") or run.get("eval") or {}
-        out.append({"name": d.name, "dir": str(d), "run": run, "meta": meta, "metrics": metrics, "eval": ev,
-                    "adapter_bytes": dir_bytes(d / "adapter")})
-    return out
-
-
 def eval_rows(ev: dict) -> dict:
     """Flatten an eval JSON ({'tasks': {t: {'score', 'loss'}}, 'general_loss'}) to {column: value}."""
     row = {}
@@ -112,24 +79,24 @@ def compare_eval(tuned: dict, base: dict) -> pl.DataFrame:
         change=pl.col("tuned") - pl.col("untuned"))
 
 
-def runs_table(runs: list[dict], baselines: dict[str, dict] | None = None) -> pl.DataFrame:
-    """Side-by-side table of training runs: method, task, status, steps, final loss, time, trainable params,
-    adapter size, task scores and general loss (and its rise over the untuned model when a baseline is known)."""
+def runs_table(runs: list) -> pl.DataFrame:
+    """Side-by-side table of training runs (esft_core.runs.RunInfo): method, task, status, steps, final loss, time,
+    trainable params, peak memory, adapter size, task scores and general loss (and its rise over the untuned model
+    when its baseline evaluation is known)."""
     rows = []
     for r in runs:
-        run, m = r["run"], r["metrics"]
-        row = {"run": r["name"], "method": run.get("method"), "task": r["meta"].get("task", ""),
-               "status": run.get("status"), "steps": run.get("step"),
+        run, m = r.run, r.metrics
+        row = {"run": r.name, "method": r.config.get("method") or run.get("method"), "task": r.task,
+               "status": r.status, "steps": run.get("step"),
                "final loss": m[-1]["loss"] if m else None,
                "train time s": m[-1].get("elapsed") if m else None,
                "s/step": (sum(x.get("step_time", 0) for x in m) / len(m)) if m else None,
                "trainable params": run.get("trainable_params"),
-               "peak RSS MB": (run.get("peak_rss") or 0) / 2**20 or None,
-               "adapter MB": r["adapter_bytes"] / 2**20}
-        row.update(eval_rows(r["eval"]))
-        base = (baselines or {}).get(r["name"])
-        if base and base.get("general_loss") is not None and r["eval"].get("general_loss") is not None:
-            row["general loss rise"] = r["eval"]["general_loss"] - base["general_loss"]
+               "peak RSS MB": (r.peak_rss or run.get("peak_rss") or 0) / 2**20 or None,
+               "adapter MB": r.adapter_bytes / 2**20}
+        row.update(eval_rows(r.eval))
+        if r.baseline.get("general_loss") is not None and r.eval.get("general_loss") is not None:
+            row["general loss rise"] = r.eval["general_loss"] - r.baseline["general_loss"]
         rows.append(row)
     if not rows:
         return pl.DataFrame()

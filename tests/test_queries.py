@@ -255,7 +255,7 @@ def test_model_facts_count_parameters_without_loading(request):
     assert results.model_facts("/nonexistent/model")["total"] is None
 
 
-def test_selection_editing_config_and_eval_comparison():
+def test_selection_editing_config_and_eval_comparison(tmp_path):
     from esft_core.errors import EsftError
     from esft_core.expert_config import ExpertConfig
     from explorer import results
@@ -272,11 +272,15 @@ def test_selection_editing_config_and_eval_comparison():
     cmp = results.compare_eval(tuned, base)
     assert cmp.rows() == [("law score", 0.1, 0.5, pytest.approx(0.4)), ("law loss", 3.0, 1.0, -2.0),
                           ("general loss", 2.0, 2.5, 0.5)]
-    runs = [{"name": "r1", "run": {"method": "esft", "status": "complete", "step": 3, "trainable_params": 10,
-                                   "peak_rss": 2**21},
-             "meta": {"task": "law"}, "metrics": [{"step": 1, "loss": 2.0, "elapsed": 1.0, "step_time": 0.5}],
-             "eval": tuned, "adapter_bytes": 2**20}]
-    table = results.runs_table(runs, {"r1": base})
+    from esft_core.runs import RunInfo
+
+    d = tmp_path / "r1"
+    (d / "train" / "adapter").mkdir(parents=True)
+    (d / "train" / "adapter" / "a.bin").write_bytes(b"x" * 2**20)
+    runs = [RunInfo(d, {"task": "law", "config": {"method": "esft"}},
+                    {"method": "esft", "status": "complete", "step": 3, "trainable_params": 10}, "complete", None,
+                    [{"step": 1, "loss": 2.0, "elapsed": 1.0, "step_time": 0.5}], tuned, base, 2**21)]
+    table = results.runs_table(runs)
     row = table.row(0, named=True)
     assert row["adapter MB"] == 1.0 and row["peak RSS MB"] == 2.0 and row["general loss rise"] == 0.5
     assert row["law score"] == 0.5 and row["final loss"] == 2.0
