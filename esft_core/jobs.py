@@ -428,18 +428,23 @@ def start_training(workdir: str | Path, cfg, task: str, expert_cfg=None,
     return job, run_dir
 
 
-def resume_training(workdir: str | Path, run_dir: str | Path) -> Job:
-    """Continue a stopped or failed run from its last checkpoint (`esft train --resume`), as a new job."""
+def resume_training(workdir: str | Path, run_dir: str | Path, steps: int | None = None) -> Job:
+    """Continue a stopped or failed run from its last checkpoint (`esft train --resume`), as a new job; `steps`
+    changes the run's total step count (not part of a run's identity)."""
     from esft_core import runs
     from esft_core.errors import EsftError
 
     info = runs.read_run(run_dir)
     if info.status in ("running", "queued", "complete"):
         raise EsftError(f"run {info.name} is {info.status}; only stopped or failed runs can be resumed")
-    argv = train_argv(info.config, resume=True)
+    config = {**info.config, **({"steps": int(steps)} if steps else {})}
+    if steps:
+        runs.write_launch(info.dir, config, info.task, None, Path(info.launch["baseline"])
+                          if info.launch.get("baseline") else None, info.job)
+    argv = train_argv(config, resume=True)
     job = start_job(workdir, "train", [argv], title=f"resume {info.name}",
-                    meta={"out": str(info.train_dir), "run": str(info.dir), "steps": info.config.get("steps"),
-                          "task": info.task, "method": info.config.get("method"), "model": info.config.get("model"),
+                    meta={"out": str(info.train_dir), "run": str(info.dir), "steps": config.get("steps"),
+                          "task": info.task, "method": config.get("method"), "model": config.get("model"),
                           "baseline": info.launch.get("baseline")})
     runs.set_job(Path(run_dir), job)
     return job

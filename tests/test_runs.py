@@ -1,0 +1,91 @@
+"""Training runs launched through the library (jobs.start_training → esft_core.runs): real runner processes running
+real `esft train`; Stop reads `stopped`, keeps the last checkpoint and resumes; a runner killed with -9 does not
+leave the run `running`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+from explorer_support import REPO, cached_model_and_db
+
+from esft_core import jobs, runs
+from esft_core.expert_config import ExpertConfig
+from esft_core.train import TrainConfig
+
+DATA = str(REPO / "data" / "tasks" / "code" / "train.jsonl")
+
+
+@pytest.fixture(scope="module")
+def tiny(request):
+    return cached_model_and_db(request.config.cache.mkdir("esft-explorer"))
+
+
+@pytest.fixture(autouse=True)
+def no_standby(monkeypatch):
+    monkeypatch.setenv("ESFT_STANDBY", "0")
+
+
+def _until(cond, timeout=120.0, what=""):
+    t = time.monotonic()
+    while time.monotonic() - t < timeout:
+        v = cond()
+        if v:
+            return v
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _cfg(model, steps):
+    return TrainConfig(data=DATA, out="", model=str(model), method="esft", experts=runs.EXPERT_CFG, steps=steps,
+                       lr=1e-3, batch_size=2, seq_len=128, save_every=2)
+
+
+def test_train_argv_is_built_from_the_config_and_accepted_by_the_cli(tiny):
+    cfg = _cfg(tiny[0], 5)
+    cfg.eval_data = ["a.jsonl", "b.jsonl"]
+    argv = jobs.train_argv(cfg)
+    assert argv[:2] == ["esft", "train"] and argv[argv.index("--steps") + 1] == "5"
+    assert argv[argv.index("--eval-data") + 1: argv.index("--eval-data") + 3] == ["a.jsonl", "b.jsonl"]
+    flags = {a for a in argv if a.startswith("--")}
+    assert flags <= jobs.cli_options("train")
+
+
+def test_stop_reads_stopped_keeps_checkpoint_and_resumes(tmp_path, tiny):
+    ec = ExpertConfig({1: [3, 0], 2: [5]})
+    job, run_dir = jobs.start_training(tmp_path, _cfg(tiny[0], 400), "code", ec)
+    assert (run_dir / "expert_cfg.json").read_text() == ec.to_json()
+    launch = json.loads((run_dir / "launch.json").read_text())
+    assert launch["job"] == str(job.dir) and launch["task"] == "code" and launch["config"]["steps"] == 400
+    ckpt = run_dir / "train" / "checkpoints"
+    _until(lambda: ckpt.is_dir() and any((p / "state.json").is_file() for p in ckpt.glob("step_*")), what="ckpt")
+    assert runs.read_run(run_dir).status == "running"
+    st = jobs.stop_job(job, grace_s=10)
+    assert st["state"] == "stopped"
+    info = runs.read_run(run_dir)
+    assert info.status == "stopped" and info.peak_rss and info.peak_rss > 1e6
+    kept = sorted(p.name for p in ckpt.glob("step_*") if (p / "state.json").is_file())
+    assert kept, "the last checkpoint is kept"
+    last = int(kept[-1].split("_")[1])
+    # resume from it to a close total: the run completes and its metrics continue from the checkpoint
+    job2 = jobs.resume_training(tmp_path, run_dir, steps=last + 2)
+    _until(lambda: jobs.load_job(job2.dir).done, what="resume")
+    info = runs.read_run(run_dir)
+    assert jobs.load_job(job2.dir).state == "complete", jobs.log_tail(job2)
+    assert info.status == "complete" and info.run["step"] == last + 2 and info.adapter_dir.is_dir()
+    assert [m["step"] for m in info.metrics] == list(range(1, last + 3))
+    assert [r.name for r in runs.list_runs(tmp_path)] == [run_dir.name]
+
+
+def test_runner_killed_with_sigkill_does_not_stay_running(tmp_path, tiny):
+    job, run_dir = jobs.start_training(tmp_path, _cfg(tiny[0], 400), "code", ExpertConfig({1: [1]}))
+    _until(lambda: runs.read_run(run_dir).metrics, what="first step")
+    pid = jobs.load_job(job.dir).status["pid"]
+    os.killpg(pid, signal.SIGKILL)
+    _until(lambda: not jobs.pid_alive(pid), 20, "runner gone")
+    info = runs.read_run(run_dir)
+    assert info.run.get("status") == "running"  # what train.py left behind …
+    assert info.status == "failed" and "died" in info.error  # … is reconciled with the dead job
