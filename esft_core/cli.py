@@ -1,35 +1,40 @@
 """The `esft` command. Each command group lives in esft_core/commands/<group>.py and exposes `register(sub)`.
 
-Errors (EsftError, missing files) become one line on stderr with exit code 2; nothing is printed as a traceback.
+One error style for every command group: errors (EsftError, missing files, and argparse usage errors such as a
+missing flag or a bad choice) become one line `esft <cmd>: error: ...` on stderr with exit code 2; no traceback,
+no usage block.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import os
 import sys
 
+from esft_core import settings
+from esft_core.commands import demo, trace, training
 from esft_core.errors import EsftError
 
 # Command groups, in help order. A module registers its subcommands with `register(subparsers)` and sets
 # `func` on each parser via `set_defaults(func=...)`; `func(args) -> int | None` is the exit code.
-COMMAND_MODULES = [
-    "esft_core.commands.demo",
-    "esft_core.commands.trace",
-    "esft_core.commands.training",
-]
+COMMAND_GROUPS = (demo, trace, training)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with usage errors as one stderr line `<prog>: error: <message>` (exit 2), like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="esft",
         description="Expert-Specialized Fine-Tuning toolkit: record routing traces into DuckDB, score and select "
         "experts, train only the selected experts, evaluate and explore.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(sub)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+    for group in COMMAND_GROUPS:
+        group.register(sub)
     return parser
 
 
@@ -51,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"esft {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # last resort: still one line, unless debugging
-        if os.environ.get("ESFT_DEBUG"):
+        if settings.get("ESFT_DEBUG"):
             raise
         print(f"esft {args.command}: error: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
         return 1

@@ -1,10 +1,12 @@
 """Evaluation: task metrics by greedy generation, eval loss, and general-ability retention.
 
 For a chat file (a task's eval split) we report the task metric (greedy decoding of the last assistant turn, scored by
-`esft_core.demo.tasks.score` — the task's documented metric — or exact match for unknown tasks) and the eval loss
+the task's metric from the esft_core.metrics registry, `--metric` to name one, exact match by default) and the eval loss
 (mean cross-entropy over answer tokens). For a text file (the general corpus' held-out split) we report the loss over
 all tokens: its rise after tuning measures forgetting. Generation is batched (left padding) and bounded: `limit`
-examples per file and at most `max_new_tokens` (by default the longest reference + 16 tokens).
+examples per file and at most `max_new_tokens` (by default the longest reference + 16 tokens). The authors' eval
+format (`{"prompt", "raw_answers"}` JSONL, optionally .gz) is scored the same way against every raw answer (no loss:
+it has no single target), plus an optional LLM judge (an OpenAI-compatible endpoint) for open answers.
 
 The result (`esft eval`, run dir `eval.json`):
 {"tasks": {"<task>": {"score", "metric", "loss", "n", "file"}}, "general_loss": float | null, "general": {...}}
@@ -26,13 +28,29 @@ def task_name(path: str | Path) -> str:
     return p.parent.name if p.stem in ("eval", "train", "test", "heldout") and p.parent.name else p.stem
 
 
-def _scorer(task: str):
+def read_authors_eval(path: str | Path, limit: int | None = None) -> list[dict] | None:
+    """The authors' eval records ({"prompt", "raw_answers"} per line, .jsonl or .jsonl.gz), or None when `path` is in
+    another format."""
+    import gzip
+    import json
+
+    p = Path(path)
+    opener = gzip.open if p.suffix == ".gz" else open
+    out = []
     try:
-        from esft_core.demo.tasks import TASKS, score
-    except ImportError:  # demo module absent: exact match
-        return (lambda pred, ref: float(pred.strip() == ref.strip())), "exact match"
-    spec = TASKS.get(task)
-    return (lambda pred, ref: float(score(task, pred, ref))), (spec.metric_name if spec else "exact match")
+        with opener(p, "rt", encoding="utf-8") as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                rec = json.loads(line)
+                if not isinstance(rec, dict) or "prompt" not in rec or "raw_answers" not in rec:
+                    return None
+                out.append({"prompt": str(rec["prompt"]), "answers": [str(a) for a in rec["raw_answers"]]})
+                if limit is not None and len(out) >= limit:
+                    break
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return out or None
 
 
 @torch.no_grad()
@@ -80,37 +98,68 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int = 64, batch_siz
     return outs
 
 
+def evaluate_authors_file(model, tok, path: str | Path, records: list[dict], task: str | None = None,
+                          batch_size: int = 16, max_new_tokens: int | None = None, metric: str | None = None,
+                          judge: dict | None = None) -> dict:
+    """Score the authors' eval format: greedy answers to `prompt`, the task metric against every raw answer (best
+    one counts), and the judge's mean grade when `judge` ({"url", "model", "api_key"}) is given."""
+    from esft_core.metrics import judge_score, metric_for_task
+
+    task = task or task_name(path).removesuffix(".jsonl").removesuffix("_eval")
+    m = metric_for_task(task, metric)
+    if max_new_tokens is None:
+        max_new_tokens = min(256, max(len(tok.encode(a, add_special_tokens=False)) for r in records
+                                      for a in r["answers"]) + 16)
+    preds = generate(model, tok, [r["prompt"] for r in records], max_new_tokens=max_new_tokens,
+                     batch_size=batch_size)
+    refs = [r["answers"] for r in records]
+    out = {"kind": "authors", "task": task, "file": str(path), "n": len(records), "metric": m.name,
+           "score": round(m.score(preds, refs), 6), "loss": None,
+           "examples": [{"prediction": p, "reference": r[0]} for p, r in list(zip(preds, refs, strict=True))[:3]]}
+    if judge:
+        grades = [judge_score(judge["url"], judge["model"], r["prompt"], p, r["answers"][0], judge.get("api_key"))
+                  for p, r in zip(preds, records, strict=True)]
+        out["judge"] = {"model": judge["model"], "score": round(sum(grades) / len(grades), 6)}
+    return out
+
+
 def evaluate_file(model, tok, path: str | Path, task: str | None = None, limit: int | None = 32,
-                  seq_len: int = 512, batch_size: int = 16, max_new_tokens: int | None = None) -> dict:
-    """Score one file: chat → task metric + answer loss; text → loss (general ability)."""
+                  seq_len: int = 512, batch_size: int = 16, max_new_tokens: int | None = None,
+                  metric: str | None = None, judge: dict | None = None) -> dict:
+    """Score one file: chat → task metric + answer loss; authors' format → task metric (+ judge); text → loss."""
+    authors = read_authors_eval(path, limit)
+    if authors is not None:
+        return evaluate_authors_file(model, tok, path, authors, task, batch_size, max_new_tokens, metric, judge)
     records = read_records(path, limit=limit)
     if "messages" not in records[0]:
         return {"kind": "text", "file": str(path), "n": len(records),
                 "loss": round(loss_over(model, tok, records, seq_len, batch_size), 6)}
+    from esft_core.metrics import metric_for_task
+
     task = task or task_name(path)
-    fn, metric = _scorer(task)
+    m = metric_for_task(task, metric)
     refs = [reference_answer(r["messages"]) for r in records]
     prompts = [prompt_text(r["messages"]) for r in records]
     if max_new_tokens is None:
         max_new_tokens = min(256, max(len(tok.encode(r, add_special_tokens=False)) for r in refs) + 16)
     preds = generate(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    scores = [fn(p, r) for p, r in zip(preds, refs, strict=True)]
-    return {"kind": "chat", "task": task, "file": str(path), "n": len(records), "metric": metric,
-            "score": round(sum(scores) / len(scores), 6),
+    return {"kind": "chat", "task": task, "file": str(path), "n": len(records), "metric": m.name,
+            "score": round(m.score(preds, refs), 6),
             "loss": round(loss_over(model, tok, records, seq_len, batch_size), 6),
             "examples": [{"prediction": p, "reference": r} for p, r in list(zip(preds, refs, strict=True))[:3]]}
 
 
 def evaluate_files(model, tok, files: list[str], limit: int | None = 32, seq_len: int = 512,
-                   batch_size: int = 16, max_new_tokens: int | None = None) -> dict:
+                   batch_size: int = 16, max_new_tokens: int | None = None, metric: str | None = None,
+                   judge: dict | None = None) -> dict:
     """Evaluate every file; chat files are keyed by task, text files feed `general_loss` (token-weighted)."""
     was_training = model.training
     model.eval()
     tasks, general = {}, {}
     for f in files:
         r = evaluate_file(model, tok, f, limit=limit, seq_len=seq_len, batch_size=batch_size,
-                          max_new_tokens=max_new_tokens)
-        if r["kind"] == "chat":
+                          max_new_tokens=max_new_tokens, metric=metric, judge=judge)
+        if r["kind"] in ("chat", "authors"):
             tasks[r.pop("task")] = r
         else:
             general[str(f)] = r

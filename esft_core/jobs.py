@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from esft_core import settings
 from esft_core.procs import pid_alive
 
 STATES = ("queued", "running", "complete", "failed", "stopped")
@@ -114,7 +115,7 @@ def _env(extra: dict | None = None) -> dict:
     e.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Torch threads of job processes (ESFT_JOB_THREADS, default 1): on a small CPU shared with the UI, one thread
     # records the demo ~2x faster than two (measured: 1.6 s vs 3.0 s for 2k tokens); raise it on a big machine.
-    e["OMP_NUM_THREADS"] = os.environ.get("ESFT_JOB_THREADS", "1")
+    e["OMP_NUM_THREADS"] = settings.get("ESFT_JOB_THREADS")
     return e
 
 
@@ -133,7 +134,7 @@ def _standby_dir(workdir: str | Path) -> Path:
 
 
 def standby_enabled() -> bool:
-    return os.environ.get("ESFT_STANDBY", "1") != "0"
+    return settings.flag("ESFT_STANDBY")
 
 
 def ensure_standby(workdir: str | Path) -> int | None:
@@ -181,15 +182,15 @@ def _standby(workdir: Path, parent: int) -> int:
     import importlib
 
     sd, me = _standby_dir(workdir), os.getpid()
-    preload = os.environ.get("ESFT_STANDBY_PRELOAD")
-    for mod in preload.split(",") if preload is not None else STANDBY_PRELOAD:
+    preload = settings.items("ESFT_STANDBY_PRELOAD") if settings.is_set("ESFT_STANDBY_PRELOAD") else STANDBY_PRELOAD
+    for mod in preload:
         if mod:
             importlib.import_module(mod)
     if (sd / f"starting-{me}").exists():
         os.replace(sd / f"starting-{me}", sd / f"ready-{me}")
     else:
         (sd / f"ready-{me}").touch()
-    idle = float(os.environ.get("ESFT_STANDBY_IDLE_S", "900"))
+    idle = settings.number("ESFT_STANDBY_IDLE_S")
     t0 = time.monotonic()
     while True:
         jf = sd / f"job-{me}"

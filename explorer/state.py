@@ -1,26 +1,19 @@
 """Shared helpers of the Streamlit pages: configuration from the environment, cached read-only queries, the model
 picker, job helpers. The only explorer module besides the pages that imports streamlit.
 
-Configuration (environment variables, so tests and deployments can point the app at other folders):
-  ESFT_DB        trace database (default artifacts/traces.duckdb)
-  ESFT_WORKDIR   jobs, uploads, training runs (default artifacts/)
-  ESFT_DATA_DIR  shipped task data: <dir>/tasks/<task>/{train,eval}.jsonl (default data/)
-  ESFT_MODEL     model used by default for recording/training (default 'demo' = data/demo-moe)
-  ESFT_AUTO_RECORD      '0' disables recording the demo tasks on a first start with no DB
-  ESFT_AUTO_TOKENS      token budget per task of that first recording (default 2048)
-  ESFT_UPLOAD_MB        upload size cap in MB (default 50)
+Configuration: the ESFT_* environment variables of esft_core/settings.py (ESFT_DB, ESFT_WORKDIR, ESFT_DATA_DIR,
+ESFT_MODEL, ESFT_AUTO_RECORD, ESFT_AUTO_TOKENS, ESFT_UPLOAD_MB), so tests and deployments can point the app elsewhere.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import streamlit as st
 
-from esft_core import jobs
+from esft_core import jobs, settings
 from explorer import queries
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -38,20 +31,14 @@ class Config:
 
 
 def config() -> Config:
-    def p(name, default):
-        v = os.environ.get(name)
-        path = Path(v).expanduser() if v else REPO_ROOT / default
-        return path if path.is_absolute() else (Path.cwd() / path)
-
-    workdir = p("ESFT_WORKDIR", "artifacts")
     return Config(
-        db_default=p("ESFT_DB", "artifacts/traces.duckdb"),
-        workdir=workdir,
-        data_dir=p("ESFT_DATA_DIR", "data"),
-        model=os.environ.get("ESFT_MODEL", "demo"),
-        auto_record=os.environ.get("ESFT_AUTO_RECORD", "1") != "0",
-        auto_tokens=int(os.environ.get("ESFT_AUTO_TOKENS", "2048")),
-        upload_mb=int(os.environ.get("ESFT_UPLOAD_MB", "50")),
+        db_default=settings.path("ESFT_DB"),
+        workdir=settings.path("ESFT_WORKDIR"),
+        data_dir=settings.path("ESFT_DATA_DIR"),
+        model=settings.get("ESFT_MODEL"),
+        auto_record=settings.flag("ESFT_AUTO_RECORD"),
+        auto_tokens=settings.integer("ESFT_AUTO_TOKENS"),
+        upload_mb=settings.integer("ESFT_UPLOAD_MB"),
     )
 
 

@@ -69,16 +69,69 @@ def test_evaluate_files_reports_task_metric_and_general_loss(files):
     assert task_name(files / "math" / "eval.jsonl") == "math" and task_name("data/general/heldout.jsonl") == "general"
 
 
-def test_demo_metric_is_used_when_available():
+def test_demo_metric_comes_from_the_registry():
     from esft_core.demo import tasks as demo
-    from esft_core.evaluate import _scorer
+    from esft_core.metrics import metric_for_task
 
-    fn, name = _scorer("math")
-    assert name == demo.TASKS["math"].metric_name
-    assert fn("so The answer is 12.", "The answer is 12.") == demo.score("math", "so The answer is 12.",
-                                                                          "The answer is 12.")
-    fn, name = _scorer("unknown-task")
-    assert name == "exact match" and fn(" x ", "x") == 1.0 and fn("y", "x") == 0.0
+    m = metric_for_task("math")
+    assert m.name == "final_number_match"
+    assert m.score(["so The answer is 12."], ["The answer is 12."]) == demo.score("math", "so The answer is 12.",
+                                                                                   "The answer is 12.") == 1.0
+    assert metric_for_task("intent").name == "json_match"
+    m = metric_for_task("unknown-task")
+    assert m.name == "exact_match" and m.score([" x ", "y"], ["x", "x"]) == 0.5
+    assert metric_for_task("unknown-task", "bleu").name == "bleu"
+
+
+def test_authors_eval_format_with_offline_metric_and_a_judge_endpoint(tmp_path, capsys):
+    """`esft eval` reads the authors' {"prompt", "raw_answers"} JSONL (gz, as shipped); a real local HTTP server
+    stands in for an OpenAI-compatible judge."""
+    import http.server
+    import threading
+    from pathlib import Path
+
+    from esft_core.cli import main
+
+    seen = []
+
+    class Judge(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, body["model"], self.headers.get("Authorization")))
+            reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": "7"}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Judge)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        law = Path(__file__).parent / "fixtures" / "esft-official" / "datasets" / "law_eval.jsonl.gz"
+        base = save_tiny(tmp_path / "tiny")
+        out = tmp_path / "eval.json"
+        code = main(["eval", "--model", str(base), "--data", str(law), "--limit", "2", "--max-new-tokens", "4",
+                     "--metric", "chrf", "--judge-url", f"http://127.0.0.1:{srv.server_address[1]}/v1",
+                     "--judge-model", "grader", "--out", str(out)])
+        assert code == 0, capsys.readouterr().err
+    finally:
+        srv.shutdown()
+    r = json.loads(out.read_text())["tasks"]["law"]
+    assert r["n"] == 2 and r["metric"] == "chrf" and 0.0 <= r["score"] <= 1.0 and r["loss"] is None
+    assert r["judge"] == {"model": "grader", "score": 0.7}
+    assert len(seen) == 2 and seen[0][:2] == ("/v1/chat/completions", "grader")
+    # a judge that does not answer is one clear error line, exit 2
+    capsys.readouterr()
+    code = main(["eval", "--model", str(base), "--data", str(law), "--limit", "1", "--max-new-tokens", "2",
+                 "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "grader"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("esft eval: error: judge http://127.0.0.1:9/v1") and "\n" not in err
+    code = main(["eval", "--model", str(base), "--data", str(law), "--metric", "nope"])
+    assert code == 2 and "unknown metric 'nope'" in capsys.readouterr().err
 
 
 def test_esft_eval_cli_with_run_dir_adapter(tmp_path, files, capsys):

@@ -53,6 +53,13 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="generation batch size (default 16)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: longest reference + 16")
     p.add_argument("--seq-len", type=int, default=512, help="truncate loss inputs to this length (default 512)")
+    p.add_argument("--metric", default=None, metavar="NAME",
+                   help="score every task file with this metric (exact_match, json_match, final_number_match, bleu, "
+                        "chrf, or one registered via ESFT_METRIC_MODULES); default: the task's own, else exact_match")
+    p.add_argument("--judge-url", default=None, metavar="URL",
+                   help="optional LLM judge: base URL of an OpenAI-compatible endpoint (e.g. http://host:8000/v1); "
+                        "grades answers of the authors' eval files 0-10 (key: ESFT_JUDGE_API_KEY)")
+    p.add_argument("--judge-model", default=None, metavar="NAME", help="model name the judge endpoint serves")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("merge", help="merge an ESFT adapter into its base: a plain transformers checkpoint",
@@ -104,9 +111,22 @@ def cmd_eval(args) -> int:
     for f in args.data:
         if not Path(f).is_file():
             raise EsftError(f"data file {f} does not exist")
+    judge = None
+    if args.metric is not None:
+        from esft_core.metrics import get_metric, load_plugins
+
+        load_plugins()
+        get_metric(args.metric)
+    if bool(args.judge_url) != bool(args.judge_model):
+        raise EsftError("--judge-url and --judge-model go together")
+    if args.judge_url:
+        from esft_core import settings
+
+        judge = {"url": args.judge_url, "model": args.judge_model, "api_key": settings.get("ESFT_JUDGE_API_KEY")}
     model, tok, kind = load_for_eval(args.model, args.adapter)
     result = evaluate_files(model, tok, args.data, limit=args.limit, seq_len=args.seq_len,
-                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens)
+                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, metric=args.metric,
+                            judge=judge)
     result = {"model": args.model, "adapter": args.adapter, "adapter_kind": kind, **result}
     text = json.dumps(result, indent=2, ensure_ascii=False)
     if args.out:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from esft_core.demo import lexicon as lx
 from esft_core.errors import EsftError
+from esft_core.metrics import exact_match, final_number_match, json_match, register_task
 
 SEED = 20240701
 N_TRAIN = 2000
@@ -35,30 +36,7 @@ N_EVAL = 200
 
 
 # --------------------------------------------------------------------------------------------- metrics
-def _norm(s: str) -> str:
-    return " ".join(s.strip().split())
-
-
-def exact_match(pred: str, ref: str) -> float:
-    """1.0 when prediction and reference agree after whitespace normalisation."""
-    return float(_norm(pred) == _norm(ref))
-
-
-_ANSWER = re.compile(r"answer is (-?\d+)")
-
-
-def final_number_match(pred: str, ref: str) -> float:
-    """1.0 when the number after 'The answer is' agrees (the worked steps may differ)."""
-    p, r = _ANSWER.search(pred), _ANSWER.search(ref)
-    return float(p is not None and r is not None and p.group(1) == r.group(1))
-
-
-def json_match(pred: str, ref: str) -> float:
-    """1.0 when prediction parses as JSON equal to the reference (key order and spacing do not matter)."""
-    try:
-        return float(json.loads(pred.strip()) == json.loads(ref))
-    except (json.JSONDecodeError, ValueError):
-        return 0.0
+# the metric functions live in esft_core.metrics (registered by name); the tasks below register theirs there
 
 
 # --------------------------------------------------------------------------------------------- generators
@@ -159,6 +137,11 @@ TASKS: dict[str, TaskSpec] = {
                  "key=value record -> one-line summary sentence"),
     ]
 }
+
+
+_METRIC_NAMES = {exact_match: "exact_match", final_number_match: "final_number_match", json_match: "json_match"}
+for _t in TASKS.values():
+    register_task(_t.name, _METRIC_NAMES[_t.metric])
 
 
 def score(task: str, prediction: str, reference: str) -> float:
