@@ -159,3 +159,34 @@ def test_stability_bootstrap(tmp_db):
     assert st["selected"]["1"][0] == 0 and len(st["selected"]["1"]) == 2
     assert 0 < st["tokens_to_stable"]["all_layers"] <= st["n_tokens"] == sum(len(s) for s in routing)
     assert 0 <= st["same_selection_rate"]["1"] < 1
+
+
+def test_select_refuses_bad_inputs_in_one_line_and_writes_nothing(tmp_db, tmp_path):
+    """nan/inf contrast weights, contrast against the task itself, excluding every expert, a negative --round,
+    --top-k above the expert count, and an all-zero selection: exit 2, one line naming the flag, no --out file."""
+    import subprocess
+    import sys
+
+    add_run(tmp_db, "task", [[[(0, 0.6), (3, 0.4)]] * 4])
+    add_run(tmp_db, "general", [[[(0, 0.7), (1, 0.3)]] * 4])
+    add_run(tmp_db, "same", [[[(0, 0.6), (3, 0.4)]] * 4])
+    out = tmp_path / "cfg.json"
+    base = ["select", "--db", str(tmp_db), "--task", "task", "--metric", "gate", "--out", str(out)]
+    cases = [(["--top-p", "0.5", "--contrast", "general", "--contrast-weight", "nan"], "--contrast-weight"),
+             (["--top-p", "0.5", "--contrast", "general", "--contrast-weight", "inf"], "--contrast-weight"),
+             (["--top-p", "0.5", "--contrast", "task"], "cannot be contrasted against itself"),
+             (["--top-p", "0.5", "--exclude", "1:0,1,2,3"], "--exclude removes every expert of layer 1"),
+             (["--top-p", "0.5", "--round", "-1"], "--round must be"),
+             (["--top-k", "5"], "--top-k 5 is larger than the number of experts"),
+             (["--top-p", "0.5", "--contrast", "same"], "selection of task 'task' is empty")]
+    procs = [subprocess.Popen([sys.executable, "-m", "esft_core.cli", *base, *extra], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for extra, _ in cases]
+    before = tmp_db.read_bytes()
+    for (extra, want), p in zip(cases, procs, strict=True):
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 2 and len(err.strip().splitlines()) == 1, (extra, err)
+        assert err.startswith("esft select: error: ") and want in err, (extra, err)
+    assert not out.exists() and tmp_db.read_bytes() == before
+    # the library refuses the same way
+    with store.reader(tmp_db) as con, pytest.raises(EsftError, match="finite"):
+        select_for_task(con, "task", "gate", p=0.5, contrast_tasks=["general"], contrast_weight=float("-inf"))
