@@ -1,6 +1,6 @@
-"""Training-side facts for the Select & Train and Results pages: model parameter counts (from config.json and the
-safetensors headers, no weights loaded), training run directories (docs/CONTRACTS.md layout), their metrics and
-evaluations against the untuned model. No streamlit here."""
+"""Training-side reshaping for the Select & Train and Results pages: model parameter counts (from config.json and the
+safetensors headers, no weights loaded) and tables of runs (esft_core.runs.RunInfo) and of their evaluations against
+the untuned model. No streamlit here."""
 
 from __future__ import annotations
 
