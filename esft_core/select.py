@@ -207,8 +207,10 @@ def per_sample_counts(con, task: str, metric: str, normalize: str, run_ids=None,
     key = smp["run_id"].astype(np.int64) * (1 << 32) + smp["sample_id"].astype(np.int64)  # sorted
     sidx = np.searchsorted(key, rows["run_id"].astype(np.int64) * (1 << 32) + rows["sample_id"].astype(np.int64))
     lidx = np.searchsorted(np.array(layers), rows["layer"].astype(np.int64))
-    x = np.zeros((key.size, len(layers), n_e))  # (samples, layers, E)
-    np.add.at(x, (sidx, lidx, rows["expert"].astype(np.int64)), rows["v"])
+    # one bincount over the flat (sample, layer, expert) index (np.add.at is ~10x slower)
+    flat = (sidx * len(layers) + lidx) * n_e + rows["expert"].astype(np.int64)
+    x = np.bincount(flat, weights=np.asarray(rows["v"], np.float64), minlength=key.size * len(layers) * n_e)
+    x = x.reshape(key.size, len(layers), n_e)  # (samples, layers, E)
     lens = smp["n_tokens"].astype(np.float64)  # (samples,)
     return x, lens, layers, int(runs[0][2])
 
@@ -227,7 +229,8 @@ def stability_arrays(con, task: str, metric: str = "token", normalize: str = "to
 
     Keys: layers, full (layers, E) bool = the top-p selection on all samples, prob (layers, E) = share of bootstrap
     resamples selecting each expert, same (layers,) = share of resamples reproducing `full` exactly, stable_tokens
-    (orders, layers) = tokens after which random sample orders stop changing the selection, curve_tokens /
+    (orders, layers) = tokens after which random sample orders stop changing the selection (n_orders=0 skips it;
+    the bootstrap draws come first, so prob/full/same do not depend on n_orders), curve_tokens /
     curve_jaccard (checkpoints,) = mean Jaccard of the selection from the first n samples (stored order) with `full`.
     """
     check_p(p)
@@ -269,6 +272,8 @@ def stability(con, task: str, metric: str = "token", normalize: str = "token", p
               n_boot: int = 100, n_orders: int = 20, seed: int = 0, run_ids=None, model: str | None = None,
               pool_models: bool = False) -> dict:
     """Bootstrap selection probability per (layer, expert) and tokens until the selection stops changing (JSON)."""
+    if n_orders < 1:
+        raise EsftError(f"orders must be >= 1, got {n_orders}")
     a = stability_arrays(con, task, metric, normalize, p, n_boot, n_orders, seed, run_ids, model, pool_models)
     layers, full, prob, same, stable_layer = a["layers"], a["full"], a["prob"], a["same"], a["stable_tokens"]
     return {

@@ -371,7 +371,7 @@ def stability_view(con: duckdb.DuckDBPyConnection, model: str, task: str, metric
     """esft_core.select.stability_arrays of `task` on `model` (the numbers of `esft select --bootstrap`):
     (prob: layer, expert, prob, selected), (curve: tokens, jaccard of the first-n-samples selection with the final)."""
     _check(metric, normalize)
-    a = select.stability_arrays(con, task, metric, normalize, p, n_boot, model=model)
+    a = select.stability_arrays(con, task, metric, normalize, p, n_boot, n_orders=0, model=model)  # page: no orders
     f = _frame(task, a["layers"], a["prob"], selected=a["full"])
     prob = f.select("layer", "expert", pl.col("score").alias("prob"), "selected")
     return prob, pl.DataFrame({"tokens": a["curve_tokens"], "jaccard": a["curve_jaccard"]})
