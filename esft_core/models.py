@@ -1,7 +1,7 @@
 """Load models and tokenizers, and discover a transformers-v5 MoE's layout (MoE layers, routers, fused experts).
 
 Discovery is structural, so a family transformers adds later is found without a code change:
-- decoder layers: the nn.ModuleList of `config.num_hidden_layers` same-class blocks (`model.layers`,
+- decoder layers: the nn.ModuleList of `config.num_hidden_layers` blocks (`model.layers`,
   `transformer.blocks`, ...), preferring one outside vision/audio towers;
 - experts: in each decoder layer, the outermost module that is a fused experts module (class name ending in
   `Experts`, shared experts excluded, or a module holding 3D parameters with one expert axis); its parent is the MoE
@@ -96,12 +96,12 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     n = getattr(text_config(model), "num_hidden_layers", None)
     cands = []
     for name, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and len(m) and len({type(x) for x in m}) == 1 and \
-                not isinstance(m[0], nn.ModuleList | nn.Linear):
-            cands.append((len(m) != n, bool(OTHER_TOWERS.search(name)), name.count("."), -len(m), name, m))
+        if isinstance(m, nn.ModuleList) and len(m) and not isinstance(m[0], nn.ModuleList | nn.Linear):
+            cands.append((len(m) != n, bool(OTHER_TOWERS.search(name)), len({type(x) for x in m}) > 2,
+                          name.count("."), -len(m), name, m))
     if not cands:
         raise EsftError(f"{type(model).__name__} has no decoder layer list; not a supported causal LM")
-    return min(cands, key=lambda c: c[:5])[-1]
+    return min(cands, key=lambda c: c[:6])[-1]
 
 
 def _is_experts(m: nn.Module) -> bool:
@@ -292,7 +292,7 @@ def load_model(
 # per-family overrides its config validation needs. Shapes keep E >= 8 and K >= 2 so routing is non-trivial.
 TINY_FAMILIES = ("deepseek_v2", "deepseek_v3", "qwen2_moe", "qwen3_moe", "mixtral", "olmoe")
 CONFIG_EXPERT_KEYS = re.compile(r"^(num_experts|n_routed_experts|num_local_experts|moe_num_experts)$")
-CONFIG_TOP_K_KEYS = re.compile(r"^(num_experts_per_tok|moe_k|moe_topk|top_k_experts)$")
+CONFIG_TOP_K_KEYS = re.compile(r"^(num_experts_per_tok|num_experts_per_token|moe_k|moe_topk|top_k_experts|moe_top_k)$")
 TINY_SIZES = dict(
     vocab_size=256, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
     num_attention_heads=4, num_key_value_heads=4, head_dim=8, max_position_embeddings=256,
@@ -303,17 +303,26 @@ TINY_SIZES = dict(
     linear_key_head_dim=8, linear_value_head_dim=8, mamba_n_heads=4, mamba_d_head=16, mamba_head_dim=16,
     mamba_d_state=8, mamba_n_groups=1, ssm_state_size=8, n_groups=1, mamba_expand=2, time_step_rank=4,
     mamba_dt_rank=4, router_hidden_size=16, num_nextn_predict_layers=0, index_n_heads=2, index_head_dim=8,
-    index_topk=8, o_lora_rank=16, o_groups=2, qk_head_dim=16, hc_mult=1, conv_L_cache=3,
+    index_topk=8, o_lora_rank=16, o_groups=2, qk_head_dim=16, hc_mult=1, conv_L_cache=3, num_layers=3,
+    num_expert_group=1, linear_head_dim=8, linear_num_heads=4, hc_lowrank=8, ple_embed_dim=32, swa_num_attention_heads=4,
+    swa_num_key_value_heads=4, swa_head_dim=8, unpadded_vocab_size=256, num_dense_layers=1,
 )
 # config overrides a family needs beyond the generic shrink (validation rules, MoE switched off by default, ...)
 TINY_OVERRIDES: dict[str, dict] = {
     "qwen2_moe": dict(decoder_sparse_step=1, mlp_only_layers=[0]),
     "qwen3_moe": dict(decoder_sparse_step=1, mlp_only_layers=[0]),
     "deepseek_v2": dict(topk_method="greedy", q_lora_rank=None, n_shared_experts=2),
-    "gemma4_text": dict(enable_moe_block=True),
     "zaya": dict(num_experts_per_tok=1),
     "longcat_flash": dict(zero_expert_num=2),
     "beam": dict(mlp_layer_types=["dense", "sparse", "sparse"]),
+    "gemma4_text": dict(enable_moe_block=True, per_layer_config={}),
+    "dots3_note_text": dict(per_layer_config={}, head_dim=16),
+    "mimo_v2_flash": dict(head_dim=24, v_head_dim=8, num_key_value_heads=2),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention", "full_attention"]),
+    "qwen4_exp_text": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=8,
+                           indexer_compress_ratio=2),
+    "dbrx": dict(d_model=32, n_heads=4, n_layers=3, max_seq_len=256, attn_config=dict(kv_n_heads=4, rope_theta=10000.0, clip_qkv=8.0),
+                 ffn_config=dict(ffn_hidden_size=16, moe_num_experts=8, moe_top_k=2)),
 }
 
 
