@@ -51,10 +51,11 @@ def cmd_record(args) -> int:
 
     from esft_core.data import read_records
     from esft_core.models import load_model, moe_layout
-    from esft_core.record import record
+    from esft_core.record import parse_routes, record
 
     if args.max_tokens < 1 or args.seq_len < 2 or args.batch_size < 1:
         raise EsftError("--max-tokens must be >= 1, --seq-len >= 2 and --batch-size >= 1")
+    parse_routes(args.routes)
     records = read_records(args.data)  # bad data fails before the model loads and before the DB is touched
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -76,7 +77,7 @@ def cmd_record(args) -> int:
 
     run_id = record(model, tok, records, args.db, args.task, max_tokens=args.max_tokens, seq_len=args.seq_len,
                     batch_size=args.batch_size, seed=args.seed, model_name=str(args.model),
-                    params={"data": str(Path(args.data).resolve())}, progress=progress)
+                    params={"data": str(Path(args.data).resolve())}, progress=progress, routes=args.routes)
     if bar is not None:
         bar.close()
     _print_run(args.db, run_id)
@@ -109,7 +110,7 @@ def cmd_scores(args) -> int:
     from esft_core import store
     from esft_core.scores import NORMALIZATIONS, SCORES, compute_scores, esft_summary, get_score
 
-    metrics = [args.metric] if args.metric else list(SCORES)
+    metrics = [args.metric] if args.metric else [m for m in SCORES if m != "gate_norm"]  # the paper's two
     for m in metrics:
         get_score(m)
     if args.normalize not in NORMALIZATIONS:
@@ -281,6 +282,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the sample order")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    p.add_argument("--routes", default="all",
+                   help="all (default), none (aggregate-only: scores/selection/expert views, no token routes), or "
+                        "sample:N (routes of the first N samples of the seeded order)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = add("import-official", cmd_import_official, "import the authors' expert_weights_<layer>.txt routing logs")
@@ -294,7 +298,7 @@ def register(sub) -> None:
     p = add("scores", cmd_scores, "expert scores of a task (average gate score, token selection ratio)")
     p.add_argument("--db", required=True, help="trace database")
     p.add_argument("--task", required=True, help="task name")
-    p.add_argument("--metric", default=None, help="gate or token (default: both)")
+    p.add_argument("--metric", default=None, help="gate, token or gate_norm (scale-free gate; default: gate and token)")
     p.add_argument("--normalize", default="token", help="token (authors' files) or sample (paper formula)")
     p.add_argument("--format", default="csv", help="csv, json, or esft-summary (authors' summary.json)")
     p.add_argument("--out", default=None, help="output file (default: stdout)")
