@@ -75,7 +75,87 @@ class MoeLayout:
     def expert_params(self, layer: int) -> dict[str, nn.Parameter]:
         """Fused expert parameters of `layer` by name relative to the experts module, e.g. {'gate_up_proj':
         [E, 2I, H], 'down_proj': [E, H, I]} (DBRX: {'mlp.w1': [E*I, H], ...})."""
-        return {n: p for n, p in self.experts[layer].named_parameters() if p.dim() >= 2}
+        return {n: p for n, p in self.experts[layer].named_parameters() if p.dim() >= 2 and not n.startswith("esft.")}
+
+
+@dataclass
+class ExpertTensor:
+    """One fused expert parameter of a layer and where its experts lie: rows [e * rows, (e + 1) * rows) of axis 0
+    belong to expert e. rows == 1 for the usual [E, ...] tensors (gate_up_proj [E, 2I, H], biases [E, 2I]); rows == I
+    for flat 2D layouts ([E*I, H], DBRX's w1/v1/w2). `transposed`: the experts module computes x @ W (W [E, H, 2I],
+    GPT-OSS, Llama4) rather than x @ W.T; informational, rows are per expert either way."""
+
+    name: str  # relative to the experts module, e.g. 'gate_up_proj' or 'mlp.w1'
+    param: nn.Parameter
+    num_experts: int
+    rows: int
+    transposed: bool
+
+    def expert_view(self, t: torch.Tensor | None = None) -> torch.Tensor:
+        """The parameter (or a same-shaped tensor) viewed with one leading expert axis (E, ...) (a view, no copy)."""
+        p = self.param if t is None else t
+        return p if self.rows == 1 else p.view(self.num_experts, self.rows, *p.shape[1:])
+
+
+def expert_tensors(layout: MoeLayout, layer: int) -> list[ExpertTensor]:
+    """The fused expert parameters of MoE `layer` with their expert axis layout (rows of axis 0 per expert).
+
+    Raises EsftError for experts modules whose parameters do not split into E equal blocks along axis 0.
+    """
+    exp, n_e = layout.experts[layer], layout.layer_experts[layer]
+    out = []
+    for name, p in exp.named_parameters():
+        if "esft" in name.split("."):
+            continue
+        lead = p.shape[0]
+        if lead == n_e or (p.dim() >= 3 and lead > n_e):  # [E, ...] (Longcat: extra never-routed rows)
+            rows = 1
+        elif p.dim() == 2 and lead % n_e == 0:  # flat [E*I, H]
+            rows = lead // n_e
+        else:
+            raise EsftError(f"layer {layer}: expert parameter {name} {tuple(p.shape)} does not split into "
+                            f"{n_e} experts along its first axis; this experts layout is not supported")
+        out.append(ExpertTensor(name, p, n_e, rows, bool(getattr(exp, "is_transposed", False))))
+    if not out:
+        raise EsftError(f"layer {layer}: the experts module {type(exp).__name__} has no expert parameters")
+    return out
+
+
+def lora_targets(model: nn.Module, remapped: set[str] = frozenset()) -> tuple[list[str], list[str]]:
+    """LoRA targets: (module names, parameter names) for peft's target_modules / target_parameters.
+
+    Modules: the suffix names of plain nn.Linear layers (exact class: subclasses such as PhiMoE/Llama4 routers or
+    DeepSeek-V4's grouped o_a_proj have other forwards), excluding lm_head, every router and its nested Linears, the
+    experts modules, Mamba/SSM mixers' projections (out_proj of Nemotron-H/Jamba/Granite-hybrid mixers), and the
+    names in `remapped` (names peft rewrites into expert parameters). A suffix is kept only when every Linear
+    carrying it is eligible (peft matches by suffix). Parameters: every fused expert tensor of every MoE layer
+    (`<path in the layer>.<name>`, e.g. 'mlp.experts.gate_up_proj'; DBRX 'ffn.experts.mlp.w1').
+    """
+    layout = moe_layout(model)
+    excluded = set()
+    for r in layout.routers.values():
+        excluded |= {id(m) for m in r.modules()}
+    for e in layout.experts.values():
+        excluded |= {id(m) for m in e.modules()}
+    for m in model.modules():
+        if re.search(r"(mamba|ssm|mixer2|gateddeltanet|linearattention|kda|shortconv)", type(m).__name__.lower()):
+            excluded |= {id(x) for x in m.modules()}
+    ok, bad = set(), set()
+    for n, m in model.named_modules():
+        if not isinstance(m, nn.Linear):
+            continue
+        leaf = n.rsplit(".", 1)[-1]
+        if type(m) is nn.Linear and id(m) not in excluded and not n.endswith("lm_head") and leaf not in remapped:
+            ok.add(leaf)
+        else:
+            bad.add(leaf)
+    layers = decoder_layers(model)
+    params = set()
+    for layer in layout.layers:
+        prefix = next(n for n, m in layers[layer].named_modules() if m is layout.experts[layer])
+        params |= {f"{prefix}.{t.name}" for t in expert_tensors(layout, layer) if t.param.dim() >= 2
+                   and not t.name.endswith("bias")}
+    return sorted(ok - bad), sorted(params)
 
 
 def text_config(model_or_config):
@@ -304,8 +384,8 @@ TINY_SIZES = dict(
     mamba_d_state=8, mamba_n_groups=1, ssm_state_size=8, n_groups=1, mamba_expand=2, time_step_rank=4,
     mamba_dt_rank=4, router_hidden_size=16, num_nextn_predict_layers=0, index_n_heads=2, index_head_dim=8,
     index_topk=8, o_lora_rank=16, o_groups=2, qk_head_dim=16, hc_mult=1, conv_L_cache=3, num_layers=3,
-    num_expert_group=1, linear_head_dim=8, linear_num_heads=4, hc_lowrank=8, ple_embed_dim=32, swa_num_attention_heads=4,
-    swa_num_key_value_heads=4, swa_head_dim=8, unpadded_vocab_size=256, num_dense_layers=1,
+    num_expert_group=1, linear_head_dim=8, linear_num_heads=4, hc_lowrank=8, ple_embed_dim=32,
+    swa_num_attention_heads=4, swa_num_key_value_heads=4, swa_head_dim=8, unpadded_vocab_size=256, num_dense_layers=1,
 )
 # config overrides a family needs beyond the generic shrink (validation rules, MoE switched off by default, ...)
 TINY_OVERRIDES: dict[str, dict] = {
@@ -321,7 +401,8 @@ TINY_OVERRIDES: dict[str, dict] = {
     "lfm2_moe": dict(layer_types=["conv", "full_attention", "full_attention"]),
     "qwen4_exp_text": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=8,
                            indexer_compress_ratio=2),
-    "dbrx": dict(d_model=32, n_heads=4, n_layers=3, max_seq_len=256, attn_config=dict(kv_n_heads=4, rope_theta=10000.0, clip_qkv=8.0),
+    "dbrx": dict(d_model=32, n_heads=4, n_layers=3, max_seq_len=256,
+                 attn_config=dict(kv_n_heads=4, rope_theta=10000.0, clip_qkv=8.0),
                  ffn_config=dict(ffn_hidden_size=16, moe_num_experts=8, moe_top_k=2)),
 }
 
