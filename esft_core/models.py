@@ -128,8 +128,10 @@ def lora_targets(model: nn.Module, remapped: set[str] = frozenset()) -> tuple[li
     DeepSeek-V4's grouped o_a_proj have other forwards), excluding lm_head, every router and its nested Linears, the
     experts modules, Mamba/SSM mixers' projections (out_proj of Nemotron-H/Jamba/Granite-hybrid mixers), and the
     names in `remapped` (names peft rewrites into expert parameters). A suffix is kept only when every Linear
-    carrying it is eligible (peft matches by suffix). Parameters: every fused expert tensor of every MoE layer
-    (`<path in the layer>.<name>`, e.g. 'mlp.experts.gate_up_proj'; DBRX 'ffn.experts.mlp.w1').
+    carrying it is eligible (peft matches by suffix). Parameters: every fused [E, ...] expert weight of every MoE
+    layer (`<path in the layer>.<name>`, e.g. 'mlp.experts.gate_up_proj'). Flat 2D experts nested in a submodule
+    (DBRX's `experts.mlp.w1` [E*I, H]) are left out: peft's parameter wrapper replaces that submodule, and the
+    experts forward reads its sibling weights directly, so LoRA there trains the attention side only.
     """
     layout = moe_layout(model)
     excluded = set()
@@ -154,7 +156,7 @@ def lora_targets(model: nn.Module, remapped: set[str] = frozenset()) -> tuple[li
     for layer in layout.layers:
         prefix = next(n for n, m in layers[layer].named_modules() if m is layout.experts[layer])
         params |= {f"{prefix}.{t.name}" for t in expert_tensors(layout, layer) if t.param.dim() >= 2
-                   and not t.name.endswith("bias")}
+                   and not t.name.endswith("bias") and t.rows == 1 and "." not in t.name}
     return sorted(ok - bad), sorted(params)
 
 
