@@ -62,6 +62,8 @@ def cmd_record(args) -> int:
     model, tok = load_model(args.model)
     moe_layout(model)  # a dense model fails here, before anything is written
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one GPU per rank
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     if device != "cpu":
         model.to(device)
     bar = None
@@ -80,7 +82,8 @@ def cmd_record(args) -> int:
                     params={"data": str(Path(args.data).resolve())}, progress=progress, routes=args.routes)
     if bar is not None:
         bar.close()
-    _print_run(args.db, run_id)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 ingested the run
+        _print_run(args.db, run_id)
     return 0
 
 
