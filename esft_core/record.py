@@ -236,6 +236,15 @@ def batch_tables(sample_ids: np.ndarray, positions: np.ndarray, token_ids: np.nd
     return {"tokens": tokens, "routes": routes}
 
 
+def token_sums(routes: pa.Table) -> pa.Table:
+    """Per-(layer, expert, token_id) counts and gate sums of one batch's routes (pre-aggregated on the writer
+    thread, so the final ingest sums small tables instead of grouping every route row)."""
+    r = routes.select(["layer", "expert", "token_id"]).append_column("w", routes["weight"].cast(pa.float64()))
+    g = r.group_by(["layer", "expert", "token_id"]).aggregate([("w", "count"), ("w", "sum")])
+    return pa.table({"run_id": pa.repeat(pa.scalar(0, pa.int32()), g.num_rows), "layer": g["layer"],
+                     "expert": g["expert"], "token_id": g["token_id"], "n": g["w_count"], "gate_sum": g["w_sum"]})
+
+
 def stats_table(first_sample_id: int, layers: list[int], cnt: np.ndarray, gate: np.ndarray,
                 ngate: np.ndarray, sample_ids: np.ndarray | None = None) -> pa.Table:
     """sample_expert_stats rows (plus norm_gate_sum, staging only) of one batch from (B, L, E) sums."""
@@ -507,6 +516,7 @@ def _builder(b: dict, ids: list[int], chunk: list[list[int]], with_routes: np.nd
             tabs = batch_tables(sample_ids, positions, b["token_ids"], layers, b["weights"], b["experts"], tt,
                                 None if tok_routes.all() else tok_routes)
             out.update(tabs)
+            out["expert_tokens"] = token_sums(tabs["routes"])
         else:
             out["tokens"] = pa.table({"run_id": pa.repeat(pa.scalar(0, pa.int32()), len(positions)),
                                       "sample_id": sample_ids, "position": positions, "token_id": b["token_ids"],

@@ -81,6 +81,9 @@ ARROW_SCHEMAS = {
     "sample_expert_stats": pa.schema([("run_id", pa.int32()), ("sample_id", pa.int32()), ("layer", pa.int16()),
                                       ("expert", pa.int16()), ("n_selected", pa.int32()), ("gate_sum", pa.float64()),
                                       ("norm_gate_sum", pa.float64())]),
+    # recorder staging only: per-batch (layer, expert, token_id) sums, summed into expert_tokens at ingest
+    "expert_tokens": pa.schema([("run_id", pa.int32()), ("layer", pa.int16()), ("expert", pa.int16()),
+                                ("token_id", pa.int32()), ("n", pa.int64()), ("gate_sum", pa.float64())]),
     "layer_stats": pa.schema([("run_id", pa.int32()), ("layer", pa.int16()), ("n_tokens", pa.int64()),
                               ("weight_sum", pa.float64()), ("weight_sum_min", pa.float64()),
                               ("weight_sum_max", pa.float64()), ("n_dropped", pa.int64())]),
@@ -169,14 +172,15 @@ def insert_run(con, run_id: int, task: str, model: str, source: str, status: str
 
 
 def write_aggregates(con, run_id: int, routes_rel: str | None = "routes", with_token_ids: bool = False,
-                     stats_rel: str | None = None) -> None:
+                     stats_rel: str | None = None, token_sums_rel: str | None = None) -> None:
     """Fill expert_stats and expert_tokens of `run_id` from its rows, in SQL.
 
     `routes_rel` may be any relation with the routes columns: the official importer passes its Arrow table (float64
     weights, so gate sums are not rounded through FLOAT); the recorder passes its staged Parquet parts, which also
     carry each row's token_id (with_token_ids), so expert_tokens needs no join of routes with tokens.
     `stats_rel`: per-(sample, layer, expert) sums the recorder computed on the device (then `routes_rel` may be None:
-    an aggregate-only run has no expert_tokens).
+    an aggregate-only run has no expert_tokens). `token_sums_rel`: per-batch (layer, expert, token_id, n, gate_sum)
+    partial sums the recorder staged; expert_tokens then sums those instead of grouping the routes.
     """
     # per (sample, layer, expert) first (kept as sample_expert_stats: bootstrap and per-sample views read it),
     # then weighted by 1/L_j: the join touches the small pre-aggregate only
@@ -213,9 +217,12 @@ def write_aggregates(con, run_id: int, routes_rel: str | None = "routes", with_t
         FROM sample_expert_stats p JOIN samples s ON s.run_id = $run AND s.sample_id = p.sample_id
         WHERE p.run_id = $run
         GROUP BY p.layer, p.expert ORDER BY p.layer, p.expert""", {"run": run_id})
-    if routes_rel is None:
+    if routes_rel is None and token_sums_rel is None:
         return
-    if with_token_ids:
+    if token_sums_rel is not None:
+        per_token = f"""SELECT layer, expert, token_id, sum(n) AS n, sum(gate_sum) AS g FROM {token_sums_rel}
+                        GROUP BY layer, expert, token_id"""
+    elif with_token_ids:
         per_token = f"""SELECT layer, expert, token_id, count(*) AS n, sum(weight::DOUBLE) AS g
                         FROM {routes_rel} WHERE run_id = $run GROUP BY layer, expert, token_id"""
     else:
@@ -358,28 +365,34 @@ class StagedRun:
         if not any(self.dir.glob("*samples-*.parquet")):
             self.fail("no samples were recorded")
             raise EsftError("no tokens were recorded (empty data or --max-tokens 0)")
-        parts = {name: str(self.dir / f"*{name}-*.parquet") for name in ARROW_SCHEMAS}
-        present = {name for name in ARROW_SCHEMAS if any(self.dir.glob(f"*{name}-*.parquet"))}  # any rank's parts
+        files: dict[str, list[str]] = {}
+        for f in sorted(self.dir.glob("*.parquet")):  # '<prefix><table>-<part>.parquet', prefixes 'r0001-' etc.
+            files.setdefault(f.stem.rsplit("-", 1)[0].rsplit("-", 1)[-1], []).append(str(f))
+        present = set(files)
+
+        def rel(name: str) -> str:  # a read_parquet over one table's parts (any rank's), as SQL
+            return "read_parquet([" + ", ".join("'" + f.replace("'", "''") + "'" for f in files[name]) + "])"
+
         with transaction(self.db) as con:
             for name, cols in (("samples", "*"), ("tokens", "*"), ("routes", ", ".join(ARROW_SCHEMAS["routes"].names))):
                 if name in present:
-                    con.execute(f"INSERT INTO {name} SELECT {cols} FROM read_parquet(?)", [parts[name]])
+                    con.execute(f"INSERT INTO {name} SELECT {cols} FROM {rel(name)}")
             has_ids = "routes" in present and any(d[0] == "token_id" for d in con.execute(
-                "SELECT * FROM read_parquet(?) LIMIT 0", [parts["routes"]]).description)
+                f"SELECT * FROM {rel('routes')} LIMIT 0").description)
             if "routes" in present:
-                glob = parts["routes"].replace("'", "''")
-                con.execute(f"CREATE TEMP VIEW staged_routes AS SELECT * FROM read_parquet('{glob}')")
+                con.execute(f"CREATE TEMP VIEW staged_routes AS SELECT * FROM {rel('routes')}")
             stats = None
             if "sample_expert_stats" in present:  # the recorder's device-side sums
                 stats = "staged_stats"
-                glob = parts["sample_expert_stats"].replace("'", "''")
-                con.execute(f"CREATE TEMP VIEW staged_stats AS SELECT * FROM read_parquet('{glob}')")
+                con.execute(f"CREATE TEMP VIEW staged_stats AS SELECT * FROM {rel('sample_expert_stats')}")
             if "layer_stats" in present:  # one part per rank: combine
-                con.execute("""INSERT INTO layer_stats SELECT ?, layer, sum(n_tokens), sum(weight_sum),
-                               min(weight_sum_min), max(weight_sum_max), sum(n_dropped) FROM read_parquet(?)
-                               GROUP BY layer ORDER BY layer""", [self.run_id, parts["layer_stats"]])
+                con.execute(f"""INSERT INTO layer_stats SELECT ?, layer, sum(n_tokens), sum(weight_sum),
+                                min(weight_sum_min), max(weight_sum_max), sum(n_dropped) FROM {rel('layer_stats')}
+                                GROUP BY layer ORDER BY layer""", [self.run_id])
             routes_rel = ("staged_routes" if has_ids else "routes") if "routes" in present else None
-            write_aggregates(con, self.run_id, routes_rel, with_token_ids=has_ids, stats_rel=stats)
+            sums = rel("expert_tokens") if "expert_tokens" in present else None
+            write_aggregates(con, self.run_id, routes_rel, with_token_ids=has_ids, stats_rel=stats,
+                             token_sums_rel=sums)
             con.execute("DROP VIEW IF EXISTS staged_routes")
             con.execute("DROP VIEW IF EXISTS staged_stats")
             counts = complete_run(con, self.run_id)
