@@ -170,3 +170,27 @@ def test_family(family):
     if not flat:
         assert any("experts." in n for n in changed), "no expert LoRA weight moved"
     assert any("experts." not in n for n in changed) or not modules, "no attention-side LoRA weight moved"
+
+
+def test_loader_falls_back_to_config_architectures(tmp_path, run_esft):
+    # mistral4 has a causal-LM class but no AutoModelForCausalLM entry: load_model takes config.architectures
+    import transformers
+
+    from esft_core.models import load_model, tiny_config, tiny_tokenizer
+
+    torch.manual_seed(0)
+    model = transformers.Mistral4ForCausalLM(tiny_config("mistral4"))
+    model.config.architectures = ["Mistral4ForCausalLM"]
+    model.save_pretrained(tmp_path / "m4")
+    tiny_tokenizer().save_pretrained(tmp_path / "m4")
+    loaded, _ = load_model(tmp_path / "m4")
+    assert type(loaded).__name__ == "Mistral4ForCausalLM" and moe_layout(loaded).layers
+    # every load failure is one clear line, exit 2, nothing written
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"model_type": "mistral4", "architectures": ["NoSuchClass"], "hidden_size": 7}')
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hello"}\n')
+    r = run_esft("record", "--model", bad, "--data", data, "--task", "t", "--db", tmp_path / "t.duckdb")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "cannot load model" in r.stderr, r.stderr
+    assert not (tmp_path / "t.duckdb").exists()
