@@ -357,8 +357,9 @@ def load_model(
     if experts_implementation:
         kwargs["experts_implementation"] = experts_implementation
     try:
+        cls = _causal_lm_class(path, AutoModelForCausalLM)  # a config problem is named before the tokenizer's
         tok = AutoTokenizer.from_pretrained(path)
-        model = _causal_lm_class(path, AutoModelForCausalLM).from_pretrained(path, **kwargs)
+        model = cls.from_pretrained(path, **kwargs)
     except EsftError:
         raise
     except Exception as e:  # noqa: BLE001 - every load failure is one clear line (exit 2), never a traceback
