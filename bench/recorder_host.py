@@ -5,12 +5,13 @@ log-uniform over a 32k vocabulary (Zipf-like, as in text). Each batch's
 routing is written into the tap exactly as the experts' pre-hooks would (record.RouterTap.captured), then the
 recorder's own code runs: RouterTap.take (drop padding, sort by weight), record.device_sums and LayerScale (the
 per-(sample, layer, expert) sums, on the model's device: the CPU here), the copy to host, and the writer's host work
-(record._builder: Arrow tables; store.StagedRun.stage: Parquet parts), then StagedRun.commit (DuckDB ingest +
+(record.Writer running record._builder: Arrow tables, per-(layer, expert, token) sums; store.StagedRun.stage:
+Parquet parts), then StagedRun.commit (DuckDB ingest +
 aggregates) once at the end. Measured side by side in one run:
 
-- serial:  every step in the main thread, timed per stage → `host_us_per_token` = (copy to host + Arrow + Parquet +
-           ingest) / tokens; `device_us_per_token` = take + device sums (GPU work when the model runs on a GPU; on this
-           CPU they run on the host and are reported separately, not hidden);
+- serial:  every step in the main thread (Writer(threaded=False)), timed per stage → `host_us_per_token` =
+           (copy to host + writer + ingest) / tokens; `device_us_per_token` = take + device sums (GPU work when the
+           model runs on a GPU; on this CPU they run on the host and are reported separately, not hidden);
 - overlap: the forward is simulated by sleeping (a GPU forward leaves the CPU free) for as long as the serial host
            work of a batch took (so the forward is at least as long as the host work); `plain` sleeps only, `recorder`
            sleeps and runs the recorder with its background writer thread, then commits.
@@ -67,13 +68,10 @@ def synthetic_batches(n: int, seed: int = 0):
 
 
 class Texts:
-    """Token texts without a tokenizer (cached ids → strings, like record.TokenTexts)."""
+    """Token texts without a tokenizer (record.TokenTexts with ids as strings)."""
 
     def __init__(self):
         self.t = record.TokenTexts(None)
-
-    def __call__(self, ids):
-        return self.t(ids)
 
 
 def device_part(lay, lens, ids, captured, scale):
@@ -101,10 +99,11 @@ def to_host(lens, ids, valid, dev, routes: bool):
 
 
 def serial(lay, batches, db, routes: bool, texts) -> dict:
-    t = dict.fromkeys(("device", "copy", "arrow", "parquet", "ingest"), 0.0)
+    """Every step in the main thread (the writer runs inline), timed per stage."""
+    t = dict.fromkeys(("device", "copy", "writer", "ingest"), 0.0)
     staged = store.StagedRun(db, "bench", "synthetic", N_EXPERTS, TOP_K, lay.layers, {"routes": "all"})
     scale = record.LayerScale(N_LAYERS, "cpu")
-    pending, n_pending = {}, 0
+    writer = record.Writer(staged, 4_000_000, texts.t, threaded=False)
     per_batch = []
     for bi, (lens, ids, captured) in enumerate(batches):
         t0 = time.perf_counter()
@@ -113,27 +112,19 @@ def serial(lay, batches, db, routes: bool, texts) -> dict:
         b = to_host(lens, ids, valid, dev, routes)
         t2 = time.perf_counter()
         sids = list(range(bi * BATCH, (bi + 1) * BATCH))
-        tabs = record._builder(b, sids, [[0] * n for n in lens], np.ones(BATCH, bool), lay.layers, texts, None)()
+        writer.put(record._builder(b, sids, [[0] * n for n in lens], np.ones(BATCH, bool), lay.layers, texts.t, None))
         t3 = time.perf_counter()
-        for k, v in tabs.items():
-            pending.setdefault(k, []).append(v)
-            n_pending += v.num_rows
-        if n_pending >= 4_000_000 or bi == len(batches) - 1:
-            import pyarrow as pa
-
-            staged.stage({k: pa.concat_tables(v) for k, v in pending.items()})
-            pending, n_pending = {}, 0
-        t4 = time.perf_counter()
         t["device"] += t1 - t0
         t["copy"] += t2 - t1
-        t["arrow"] += t3 - t2
-        t["parquet"] += t4 - t3
-        per_batch.append(t4 - t1)
+        t["writer"] += t3 - t2
+        per_batch.append(t3 - t1)
+    t3 = time.perf_counter()
+    writer.close()
     staged.stage({"layer_stats": scale.table(lay.layers)}, part_prefix="scale-")
+    t["writer"] += time.perf_counter() - t3
     t5 = time.perf_counter()
     staged.commit()
     t["ingest"] = time.perf_counter() - t5
-    t["per_batch_host"] = float(np.mean(per_batch))
     return t
 
 
@@ -145,13 +136,13 @@ def overlapped(lay, batches, db, fwd_s: float, texts) -> tuple[float, float]:
     t0 = time.perf_counter()
     staged = store.StagedRun(db, "bench", "synthetic", N_EXPERTS, TOP_K, lay.layers, {"routes": "all"})
     scale = record.LayerScale(N_LAYERS, "cpu")
-    writer = record.Writer(staged, 4_000_000)
+    writer = record.Writer(staged, 4_000_000, texts.t)
     for bi, (lens, ids, captured) in enumerate(batches):
         time.sleep(fwd_s)  # the forward (GPU); the hooks' captures are ready after it
         valid, dev = device_part(lay, lens, ids, captured, scale)
         b = to_host(lens, ids, valid, dev, True)
         sids = list(range(bi * BATCH, (bi + 1) * BATCH))
-        writer.put(record._builder(b, sids, [[0] * n for n in lens], np.ones(BATCH, bool), lay.layers, texts, None))
+        writer.put(record._builder(b, sids, [[0] * n for n in lens], np.ones(BATCH, bool), lay.layers, texts.t, None))
     writer.close()
     staged.stage({"layer_stats": scale.table(lay.layers)}, part_prefix="scale-")
     staged.commit()
@@ -172,8 +163,8 @@ def main() -> None:
         tmp = Path(tmp)
         s_all = serial(lay, batches, tmp / "a.duckdb", True, Texts())
         s_none = serial(lay, batches, tmp / "n.duckdb", False, Texts())
-        host = sum(s_all[k] for k in ("copy", "arrow", "parquet", "ingest"))
-        host_none = sum(s_none[k] for k in ("copy", "arrow", "parquet", "ingest"))
+        host = sum(s_all[k] for k in ("copy", "writer", "ingest"))
+        host_none = sum(s_none[k] for k in ("copy", "writer", "ingest"))
         # the forward: at least as long as the host work of a batch, staging and its share of the ingest included
         fwd_s = host / len(batches)
         plain, rec = overlapped(lay, batches, tmp / "o.duckdb", fwd_s, Texts())
@@ -182,7 +173,7 @@ def main() -> None:
           f"{N_EXPERTS} ({n_tok * N_LAYERS * TOP_K} route rows)")
     for name, s in (("routes all", s_all), ("routes none", s_none)):
         print(f"  {name}: device-side (take + sums, on CPU here) {s['device'] * us:.1f} us/tok | host: copy "
-              f"{s['copy'] * us:.1f}, Arrow {s['arrow'] * us:.1f}, Parquet {s['parquet'] * us:.1f}, ingest + "
+              f"{s['copy'] * us:.1f}, writer (Arrow, token sums, Parquet) {s['writer'] * us:.1f}, ingest + "
               f"aggregates {s['ingest'] * us:.1f} us/tok")
     print(f"  overlap: simulated forward {fwd_s * 1e3:.0f} ms/batch; plain {plain:.2f} s, recorder {rec:.2f} s")
     print(json.dumps({"host_us_per_token": round(host * us, 1), "overlapped_ratio": round(rec / plain, 3),

@@ -334,49 +334,83 @@ class Recorder:
 
 
 class Writer:
-    """A background thread that turns forward results into staged Parquet parts while the model runs on."""
+    """A background thread that turns forward results into staged Parquet parts while the model runs on.
 
-    def __init__(self, staged: store.StagedRun, flush_rows: int, depth: int = 2):
-        self.staged, self.flush_rows = staged, flush_rows
+    `expert_tokens` partial sums are not staged per flush: they are merged into one running per-(layer, expert,
+    token) table, staged once at close() sorted and with token texts, so the final ingest is a plain INSERT.
+    threaded=False runs every build inline (benchmarks, to time the host work serially).
+    """
+
+    def __init__(self, staged: store.StagedRun, flush_rows: int, texts: TokenTexts | None = None, depth: int = 2,
+                 threaded: bool = True):
+        self.staged, self.flush_rows, self.texts = staged, flush_rows, texts
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.pending: dict[str, list[pa.Table]] = {}
         self.n_pending = 0
-        self.thread = threading.Thread(target=self._run, name="esft-record-writer", daemon=True)
-        self.thread.start()
+        self.token_parts: list[pa.Table] = []
+        self.thread = None
+        if threaded:
+            self.thread = threading.Thread(target=self._run, name="esft-record-writer", daemon=True)
+            self.thread.start()
 
     def put(self, build: Callable[[], dict[str, pa.Table]]) -> None:
         if self.error is not None:
             raise self.error
-        self.q.put(build)
+        if self.thread is None:
+            self._one(build)
+            if self.error is not None:
+                raise self.error
+        else:
+            self.q.put(build)
+
+    def _merge_tokens(self) -> None:
+        if len(self.token_parts) > 1:
+            t = pa.concat_tables(self.token_parts)
+            g = t.group_by(["layer", "expert", "token_id"]).aggregate([("n", "sum"), ("gate_sum", "sum")])
+            self.token_parts = [pa.table({"run_id": pa.repeat(pa.scalar(0, pa.int32()), g.num_rows),
+                                          "layer": g["layer"], "expert": g["expert"], "token_id": g["token_id"],
+                                          "n": g["n_sum"], "gate_sum": g["gate_sum_sum"]})]
 
     def _flush(self) -> None:
+        self.token_parts += self.pending.pop("expert_tokens", [])
+        self._merge_tokens()
         if self.pending:
             self.staged.stage({k: pa.concat_tables(v) for k, v in self.pending.items()})
         self.pending, self.n_pending = {}, 0
+
+    def _one(self, build) -> None:
+        try:
+            for name, t in build().items():
+                self.pending.setdefault(name, []).append(t)
+                self.n_pending += t.num_rows
+            if self.n_pending >= self.flush_rows:
+                self._flush()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the recording thread
+            self.error = e
 
     def _run(self) -> None:
         while True:
             build = self.q.get()
             if build is None:
                 break
-            if self.error is not None:
-                continue
-            try:
-                for name, t in build().items():
-                    self.pending.setdefault(name, []).append(t)
-                    self.n_pending += t.num_rows
-                if self.n_pending >= self.flush_rows:
-                    self._flush()
-            except BaseException as e:  # noqa: BLE001 - re-raised in the recording thread
-                self.error = e
+            if self.error is None:
+                self._one(build)
 
     def close(self) -> None:
-        self.q.put(None)
-        self.thread.join()
+        if self.thread is not None:
+            self.q.put(None)
+            self.thread.join()
         if self.error is None:
             try:
                 self._flush()
+                if self.token_parts:
+                    t = self.token_parts[0].sort_by([("layer", "ascending"), ("expert", "ascending"),
+                                                     ("token_id", "ascending")])
+                    texts = (self.texts(t["token_id"].to_numpy()) if self.texts is not None
+                             else pa.nulls(t.num_rows, pa.string()))
+                    self.staged.stage({"expert_tokens": t.append_column("token_text", texts)})
+                    self.token_parts = []
             except BaseException as e:  # noqa: BLE001
                 self.error = e
         if self.error is not None:
@@ -462,7 +496,7 @@ def record_sequences(model, tok, seqs: list[list[int]], db, task: str, *, batch_
     mine = list(range(rank, len(seqs), world))
     order = [mine[i] for i in bucket_order([seqs[i] for i in mine], batch_size)]
     total = sum(len(seqs[i]) for i in mine)
-    writer = Writer(staged, flush_rows)
+    writer = Writer(staged, flush_rows, rec.texts)
     try:
         done = 0
         for start in range(0, len(order), batch_size):

@@ -81,9 +81,10 @@ ARROW_SCHEMAS = {
     "sample_expert_stats": pa.schema([("run_id", pa.int32()), ("sample_id", pa.int32()), ("layer", pa.int16()),
                                       ("expert", pa.int16()), ("n_selected", pa.int32()), ("gate_sum", pa.float64()),
                                       ("norm_gate_sum", pa.float64())]),
-    # recorder staging only: per-batch (layer, expert, token_id) sums, summed into expert_tokens at ingest
+    # recorder staging: each rank's (layer, expert, token_id) sums, summed on its writer thread, sorted
     "expert_tokens": pa.schema([("run_id", pa.int32()), ("layer", pa.int16()), ("expert", pa.int16()),
-                                ("token_id", pa.int32()), ("n", pa.int64()), ("gate_sum", pa.float64())]),
+                                ("token_id", pa.int32()), ("token_text", pa.string()), ("n", pa.int64()),
+                                ("gate_sum", pa.float64())]),
     "layer_stats": pa.schema([("run_id", pa.int32()), ("layer", pa.int16()), ("n_tokens", pa.int64()),
                               ("weight_sum", pa.float64()), ("weight_sum_min", pa.float64()),
                               ("weight_sum_max", pa.float64()), ("n_dropped", pa.int64())]),
@@ -172,15 +173,14 @@ def insert_run(con, run_id: int, task: str, model: str, source: str, status: str
 
 
 def write_aggregates(con, run_id: int, routes_rel: str | None = "routes", with_token_ids: bool = False,
-                     stats_rel: str | None = None, token_sums_rel: str | None = None) -> None:
+                     stats_rel: str | None = None) -> None:
     """Fill expert_stats and expert_tokens of `run_id` from its rows, in SQL.
 
     `routes_rel` may be any relation with the routes columns: the official importer passes its Arrow table (float64
     weights, so gate sums are not rounded through FLOAT); the recorder passes its staged Parquet parts, which also
     carry each row's token_id (with_token_ids), so expert_tokens needs no join of routes with tokens.
     `stats_rel`: per-(sample, layer, expert) sums the recorder computed on the device (then `routes_rel` may be None:
-    an aggregate-only run has no expert_tokens). `token_sums_rel`: per-batch (layer, expert, token_id, n, gate_sum)
-    partial sums the recorder staged; expert_tokens then sums those instead of grouping the routes.
+    an aggregate-only run, or one whose expert_tokens the recorder staged itself, passes None: no expert_tokens here).
     """
     # per (sample, layer, expert) first (kept as sample_expert_stats: bootstrap and per-sample views read it),
     # then weighted by 1/L_j: the join touches the small pre-aggregate only
@@ -217,12 +217,9 @@ def write_aggregates(con, run_id: int, routes_rel: str | None = "routes", with_t
         FROM sample_expert_stats p JOIN samples s ON s.run_id = $run AND s.sample_id = p.sample_id
         WHERE p.run_id = $run
         GROUP BY p.layer, p.expert ORDER BY p.layer, p.expert""", {"run": run_id})
-    if routes_rel is None and token_sums_rel is None:
+    if routes_rel is None:
         return
-    if token_sums_rel is not None:
-        per_token = f"""SELECT layer, expert, token_id, sum(n) AS n, sum(gate_sum) AS g FROM {token_sums_rel}
-                        GROUP BY layer, expert, token_id"""
-    elif with_token_ids:
+    if with_token_ids:
         per_token = f"""SELECT layer, expert, token_id, count(*) AS n, sum(weight::DOUBLE) AS g
                         FROM {routes_rel} WHERE run_id = $run GROUP BY layer, expert, token_id"""
     else:
@@ -390,9 +387,15 @@ class StagedRun:
                                 min(weight_sum_min), max(weight_sum_max), sum(n_dropped) FROM {rel('layer_stats')}
                                 GROUP BY layer ORDER BY layer""", [self.run_id])
             routes_rel = ("staged_routes" if has_ids else "routes") if "routes" in present else None
-            sums = rel("expert_tokens") if "expert_tokens" in present else None
-            write_aggregates(con, self.run_id, routes_rel, with_token_ids=has_ids, stats_rel=stats,
-                             token_sums_rel=sums)
+            if "expert_tokens" in present:  # summed by the recorder: one sorted part per rank
+                routes_rel = None
+                one = len(files["expert_tokens"]) == 1
+                con.execute(f"""INSERT INTO expert_tokens SELECT ?, layer, expert, token_id, token_text, n, gate_sum
+                                FROM {rel('expert_tokens')}""" if one else f"""
+                                INSERT INTO expert_tokens SELECT ?, layer, expert, token_id, any_value(token_text),
+                                sum(n), sum(gate_sum) FROM {rel('expert_tokens')} GROUP BY layer, expert, token_id
+                                ORDER BY layer, expert""", [self.run_id])
+            write_aggregates(con, self.run_id, routes_rel, with_token_ids=has_ids, stats_rel=stats)
             con.execute("DROP VIEW IF EXISTS staged_routes")
             con.execute("DROP VIEW IF EXISTS staged_stats")
             counts = complete_run(con, self.run_id)
