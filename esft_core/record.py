@@ -237,12 +237,31 @@ def batch_tables(sample_ids: np.ndarray, positions: np.ndarray, token_ids: np.nd
 
 
 def token_sums(routes: pa.Table) -> pa.Table:
-    """Per-(layer, expert, token_id) counts and gate sums of one batch's routes (pre-aggregated on the writer
-    thread, so the final ingest sums small tables instead of grouping every route row)."""
-    r = routes.select(["layer", "expert", "token_id"]).append_column("w", routes["weight"].cast(pa.float64()))
-    g = r.group_by(["layer", "expert", "token_id"]).aggregate([("w", "count"), ("w", "sum")])
-    return pa.table({"run_id": pa.repeat(pa.scalar(0, pa.int32()), g.num_rows), "layer": g["layer"],
-                     "expert": g["expert"], "token_id": g["token_id"], "n": g["w_count"], "gate_sum": g["w_sum"]})
+    """Per-(layer, expert, token_id) counts and gate sums of one batch's routes, keyed by one int64
+    (layer << 48 | expert << 32 | token_id, so key order = (layer, expert, token) order). Summed on the writer thread
+    (np.unique + bincount: twice as fast as a three-column Arrow group_by), so the ingest inserts a finished table."""
+    key = _token_key(routes["layer"].to_numpy(), routes["expert"].to_numpy(), routes["token_id"].to_numpy())
+    return _sum_by_key(key, np.ones(len(key), np.int64), routes["weight"].to_numpy().astype(np.float64))
+
+
+def _token_key(layer: np.ndarray, expert: np.ndarray, token_id: np.ndarray) -> np.ndarray:
+    return (layer.astype(np.int64) << 48) | (expert.astype(np.int64) << 32) | token_id.astype(np.int64)
+
+
+def _sum_by_key(key: np.ndarray, n: np.ndarray, gate: np.ndarray) -> pa.Table:
+    uniq, inv = np.unique(key, return_inverse=True)
+    return pa.table({"key": uniq, "n": np.bincount(inv, weights=n, minlength=len(uniq)).astype(np.int64),
+                     "gate_sum": np.bincount(inv, weights=gate, minlength=len(uniq))})
+
+
+def expert_tokens_table(sums: pa.Table, texts: TokenTexts | None) -> pa.Table:
+    """Decode token_sums' keys into the expert_tokens staging table (sorted by layer, expert, token)."""
+    k = sums["key"].to_numpy()
+    token_id = (k & 0xFFFFFFFF).astype(np.int32)
+    return pa.table({"run_id": pa.repeat(pa.scalar(0, pa.int32()), len(k)), "layer": (k >> 48).astype(np.int16),
+                     "expert": ((k >> 32) & 0xFFFF).astype(np.int16), "token_id": token_id,
+                     "token_text": texts(token_id) if texts is not None else pa.nulls(len(k), pa.string()),
+                     "n": sums["n"], "gate_sum": sums["gate_sum"]})
 
 
 def stats_table(first_sample_id: int, layers: list[int], cnt: np.ndarray, gate: np.ndarray,
@@ -367,10 +386,8 @@ class Writer:
     def _merge_tokens(self) -> None:
         if len(self.token_parts) > 1:
             t = pa.concat_tables(self.token_parts)
-            g = t.group_by(["layer", "expert", "token_id"]).aggregate([("n", "sum"), ("gate_sum", "sum")])
-            self.token_parts = [pa.table({"run_id": pa.repeat(pa.scalar(0, pa.int32()), g.num_rows),
-                                          "layer": g["layer"], "expert": g["expert"], "token_id": g["token_id"],
-                                          "n": g["n_sum"], "gate_sum": g["gate_sum_sum"]})]
+            self.token_parts = [_sum_by_key(t["key"].to_numpy(), t["n"].to_numpy().astype(np.float64),
+                                            t["gate_sum"].to_numpy())]
 
     def _flush(self) -> None:
         self.token_parts += self.pending.pop("expert_tokens", [])
@@ -405,11 +422,7 @@ class Writer:
             try:
                 self._flush()
                 if self.token_parts:
-                    t = self.token_parts[0].sort_by([("layer", "ascending"), ("expert", "ascending"),
-                                                     ("token_id", "ascending")])
-                    texts = (self.texts(t["token_id"].to_numpy()) if self.texts is not None
-                             else pa.nulls(t.num_rows, pa.string()))
-                    self.staged.stage({"expert_tokens": t.append_column("token_text", texts)})
+                    self.staged.stage({"expert_tokens": expert_tokens_table(self.token_parts[0], self.texts)})
                     self.token_parts = []
             except BaseException as e:  # noqa: BLE001
                 self.error = e
