@@ -357,12 +357,13 @@ class Writer:
 
     `expert_tokens` partial sums are not staged per flush: they are merged into one running per-(layer, expert,
     token) table, staged once at close() sorted and with token texts, so the final ingest is a plain INSERT.
-    threaded=False runs every build inline (benchmarks, to time the host work serially).
+    threaded=False runs every build inline (benchmarks, to time the host work serially). progressive=True inserts
+    each flushed part into the DB right away (store.StagedRun.ingest_parts), so the final commit is short.
     """
 
     def __init__(self, staged: store.StagedRun, flush_rows: int, texts: TokenTexts | None = None, depth: int = 2,
-                 threaded: bool = True):
-        self.staged, self.flush_rows, self.texts = staged, flush_rows, texts
+                 threaded: bool = True, progressive: bool = False):
+        self.staged, self.flush_rows, self.texts, self.progressive = staged, flush_rows, texts, progressive
         self.q: queue.Queue = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.pending: dict[str, list[pa.Table]] = {}
@@ -394,6 +395,8 @@ class Writer:
         self._merge_tokens()
         if self.pending:
             self.staged.stage({k: pa.concat_tables(v) for k, v in self.pending.items()})
+            if self.progressive:
+                self.staged.ingest_parts()
         self.pending, self.n_pending = {}, 0
 
     def _one(self, build) -> None:
@@ -413,6 +416,13 @@ class Writer:
                 break
             if self.error is None:
                 self._one(build)
+
+    def stop(self) -> None:
+        """End the thread without flushing (the run failed): nothing more is staged or ingested."""
+        self.error = self.error or EsftError("recording stopped")
+        if self.thread is not None and self.thread.is_alive():
+            self.q.put(None)
+            self.thread.join()
 
     def close(self) -> None:
         if self.thread is not None:
@@ -455,10 +465,11 @@ def _dist():
 def record(model, tok, records: Sequence[dict], db, task: str, *, max_tokens: int = DEFAULT_MAX_TOKENS,
            seq_len: int = 2048, batch_size: int = 8, seed: int = 0, model_name: str | None = None,
            params: dict | None = None, progress: Callable[[int, int], None] | None = None,
-           flush_rows: int = 4_000_000, routes: str | None = "all") -> int:
+           flush_rows: int = 4_000_000, routes: str | None = "all", progressive: bool = False) -> int:
     """Record the routing of `records` through `model` as a new complete run of `task` in `db`; return its run_id.
 
     progress(done_tokens, total_tokens) is called after every batch. routes: 'all', 'none' or 'sample:N'.
+    progressive: insert the rows into the DB while recording (single process; see store.StagedRun.ingest_parts).
     """
     if not task:
         raise EsftError("--task must be a non-empty name")
@@ -470,13 +481,14 @@ def record(model, tok, records: Sequence[dict], db, task: str, *, max_tokens: in
     run_params = {"max_tokens": max_tokens, "seq_len": seq_len, "seed": seed, "n_records": len(records),
                   **(params or {})}
     return record_sequences(model, tok, seqs, db, task, batch_size=batch_size, model_name=model_name,
-                            params=run_params, progress=progress, flush_rows=flush_rows, routes=routes)
+                            params=run_params, progress=progress, flush_rows=flush_rows, routes=routes,
+                            progressive=progressive)
 
 
 def record_sequences(model, tok, seqs: list[list[int]], db, task: str, *, batch_size: int = 8,
                      model_name: str | None = None, params: dict | None = None,
                      progress: Callable[[int, int], None] | None = None, flush_rows: int = 4_000_000,
-                     routes: str | None = "all") -> int:
+                     routes: str | None = "all", progressive: bool = False) -> int:
     """Record already-tokenized samples (each a list of ids, one sample each); return the new run_id.
 
     Sample ids are the indices into `seqs`. Under torchrun every rank calls this with the same `seqs`.
@@ -509,7 +521,7 @@ def record_sequences(model, tok, seqs: list[list[int]], db, task: str, *, batch_
     mine = list(range(rank, len(seqs), world))
     order = [mine[i] for i in bucket_order([seqs[i] for i in mine], batch_size)]
     total = sum(len(seqs[i]) for i in mine)
-    writer = Writer(staged, flush_rows, rec.texts)
+    writer = Writer(staged, flush_rows, rec.texts, progressive=progressive and world == 1)
     try:
         done = 0
         for start in range(0, len(order), batch_size):
@@ -529,6 +541,7 @@ def record_sequences(model, tok, seqs: list[list[int]], db, task: str, *, batch_
         if rank == 0:
             staged.commit()
     except BaseException as e:
+        writer.stop()  # before fail(): the thread must not stage or ingest after the run's rows are deleted
         if rank == 0:
             staged.fail(f"{type(e).__name__}: {e}")
         raise

@@ -33,6 +33,7 @@ from esft_core.errors import EsftError
 TABLES = ("runs", "samples", "tokens", "routes", "expert_stats", "expert_tokens", "sample_expert_stats", "layer_stats",
           "expert_norm_stats")
 OPTIONAL_TABLES = ("sample_expert_stats", "layer_stats", "expert_norm_stats")  # absent from older exports
+PROGRESSIVE_TABLES = ("samples", "tokens", "routes")  # what StagedRun.ingest_parts writes before the commit
 RUN_TABLES = TABLES[1:]  # every table but `runs` is keyed by run_id
 
 SCHEMA = """
@@ -307,6 +308,8 @@ def reap_stale_runs(con, db: str | Path) -> list[int]:
         if p.get("host") == host and p.get("pid") and not pid_alive(int(p["pid"])):
             stale.append(run_id)
             con.execute("UPDATE runs SET status = 'failed', finished_at = now() WHERE run_id = ?", [run_id])
+            for name in PROGRESSIVE_TABLES:  # rows a progressive ingest had already written
+                con.execute(f"DELETE FROM {name} WHERE run_id = ?", [run_id])
             shutil.rmtree(staging_root(db) / f"run-{run_id}", ignore_errors=True)
     return stale
 
@@ -327,6 +330,7 @@ class StagedRun:
         self.n_parts = 0
         self.n_rows = {name: 0 for name in ARROW_SCHEMAS}
         self.part_prefix = ""  # torchrun ranks stage under r<rank>- so their part names never collide
+        self.n_ingested = 0  # sample parts already inserted by ingest_parts
 
     @classmethod
     def attach(cls, db: str | Path, run_id: int, part_prefix: str) -> StagedRun:
@@ -337,6 +341,7 @@ class StagedRun:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.n_parts = 0
         self.n_rows = {name: 0 for name in ARROW_SCHEMAS}
+        self.n_ingested = 0
         return self
 
     def stage(self, tables: dict[str, pa.Table], part_prefix: str | None = None) -> None:
@@ -357,9 +362,26 @@ class StagedRun:
             self.n_rows[name] += t.num_rows
         self.n_parts += 1
 
+    def ingest_parts(self) -> None:
+        """Progressive ingest (opt-in, single process): insert the staged samples/tokens/routes parts now, in one
+        short transaction, and delete them; the commit then only writes the aggregates. The run stays 'running'
+        (scores and selection ignore it); its rows are deleted if it fails or its process dies (reap_stale_runs)."""
+        parts = {n: sorted(self.dir.glob(f"{self.part_prefix}{n}-*.parquet")) for n in PROGRESSIVE_TABLES}
+        if not any(parts.values()):
+            return
+        with transaction(self.db) as con:
+            for name, files in parts.items():
+                if files:
+                    cols = ", ".join(ARROW_SCHEMAS[name].names)
+                    con.execute(f"INSERT INTO {name} SELECT {cols} FROM read_parquet(?)", [[str(f) for f in files]])
+        for files in parts.values():
+            for f in files:
+                f.unlink()
+        self.n_ingested += len(parts["samples"])
+
     def commit(self) -> tuple[int, int]:
         """Ingest the staged parts, write the aggregates and mark the run complete, all in one transaction."""
-        if not any(self.dir.glob("*samples-*.parquet")):
+        if not any(self.dir.glob("*samples-*.parquet")) and not self.n_ingested:
             self.fail("no samples were recorded")
             raise EsftError("no tokens were recorded (empty data or --max-tokens 0)")
         files: dict[str, list[str]] = {}
@@ -409,6 +431,9 @@ class StagedRun:
             con.execute("UPDATE runs SET status = 'failed', finished_at = now(), "
                         "params = json_merge_patch(params, ?) WHERE run_id = ?",
                         [json.dumps({"error": error[:500]}), self.run_id])
+            if self.n_ingested:
+                for name in PROGRESSIVE_TABLES:
+                    con.execute(f"DELETE FROM {name} WHERE run_id = ?", [self.run_id])
 
 
 # -- queries shared by scores/select/CLI ----------------------------------------------------------------------

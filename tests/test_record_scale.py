@@ -101,3 +101,30 @@ def test_torchrun_two_ranks_equal_one_process(tmp_path, run_esft):
                 assert list(x) == [
                     pytest.approx(v, rel=1e-5, abs=1e-6) if isinstance(v, float) else v for v in y], (t, x, y)
     assert not store.staging_root(two).exists() or not any(store.staging_root(two).iterdir())
+
+
+def test_progressive_ingest_equals_end_ingest_and_cleans_up_on_failure(tok, tmp_db):
+    model = tiny_moe("mixtral", seed=5)
+    kw = dict(max_tokens=300, seq_len=40, batch_size=3, flush_rows=500)  # many flushes: many early inserts
+    a = record.record(model, tok, RECORDS, tmp_db, "end", **kw)
+    b = record.record(model, tok, RECORDS, tmp_db, "prog", progressive=True, **kw)
+    with store.reader(tmp_db) as con:
+        for t in store.TABLES[1:]:
+            q = f"SELECT * EXCLUDE (run_id) FROM {t} WHERE run_id = ? ORDER BY ALL"
+            ra, rb = con.execute(q, [a]).fetchall(), con.execute(q, [b]).fetchall()
+            assert len(ra) == len(rb) > 0, t
+            for x, y in zip(ra, rb, strict=True):  # aggregates: float sums in another order
+                assert list(x) == [pytest.approx(v, rel=1e-12) if isinstance(v, float) else v for v in y], (t, x, y)
+    calls = []
+
+    def boom(done, total):  # fail after a few batches, i.e. after some parts were inserted
+        calls.append(done)
+        if len(calls) == 3:
+            raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError):
+        record.record(model, tok, RECORDS, tmp_db, "broken", progressive=True, progress=boom, **kw)
+    with store.reader(tmp_db) as con:
+        assert con.execute("SELECT status FROM runs WHERE task = 'broken'").fetchone()[0] == "failed"
+        for t in store.PROGRESSIVE_TABLES:
+            assert con.execute(f"SELECT count(*) FROM {t} WHERE run_id = ?", [b + 1]).fetchone()[0] == 0

@@ -79,7 +79,8 @@ def cmd_record(args) -> int:
 
     run_id = record(model, tok, records, args.db, args.task, max_tokens=args.max_tokens, seq_len=args.seq_len,
                     batch_size=args.batch_size, seed=args.seed, model_name=str(args.model),
-                    params={"data": str(Path(args.data).resolve())}, progress=progress, routes=args.routes)
+                    params={"data": str(Path(args.data).resolve())}, progress=progress, routes=args.routes,
+                    progressive=args.progressive_ingest)
     if bar is not None:
         bar.close()
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 ingested the run
@@ -288,6 +289,8 @@ def register(sub) -> None:
     p.add_argument("--routes", default="all",
                    help="all (default), none (aggregate-only: scores/selection/expert views, no token routes), or "
                         "sample:N (routes of the first N samples of the seeded order)")
+    p.add_argument("--progressive-ingest", action="store_true",
+                   help="insert rows into the DB while recording (short locks per ~4M rows; the end is quick)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = add("import-official", cmd_import_official, "import the authors' expert_weights_<layer>.txt routing logs")
