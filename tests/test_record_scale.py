@@ -128,3 +128,18 @@ def test_progressive_ingest_equals_end_ingest_and_cleans_up_on_failure(tok, tmp_
         assert con.execute("SELECT status FROM runs WHERE task = 'broken'").fetchone()[0] == "failed"
         for t in store.PROGRESSIVE_TABLES:
             assert con.execute(f"SELECT count(*) FROM {t} WHERE run_id = ?", [b + 1]).fetchone()[0] == 0
+
+
+def test_bf16_model_records_and_bad_dtype_is_refused(tok, tmp_db, tmp_path, run_esft):
+    import torch
+
+    model = tiny_moe("deepseek_v3", seed=2).to(torch.bfloat16)
+    run = record.record(model, tok, RECORDS, tmp_db, "bf16", max_tokens=200, seq_len=40, batch_size=4)
+    with store.reader(tmp_db) as con:
+        n_t, k, n_l = con.execute("SELECT n_tokens, top_k, len(layers) FROM runs WHERE run_id = ?", [run]).fetchone()
+        assert con.execute("SELECT count(*) FROM routes WHERE isfinite(weight) AND weight > 0").fetchone()[0] == \
+            n_t * k * n_l
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "hello"}\n')
+    r = run_esft("record", "--data", data, "--task", "t", "--db", tmp_path / "x.duckdb", "--dtype", "fp8")
+    assert r.returncode == 2 and "--dtype: unknown dtype 'fp8'" in r.stderr and not (tmp_path / "x.duckdb").exists()

@@ -56,10 +56,13 @@ def cmd_record(args) -> int:
     if args.max_tokens < 1 or args.seq_len < 2 or args.batch_size < 1:
         raise EsftError("--max-tokens must be >= 1, --seq-len >= 2 and --batch-size >= 1")
     parse_routes(args.routes)
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if args.dtype not in dtypes:
+        raise EsftError(f"--dtype: unknown dtype '{args.dtype}'; choose float32, bfloat16 or float16")
     records = read_records(args.data)  # bad data fails before the model loads and before the DB is touched
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, dtype=dtypes[args.dtype])
     moe_layout(model)  # a dense model fails here, before anything is written
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one GPU per rank
@@ -289,6 +292,7 @@ def register(sub) -> None:
     p.add_argument("--routes", default="all",
                    help="all (default), none (aggregate-only: scores/selection/expert views, no token routes), or "
                         "sample:N (routes of the first N samples of the seeded order)")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16 model weights")
     p.add_argument("--progressive-ingest", action="store_true",
                    help="insert rows into the DB while recording (short locks per ~4M rows; the end is quick)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
