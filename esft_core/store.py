@@ -437,6 +437,20 @@ class StagedRun:
 
 
 # -- queries shared by scores/select/CLI ----------------------------------------------------------------------
+def routes_note(con, run_id: int) -> str | None:
+    """What a run's per-token views lack (recorded with --routes none / sample:N), as one sentence; None if nothing."""
+    row = con.execute("SELECT params FROM runs WHERE run_id = ?", [run_id]).fetchone()
+    mode = json.loads(row[0] or "{}").get("routes", "all") if row else "all"
+    if mode == "none":
+        return (f"run {run_id} was recorded aggregate-only (--routes none): scores and expert statistics are complete, "
+                "but per-token routes and top tokens were not stored")
+    if isinstance(mode, str) and mode.startswith("sample:"):
+        return (f"run {run_id} stored per-token routes for its first {mode[7:]} samples only (--routes {mode}); "
+                "scores and expert statistics cover every sample")
+    return None
+
+
+
 def complete_runs(con, task: str, run_ids: list[int] | None = None) -> list[tuple]:
     """(run_id, num_experts, top_k, layers, n_samples, n_tokens) of the complete runs of `task`; errors say why none."""
     rows = con.execute(

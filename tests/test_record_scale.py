@@ -38,6 +38,9 @@ def test_routes_modes_keep_scores(tok, tmp_db):
         assert con.execute("SELECT max(sample_id) FROM routes WHERE run_id = ?", [runs["sample:3"]]).fetchone()[0] == 2
         assert con.execute("SELECT count(*) FROM expert_tokens WHERE run_id = ?", [runs["none"]]).fetchone()[0] == 0
         assert con.execute("SELECT count(*) FROM tokens WHERE run_id = ?", [runs["none"]]).fetchone()[0] > 0
+        assert "aggregate-only" in store.routes_note(con, runs["none"])
+        assert "first 3 samples" in store.routes_note(con, runs["sample:3"])
+        assert store.routes_note(con, runs["all"]) is None
         params = json.loads(con.execute("SELECT params FROM runs WHERE run_id = ?", [runs["none"]]).fetchone()[0])
         assert params["routes"] == "none" and "dropped_slots" in params
         # the gate scale: mean per-token top-K weight sum per layer, equal to what the routes say
