@@ -146,3 +146,15 @@ def test_bf16_model_records_and_bad_dtype_is_refused(tok, tmp_db, tmp_path, run_
     data.write_text('{"text": "hello"}\n')
     r = run_esft("record", "--data", data, "--task", "t", "--db", tmp_path / "x.duckdb", "--dtype", "fp8")
     assert r.returncode == 2 and "--dtype: unknown dtype 'fp8'" in r.stderr and not (tmp_path / "x.duckdb").exists()
+
+
+def test_select_on_gate_norm(tok, tmp_db, run_esft):
+    model = tiny_moe("deepseek_v3", seed=2)
+    record.record(model, tok, RECORDS, tmp_db, "t", max_tokens=200, seq_len=40, batch_size=4)
+    r = run_esft("select", "--db", tmp_db, "--task", "t", "--metric", "gate_norm", "--top-p", "0.5")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads(r.stdout)
+    assert cfg["experts"] and all(len(v) >= 1 for v in cfg["experts"].values())
+    r = run_esft("select", "--db", tmp_db, "--task", "t", "--metric", "gate_norm", "--top-p", "0.5",
+                 "--bootstrap", "10")
+    assert r.returncode == 2 and "--bootstrap supports --metric gate or token" in r.stderr

@@ -171,6 +171,8 @@ def cmd_select(args) -> int:
         check_p(args.top_p)
     if args.bootstrap is not None and args.top_p is None:
         raise EsftError("--bootstrap needs --top-p (stability of the top-p selection)")
+    if args.bootstrap is not None and args.metric not in ("gate", "token"):
+        raise EsftError(f"--bootstrap supports --metric gate or token, not '{args.metric}'")
     contrast = [t for spec in (args.contrast or []) for t in spec.split(",") if t]
     with store.reader(args.db) as con:
         sel = select_for_task(con, args.task, args.metric, args.normalize, args.top_p, args.top_k, args.include,
