@@ -402,6 +402,7 @@ TINY_OVERRIDES: dict[str, dict] = {
     "dots3_note_text": dict(per_layer_config={}, head_dim=16),
     "mimo_v2_flash": dict(head_dim=24, v_head_dim=8, num_key_value_heads=2),
     "lfm2_moe": dict(layer_types=["conv", "full_attention", "full_attention"]),
+    "mistral4": dict(head_dim=16),  # = qk_nope + qk_rope head dims (partial rotary factor 0.5)
     "qwen4_exp_text": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=8,
                            indexer_compress_ratio=2),
     "dbrx": dict(d_model=32, n_heads=4, n_layers=3, max_seq_len=256,
@@ -412,15 +413,21 @@ TINY_OVERRIDES: dict[str, dict] = {
 
 def moe_families() -> list[str]:
     """The MoE causal-LM families of the installed transformers, found by scanning its model configs: every
-    model type with a causal-LM class whose default config (or its text config) names an expert count. A
-    multimodal wrapper whose text config is itself such a family is counted once, as the text family."""
+    model type with a causal-LM class (AutoModelForCausalLM's, or `<Name>ForCausalLM` next to `<Name>Config`, as
+    Mistral4) whose default config (or its text config) names an expert count. A multimodal wrapper whose text
+    config is itself such a family is counted once, as the text family."""
     import warnings
 
+    import transformers
     from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     found = []
-    for mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    causal = list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) + [
+        mt for mt, c in CONFIG_MAPPING_NAMES.items()
+        if mt not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and hasattr(transformers, c.replace("Config", "ForCausalLM"))]
+    for mt in causal:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -431,7 +438,7 @@ def moe_families() -> list[str]:
         hit = [c for c in subs if any(CONFIG_EXPERT_KEYS.match(k) for k in c.to_dict())]
         if not hit and not any(CONFIG_EXPERT_KEYS.match(k) for k in _flat_keys(cfg.to_dict())):
             continue
-        text = [c.model_type for c in subs[1:] if c in hit and c.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES]
+        text = [c.model_type for c in subs[1:] if c in hit and c.model_type in causal]
         found.append(text[0] if text else mt)
     return sorted(set(found))
 
@@ -480,12 +487,17 @@ def tiny_moe(family: str = "deepseek_v2", seed: int = 0, **overrides):
     """A seeded random tiny MoE causal LM of `family` (float32, eval mode)."""
     import warnings
 
+    import transformers
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
+    cfg = tiny_config(family, **overrides)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_config(tiny_config(family, **overrides), dtype=torch.float32)
+        if type(cfg) in AutoModelForCausalLM._model_mapping:
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        else:  # a causal LM without an auto-class entry (Mistral4)
+            model = getattr(transformers, type(cfg).__name__.replace("Config", "ForCausalLM"))(cfg).float()
     # Routers of some families are zero-initialised (every expert ties); give them seeded random weights so
     # routing differs between tokens, as in a trained model.
     g = torch.Generator().manual_seed(seed + 1)
