@@ -209,7 +209,8 @@ def batch_tables(sample_ids: np.ndarray, positions: np.ndarray, token_ids: np.nd
                  weights: np.ndarray, experts: np.ndarray, texts: pa.Array, with_routes: np.ndarray | None = None
                  ) -> dict[str, pa.Table]:
     """Arrow tables of one batch. Per-token arrays are (T,); weights/experts (L, T, K) with expert -1 on dropped
-    slots. Routes are layer-major; `with_routes` (T,) bool keeps routes of some tokens only (--routes sample:N)."""
+    slots. Routes are layer-major; `with_routes` (T,) bool keeps routes of some tokens only (--routes sample:N).
+    Also returns `expert_tokens`: the batch's (layer, expert, token) sums (see _token_key)."""
     n_l, n_t, k = weights.shape
     zeros = pa.repeat(pa.scalar(0, pa.int32()), n_t)
     tokens = pa.table({"run_id": zeros, "sample_id": sample_ids, "position": positions, "token_id": token_ids,
@@ -223,28 +224,27 @@ def batch_tables(sample_ids: np.ndarray, positions: np.ndarray, token_ids: np.nd
     else:
         sel = keep.reshape(-1)
         n = int(sel.sum())
+    layer = np.repeat(np.asarray(layers, np.int16), n_t * k)[sel]
+    expert = experts.reshape(-1).astype(np.int16)[sel]
+    weight = weights.reshape(-1)[sel]
     routes = pa.table({
         "run_id": pa.repeat(pa.scalar(0, pa.int32()), n),
         "sample_id": np.tile(np.repeat(sample_ids, k), n_l)[sel],
         "position": np.tile(np.repeat(positions, k), n_l)[sel],
-        "layer": np.repeat(np.asarray(layers, np.int16), n_t * k)[sel],
+        "layer": layer,
         "rank": np.tile(np.arange(k, dtype=np.int8), n_l * n_t)[sel],
-        "expert": experts.reshape(-1).astype(np.int16)[sel],
-        "weight": weights.reshape(-1)[sel],
-        "token_id": np.tile(np.repeat(token_ids, k), n_l)[sel],  # staging only (store.StagedRun): for expert_tokens
+        "expert": expert,
+        "weight": weight,
     })
-    return {"tokens": tokens, "routes": routes}
-
-
-def token_sums(routes: pa.Table) -> pa.Table:
-    """Per-(layer, expert, token_id) counts and gate sums of one batch's routes, keyed by one int64
-    (layer << 48 | expert << 32 | token_id, so key order = (layer, expert, token) order). Summed on the writer thread
-    (np.unique + bincount: twice as fast as a three-column Arrow group_by), so the ingest inserts a finished table."""
-    key = _token_key(routes["layer"].to_numpy(), routes["expert"].to_numpy(), routes["token_id"].to_numpy())
-    return _sum_by_key(key, np.ones(len(key), np.int64), routes["weight"].to_numpy().astype(np.float64))
+    key = _token_key(layer, expert, np.tile(np.repeat(token_ids, k), n_l)[sel])
+    sums = _sum_by_key(key, np.ones(len(key), np.float64), weight.astype(np.float64))
+    return {"tokens": tokens, "routes": routes, "expert_tokens": sums}
 
 
 def _token_key(layer: np.ndarray, expert: np.ndarray, token_id: np.ndarray) -> np.ndarray:
+    """Per-(layer, expert, token_id) sums are keyed by one int64 (layer << 48 | expert << 32 | token_id: key order =
+    (layer, expert, token) order) and summed on the writer thread with np.unique + bincount (twice as fast as a
+    three-column Arrow group_by), so the ingest inserts a finished expert_tokens table."""
     return (layer.astype(np.int64) << 48) | (expert.astype(np.int64) << 32) | token_id.astype(np.int64)
 
 
@@ -255,7 +255,7 @@ def _sum_by_key(key: np.ndarray, n: np.ndarray, gate: np.ndarray) -> pa.Table:
 
 
 def expert_tokens_table(sums: pa.Table, texts: TokenTexts | None) -> pa.Table:
-    """Decode token_sums' keys into the expert_tokens staging table (sorted by layer, expert, token)."""
+    """Decode _sum_by_key's keys into the expert_tokens staging table (sorted by layer, expert, token)."""
     k = sums["key"].to_numpy()
     token_id = (k & 0xFFFFFFFF).astype(np.int32)
     return pa.table({"run_id": pa.repeat(pa.scalar(0, pa.int32()), len(k)), "layer": (k >> 48).astype(np.int16),
@@ -576,7 +576,6 @@ def _builder(b: dict, ids: list[int], chunk: list[list[int]], with_routes: np.nd
             tabs = batch_tables(sample_ids, positions, b["token_ids"], layers, b["weights"], b["experts"], tt,
                                 None if tok_routes.all() else tok_routes)
             out.update(tabs)
-            out["expert_tokens"] = token_sums(tabs["routes"])
         else:
             out["tokens"] = pa.table({"run_id": pa.repeat(pa.scalar(0, pa.int32()), len(positions)),
                                       "sample_id": sample_ids, "position": positions, "token_id": b["token_ids"],
