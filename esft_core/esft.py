@@ -30,9 +30,9 @@ from torch import nn
 
 from esft_core.errors import EsftError
 from esft_core.expert_config import ExpertConfig  # noqa: F401  (re-exported: the type lived here)
-from esft_core.models import MoeLayout, decoder_layers, moe_layout
+from esft_core.models import MoeLayout, decoder_layers, expert_tensors, moe_layout
 
-SHARED_EXPERT_ATTRS = ("shared_experts", "shared_expert", "shared_expert_gate")
+SHARED_EXPERT_ATTRS = ("shared_experts", "shared_expert", "shared_expert_gate", "shared_mlp")
 
 
 def check_config(cfg: ExpertConfig, model: nn.Module, layout: MoeLayout | None = None) -> MoeLayout:
@@ -71,18 +71,24 @@ class SelectedExperts(nn.Module):
     parameter with a leading expert dimension (biases) is copied the same way.
     """
 
-    def __init__(self, experts: nn.Module, ids: list[int]):
+    def __init__(self, experts: nn.Module, ids: list[int], tensors=None):
         super().__init__()
-        num_experts = experts.num_experts
+        # tensors: models.expert_tensors of the layer (name, expert rows per tensor); default: every parameter with
+        # a leading expert axis of size num_experts
+        if tensors is None:
+            num_experts = experts.num_experts
+            tensors = [types.SimpleNamespace(name=n, rows=1, expert_view=lambda t=None, p=p: p if t is None else t)
+                       for n, p in experts.named_parameters(recurse=False)
+                       if p.dim() >= 2 and p.shape[0] == num_experts]
         self.ids = list(ids)
         self.slot = {e: s for s, e in enumerate(self.ids)}  # expert id -> row of the small tensors
         self.register_buffer("expert_ids", torch.tensor(self.ids, dtype=torch.long), persistent=False)
-        self.names = [
-            n for n, p in experts.named_parameters(recurse=False) if p.dim() >= 2 and p.shape[0] == num_experts
-        ]
-        for n in self.names:
-            fused = getattr(experts, n)
-            setattr(self, n, nn.Parameter(fused.detach()[self.expert_ids].clone()))  # (n_sel, ...)
+        self.names = [t.name for t in tensors]  # relative to the experts module ('gate_up_proj', 'mlp.w1', ...)
+        self.views = {t.name: t.expert_view for t in tensors}  # fused tensor -> (E, ...) view
+        self.attr = {t.name: t.name.replace(".", "__") for t in tensors}
+        for t in tensors:
+            fused = self.views[t.name]()
+            setattr(self, self.attr[t.name], nn.Parameter(fused.detach()[self.expert_ids].clone()))  # (n_sel, ...)
         # Our zero-copy eager loop covers the standard layout; anything else goes through the overlay path.
         self.simple_layout = (
             set(self.names) == {"gate_up_proj", "down_proj"}
@@ -91,11 +97,17 @@ class SelectedExperts(nn.Module):
             and not getattr(experts, "is_transposed", False)
             and getattr(experts, "is_concatenated", True)
             and not getattr(experts, "has_post_expert_norm", False)
+            and hasattr(experts, "act_fn") and hasattr(experts, "num_experts")
         )
+
+    def small(self, name: str) -> nn.Parameter:
+        return getattr(self, self.attr[name])
 
     def effective(self, experts: nn.Module, name: str) -> torch.Tensor:
         """The fused tensor with the selected rows taken from the trainable copy (differentiable in the copy only)."""
-        return torch.index_put(getattr(experts, name).detach(), (self.expert_ids,), getattr(self, name))
+        fused = experts.get_parameter(name).detach()
+        view = self.views[name](fused)  # (E, ...)
+        return torch.index_put(view, (self.expert_ids,), self.small(name)).view(fused.shape)
 
 
 class _Overlay:
@@ -131,7 +143,7 @@ def _eager_selected(self, sel: SelectedExperts, hidden_states, top_k_index, top_
         if slot is None:
             gate_up, down = self.gate_up_proj[expert_idx], self.down_proj[expert_idx]  # frozen (2I, H), (H, I)
         else:
-            gate_up, down = sel.gate_up_proj[slot], sel.down_proj[slot]  # trainable (2I, H), (H, I)
+            gate_up, down = sel.small("gate_up_proj")[slot], sel.small("down_proj")[slot]  # trainable (2I, H), (H, I)
         gate, up = F.linear(hidden_states[token_idx], gate_up).chunk(2, dim=-1)  # (t, I) each
         h = F.linear(self.act_fn(gate) * up, down)  # (t, H)
         h = h * top_k_weights[token_idx, top_k_pos, None]
@@ -139,16 +151,21 @@ def _eager_selected(self, sel: SelectedExperts, hidden_states, top_k_index, top_
     return final
 
 
-def _esft_experts_forward(self, hidden_states, top_k_index, top_k_weights):
+def _esft_experts_forward(self, *args, **kwargs):
     sel: SelectedExperts = self.esft
-    impl = getattr(self.config, "_experts_implementation", None) or "eager"
-    if impl == "eager" and sel.simple_layout:
-        return _eager_selected(self, sel, hidden_states, top_k_index, top_k_weights)
+    impl = getattr(getattr(self, "config", None), "_experts_implementation", None) or "eager"
+    if impl == "eager" and sel.simple_layout and len(args) == 3 and not kwargs:
+        return _eager_selected(self, sel, *args)
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
     fn = ALL_EXPERTS_FUNCTIONS.get_interface(impl, _original_forward(type(self)))
-    overlay = _Overlay(self, {n: sel.effective(self, n) for n in sel.names})
-    return fn(overlay, hidden_states, top_k_index, top_k_weights)
+    if all("." not in n for n in sel.names):
+        return fn(_Overlay(self, {n: sel.effective(self, n) for n in sel.names}), *args, **kwargs)
+    # nested expert parameters (DBRX's mlp.w1): swap them in for the call (no copy of the module)
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    with _reparametrize_module(self, {n: sel.effective(self, n) for n in sel.names}):
+        return fn(self, *args, **kwargs)
 
 
 def is_wrapped(model: nn.Module) -> bool:
@@ -174,13 +191,13 @@ def apply_esft(model: nn.Module, cfg: ExpertConfig) -> dict[int, SelectedExperts
     selected = {}
     for layer in layout.layers:
         experts = layout.experts[layer]
-        for p in experts.parameters(recurse=False):
+        for p in experts.parameters():
             p.requires_grad_(False)
         for m in shared_expert_modules(layout.blocks[layer]):
             m.requires_grad_(cfg.shared_experts)
         ids = cfg.experts.get(layer, [])
         if ids:
-            experts.esft = SelectedExperts(experts, ids)
+            experts.esft = SelectedExperts(experts, ids, expert_tensors(layout, layer))
             experts.forward = types.MethodType(_esft_experts_forward, experts)
             selected[layer] = experts.esft
     return selected
@@ -193,7 +210,8 @@ def merge_selected(model: nn.Module) -> nn.Module:
         if isinstance(sel, SelectedExperts):
             with torch.no_grad():
                 for n in sel.names:
-                    getattr(m, n)[sel.expert_ids] = getattr(sel, n).detach().to(getattr(m, n).dtype)
+                    fused = m.get_parameter(n)
+                    sel.views[n](fused)[sel.expert_ids] = sel.small(n).detach().to(fused.dtype)
             del m.esft
             m.__dict__.pop("forward", None)
     return model

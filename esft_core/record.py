@@ -1,10 +1,26 @@
-"""The routing-trace recorder: forward hooks on the router of every MoE layer → Arrow batches → the trace store.
+"""The routing-trace recorder: hooks where the experts of every MoE layer receive their routing → Arrow → the store.
 
-Every transformers-v5 MoE router returns `(router_logits (T, E), topk_weights (T, K), topk_indices (T, K))`, so one
-forward hook per router sees everything (no patched modeling code). Some families return the top-K unsorted; we sort
-each token's K pairs by weight, descending, so rank 0 is the strongest expert. Samples are taken in a seeded random
-order (the authors shuffle, then stop after the sample that crosses the token budget), formatted with the authors'
-template (data.encode_record), truncated to --seq-len, right-padded into batches; padding positions are dropped.
+What is recorded is the routing the experts module actually receives: a forward pre-hook reads the
+`(hidden_states (T, H), top_k_index (T, K), top_k_weights (T, K))` arguments of its forward, so every router variant
+(softmax, sigmoid + bias, group-limited, hash, ...) is covered without knowing it. For experts run densely on
+router-scaled inputs (Llama4: `layout.routing[layer] == 'router_dense'`) a forward hook on the router takes the top-K
+of its (T, E) scores instead. Slots that are not routes to an expert are dropped and counted in the run's params
+(`dropped_slots`): ids >= E (Longcat's zero-computation experts) and, for families whose router masks its 'skip'
+expert as (id 0, weight 0) (Zaya), weight-0 slots. Each token's K pairs are sorted by weight, descending (rank 0 =
+strongest). Per token and layer the sum of its top-K weights (the gate scale: 1.0 for normalised softmax, 2.5 for
+DeepSeek-V3's scaling, ...) is reduced on the device into `layer_stats`, and each weight divided by it gives the
+scale-free per-(layer, expert) sums of `expert_norm_stats` (score `gate_norm`).
+
+Per-(sample, layer, expert) counts and gate sums are computed on the device, so `--routes none` (aggregate-only) and
+`--routes sample:N` (routes of the first N samples of the seeded order only) keep scores, selection and the explorer's
+expert views working. Host work (Arrow tables, Parquet staging) runs on a background writer thread while the model
+computes the next batch. Samples are taken in a seeded random order (the authors shuffle, then stop after the sample
+that crosses the token budget), formatted with the authors' template (data.encode_record), truncated to --seq-len,
+sorted by length within windows of batches (length bucketing: less padding), right-padded; padding is dropped.
+
+Under `torchrun` (WORLD_SIZE > 1) rank r records samples r, r+W, ... of the same seeded list under their global
+sample ids into its own staged parts of one run; rank 0 ingests all parts once every rank is done, so the result
+equals a single-process recording row for row.
 
 The run is staged as Parquet parts while the model runs and ingested in one transaction at the end (store.StagedRun),
 so the DB file stays free for readers, and a killed recording leaves only a 'running' row that scores ignore.
@@ -12,7 +28,11 @@ so the DB file stays free for readers, and a killed recording leaves only a 'run
 
 from __future__ import annotations
 
+import inspect
+import os
+import queue
 import random
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -28,9 +48,33 @@ from esft_core.models import MoeLayout, moe_layout
 DEFAULT_MAX_TOKENS = 131072
 
 
+def parse_routes(spec: str | None) -> int | None:
+    """'all' → None (every sample's routes), 'none' → 0, 'sample:N' → N (routes of the first N samples)."""
+    if spec in (None, "all"):
+        return None
+    if spec == "none":
+        return 0
+    if isinstance(spec, str) and spec.startswith("sample:") and spec[7:].isdigit() and int(spec[7:]) > 0:
+        return int(spec[7:])
+    raise EsftError(f"--routes: expected all, none or sample:N (N >= 1), got {spec!r}")
+
+
+def _routing_args(experts: torch.nn.Module):
+    """A function (args, kwargs) → (top_k_index, top_k_weights) for the forward of `experts`."""
+    fwd = getattr(type(experts).forward, "__wrapped__", type(experts).forward)
+    sig = inspect.signature(fwd)
+
+    def get(args, kwargs):
+        bound = sig.bind_partial(experts, *args, **kwargs).arguments
+        names = [n for n in sig.parameters if n != "self"]
+        return bound[names[1]], bound[names[2]]  # (hidden_states, top_k_index, top_k_weights, ...) by position
+
+    return get
+
+
 @dataclass
 class RouterTap:
-    """Forward hooks that keep the last forward's top-K (weights, indices) of every MoE layer, on device."""
+    """Hooks that keep the last forward's top-K (weights, indices) of every MoE layer as the experts receive them."""
 
     layout: MoeLayout
     captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
@@ -38,7 +82,11 @@ class RouterTap:
 
     def __enter__(self) -> RouterTap:
         for layer in self.layout.layers:
-            self.handles.append(self.layout.routers[layer].register_forward_hook(self._hook(layer)))
+            if self.layout.routing.get(layer, "experts_input") == "router_dense":
+                self.handles.append(self.layout.routers[layer].register_forward_hook(self._dense_hook(layer)))
+            else:
+                self.handles.append(self.layout.experts[layer].register_forward_pre_hook(
+                    self._experts_hook(layer, _routing_args(self.layout.experts[layer])), with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -46,26 +94,52 @@ class RouterTap:
             h.remove()
         self.handles.clear()
 
-    def _hook(self, layer: int):
-        def hook(module, inputs, output):
-            # output = (router_logits (T, E), topk_weights (T, K), topk_indices (T, K)); T = batch * seq
-            k = output[1].shape[-1]
-            self.captured[layer] = (output[1].detach().reshape(-1, k), output[2].detach().reshape(-1, k))
+    def _experts_hook(self, layer: int, get):
+        def hook(module, args, kwargs):
+            idx, w = get(args, kwargs)  # (T, K) each; T = batch * seq
+            k = idx.shape[-1]
+            self.captured[layer] = (w.detach().reshape(-1, k), idx.detach().reshape(-1, k))
 
         return hook
 
-    def take(self, valid: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Rank-ordered (weights (L, T, K) float32, experts (L, T, K) int16) for the `valid` flat positions."""
+    def _dense_hook(self, layer: int):
+        k = self.layout.layer_top_k[layer]
+
+        def hook(module, inputs, output):
+            scores = output[0] if isinstance(output, tuple) else output  # (T, E), 0 outside the top-K
+            w, idx = torch.topk(scores.detach().float(), k, dim=-1)
+            self.captured[layer] = (w, idx)
+
+        return hook
+
+    def take(self, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rank-ordered (weights (L, T, K) float32, experts (L, T, K) int64) of the `valid` flat positions, on device;
+        dropped (non-expert) slots come last with expert -1 and weight 0."""
         missing = [layer for layer in self.layout.layers if layer not in self.captured]
         if missing:
-            raise EsftError(f"router of layer {missing[0]} did not run; is this a supported MoE family?")
-        w = torch.stack([self.captured[layer][0] for layer in self.layout.layers])  # (L, B*S, K)
-        e = torch.stack([self.captured[layer][1] for layer in self.layout.layers])  # (L, B*S, K)
+            raise EsftError(f"the experts of layer {missing[0]} did not run; is this a supported MoE family?")
+        k = max(self.captured[layer][0].shape[-1] for layer in self.layout.layers)
+        ws, es = [], []
+        for layer in self.layout.layers:
+            w, e = self.captured[layer]
+            if w.shape[0] != valid.shape[0]:
+                raise EsftError(f"layer {layer}: the experts received {w.shape[0]} tokens, the batch has "
+                                f"{valid.shape[0]} positions; this routing layout is not supported")
+            if w.shape[-1] < k:  # per-layer K: pad with empty slots (dropped below)
+                w = torch.cat([w, w.new_zeros(w.shape[0], k - w.shape[-1])], -1)
+                e = torch.cat([e, e.new_full((e.shape[0], k - e.shape[-1]), -1)], -1)
+            ws.append(w)
+            es.append(e)
         self.captured.clear()
-        w, e = w[:, valid], e[:, valid]  # (L, T, K): drop padding
-        w, order = torch.sort(w.float(), dim=-1, descending=True, stable=True)  # rank 0 = highest weight
-        e = torch.gather(e, -1, order)
-        return w.cpu().numpy(), e.to(torch.int16).cpu().numpy()
+        w, e = torch.stack(ws)[:, valid].float(), torch.stack(es)[:, valid].long()  # (L, T, K): padding dropped
+        n_exp = torch.tensor([self.layout.layer_experts[layer] for layer in self.layout.layers], device=e.device)
+        keep = (e >= 0) & (e < n_exp[:, None, None])  # ids >= E: zero-computation / identity experts
+        if self.layout.masked_zero_slots:
+            keep &= w != 0  # a masked 'skip' slot arrives as (id 0, weight 0)
+        key = torch.where(keep, w, torch.full_like(w, -torch.inf))  # dropped slots sort last
+        _, order = torch.sort(key, dim=-1, descending=True, stable=True)  # rank 0 = highest weight
+        w, e, keep = (torch.gather(x, -1, order) for x in (w, e, keep))
+        return torch.where(keep, w, 0.0), torch.where(keep, e, -1)
 
 
 def forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
@@ -110,39 +184,145 @@ class TokenTexts:
         return pa.array([self.cache[u] for u in uniq.tolist()], pa.string()).take(pa.array(inv.astype(np.int32)))
 
 
+def device_sums(w: torch.Tensor, e: torch.Tensor, sample_of: torch.Tensor, n_samples: int, num_experts: int):
+    """Per-(sample, layer, expert) sums of one batch, on the device.
+
+    w, e: (L, T, K) from RouterTap.take (e = -1 on dropped slots); sample_of: (T,) batch-local sample index.
+    Returns n_selected, gate_sum, norm_gate_sum (each (B, L, E)) and per-token top-K sums wsum (L, T).
+    """
+    n_l, n_t, k = w.shape
+    keep = e >= 0
+    wsum = w.sum(-1)  # (L, T): the gate scale of each token
+    norm = w / wsum.clamp_min(torch.finfo(w.dtype).tiny)[..., None]  # (L, T, K): sums to 1 per token
+    flat = ((sample_of[None, :, None] * n_l + torch.arange(n_l, device=w.device)[:, None, None]) * num_experts
+            + e.clamp_min(0))  # (L, T, K) index into (B, L, E)
+    flat, keepf = flat[keep], keep.float()
+    size = n_samples * n_l * num_experts
+    cnt = torch.zeros(size, device=w.device).index_add_(0, flat, keepf[keep])
+    gate = torch.zeros(size, device=w.device, dtype=torch.float64).index_add_(0, flat, w[keep].double())
+    ngate = torch.zeros(size, device=w.device, dtype=torch.float64).index_add_(0, flat, norm[keep].double())
+    shape = (n_samples, n_l, num_experts)
+    return cnt.view(shape), gate.view(shape), ngate.view(shape), wsum
+
+
 def batch_tables(sample_ids: np.ndarray, positions: np.ndarray, token_ids: np.ndarray, layers: list[int],
-                 weights: np.ndarray, experts: np.ndarray, texts: pa.Array) -> dict[str, pa.Table]:
-    """Arrow tables of one batch. Per-token arrays are (T,); weights/experts (L, T, K). Routes are layer-major."""
+                 weights: np.ndarray, experts: np.ndarray, texts: pa.Array, with_routes: np.ndarray | None = None
+                 ) -> dict[str, pa.Table]:
+    """Arrow tables of one batch. Per-token arrays are (T,); weights/experts (L, T, K) with expert -1 on dropped
+    slots. Routes are layer-major; `with_routes` (T,) bool keeps routes of some tokens only (--routes sample:N).
+    Also returns `expert_tokens`: the batch's (layer, expert, token) sums (see _token_key)."""
     n_l, n_t, k = weights.shape
     zeros = pa.repeat(pa.scalar(0, pa.int32()), n_t)
     tokens = pa.table({"run_id": zeros, "sample_id": sample_ids, "position": positions, "token_id": token_ids,
                        "token_text": texts})
-    n = n_l * n_t * k
+    keep = experts >= 0  # (L, T, K)
+    if with_routes is not None:
+        keep &= with_routes[None, :, None]
+    if keep.all():
+        sel = slice(None)
+        n = n_l * n_t * k
+    else:
+        sel = keep.reshape(-1)
+        n = int(sel.sum())
+    layer = np.repeat(np.asarray(layers, np.int16), n_t * k)[sel]
+    expert = experts.reshape(-1).astype(np.int16)[sel]
+    weight = weights.reshape(-1)[sel]
     routes = pa.table({
         "run_id": pa.repeat(pa.scalar(0, pa.int32()), n),
-        "sample_id": np.tile(np.repeat(sample_ids, k), n_l),
-        "position": np.tile(np.repeat(positions, k), n_l),
-        "layer": np.repeat(np.asarray(layers, np.int16), n_t * k),
-        "rank": np.tile(np.arange(k, dtype=np.int8), n_l * n_t),
-        "expert": experts.reshape(-1),
-        "weight": weights.reshape(-1),
-        "token_id": np.tile(np.repeat(token_ids, k), n_l),  # staging only (store.StagedRun): for expert_tokens
+        "sample_id": np.tile(np.repeat(sample_ids, k), n_l)[sel],
+        "position": np.tile(np.repeat(positions, k), n_l)[sel],
+        "layer": layer,
+        "rank": np.tile(np.arange(k, dtype=np.int8), n_l * n_t)[sel],
+        "expert": expert,
+        "weight": weight,
     })
-    return {"tokens": tokens, "routes": routes}
+    key = _token_key(layer, expert, np.tile(np.repeat(token_ids, k), n_l)[sel])
+    sums = _sum_by_key(key, np.ones(len(key), np.float64), weight.astype(np.float64))
+    return {"tokens": tokens, "routes": routes, "expert_tokens": sums}
+
+
+def _token_key(layer: np.ndarray, expert: np.ndarray, token_id: np.ndarray) -> np.ndarray:
+    """Per-(layer, expert, token_id) sums are keyed by one int64 (layer << 48 | expert << 32 | token_id: key order =
+    (layer, expert, token) order) and summed on the writer thread with np.unique + bincount (twice as fast as a
+    three-column Arrow group_by), so the ingest inserts a finished expert_tokens table."""
+    return (layer.astype(np.int64) << 48) | (expert.astype(np.int64) << 32) | token_id.astype(np.int64)
+
+
+def _sum_by_key(key: np.ndarray, n: np.ndarray, gate: np.ndarray) -> pa.Table:
+    uniq, inv = np.unique(key, return_inverse=True)
+    return pa.table({"key": uniq, "n": np.bincount(inv, weights=n, minlength=len(uniq)).astype(np.int64),
+                     "gate_sum": np.bincount(inv, weights=gate, minlength=len(uniq))})
+
+
+def expert_tokens_table(sums: pa.Table, texts: TokenTexts | None) -> pa.Table:
+    """Decode _sum_by_key's keys into the expert_tokens staging table (sorted by layer, expert, token)."""
+    k = sums["key"].to_numpy()
+    token_id = (k & 0xFFFFFFFF).astype(np.int32)
+    return pa.table({"run_id": pa.repeat(pa.scalar(0, pa.int32()), len(k)), "layer": (k >> 48).astype(np.int16),
+                     "expert": ((k >> 32) & 0xFFFF).astype(np.int16), "token_id": token_id,
+                     "token_text": texts(token_id) if texts is not None else pa.nulls(len(k), pa.string()),
+                     "n": sums["n"], "gate_sum": sums["gate_sum"]})
+
+
+def stats_table(first_sample_id: int, layers: list[int], cnt: np.ndarray, gate: np.ndarray,
+                ngate: np.ndarray, sample_ids: np.ndarray | None = None) -> pa.Table:
+    """sample_expert_stats rows (plus norm_gate_sum, staging only) of one batch from (B, L, E) sums."""
+    b, li, ex = np.nonzero(cnt)
+    sids = (np.arange(first_sample_id, first_sample_id + cnt.shape[0], dtype=np.int32) if sample_ids is None
+            else np.asarray(sample_ids, np.int32))
+    return pa.table({
+        "run_id": pa.repeat(pa.scalar(0, pa.int32()), len(b)),
+        "sample_id": sids[b],
+        "layer": np.asarray(layers, np.int16)[li],
+        "expert": ex.astype(np.int16),
+        "n_selected": cnt[b, li, ex].astype(np.int32),
+        "gate_sum": gate[b, li, ex],
+        "norm_gate_sum": ngate[b, li, ex],
+    })
+
+
+class LayerScale:
+    """Running per-layer statistics of the per-token top-K weight sum (the gate scale), on the device."""
+
+    def __init__(self, n_layers: int, device):
+        self.n = torch.zeros(n_layers, dtype=torch.float64, device=device)
+        self.sum = torch.zeros(n_layers, dtype=torch.float64, device=device)
+        self.min = torch.full((n_layers,), torch.inf, dtype=torch.float64, device=device)
+        self.max = torch.full((n_layers,), -torch.inf, dtype=torch.float64, device=device)
+        self.dropped = torch.zeros(n_layers, dtype=torch.float64, device=device)
+
+    def update(self, wsum: torch.Tensor, experts: torch.Tensor) -> None:  # wsum (L, T), experts (L, T, K)
+        if wsum.shape[1] == 0:
+            return
+        ws = wsum.double()
+        self.n += ws.shape[1]
+        self.sum += ws.sum(1)
+        self.min = torch.minimum(self.min, ws.min(1).values)
+        self.max = torch.maximum(self.max, ws.max(1).values)
+        self.dropped += (experts < 0).sum((1, 2)).double()
+
+    def table(self, layers: list[int]) -> pa.Table:
+        return pa.table({"run_id": pa.repeat(pa.scalar(0, pa.int32()), len(layers)),
+                         "layer": np.asarray(layers, np.int16), "n_tokens": self.n.cpu().numpy().astype(np.int64),
+                         "weight_sum": self.sum.cpu().numpy(), "weight_sum_min": self.min.cpu().numpy(),
+                         "weight_sum_max": self.max.cpu().numpy(),
+                         "n_dropped": self.dropped.cpu().numpy().astype(np.int64)})
 
 
 class Recorder:
-    """Runs batches through the model with the router tap on and turns them into staged Arrow tables."""
+    """Runs batches through the model with the tap on; returns host arrays of the batch (tables built elsewhere)."""
 
     def __init__(self, model, tok, layout: MoeLayout | None = None):
         self.model = model
         self.layout = layout or moe_layout(model)
         self.texts = TokenTexts(tok)
         self.pad_id = getattr(tok, "pad_token_id", None) or 0
-        self.device = next(model.parameters()).device
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        self.device = emb.weight.device if emb is not None else next(model.parameters()).device  # device_map="auto"
+        self.scale = LayerScale(len(self.layout.layers), self.device)
 
-    def run_batch(self, seqs: list[list[int]], first_sample_id: int) -> dict[str, pa.Table]:
-        """Forward one batch of token-id lists; return its tokens/routes tables (run_id 0)."""
+    def forward_batch(self, seqs: list[list[int]], want_routes: bool = True) -> dict:
+        """Forward one batch; device-side sums; host copies of what the writer needs."""
         lens = [len(s) for s in seqs]
         width = max(lens)
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)  # (B, S)
@@ -150,73 +330,256 @@ class Recorder:
         for i, s in enumerate(seqs):
             ids[i, : len(s)] = torch.tensor(s)
             mask[i, : len(s)] = 1
-        valid = mask.reshape(-1).bool().to(self.device)  # (B*S,)
+        valid = mask.reshape(-1).bool()  # (B*S,)
+        sample_of = torch.arange(len(seqs)).repeat_interleave(torch.tensor(lens)).to(self.device)  # (T,)
         with RouterTap(self.layout) as tap, torch.inference_mode():
             forward(self.model, ids.to(self.device), mask.to(self.device))
-            weights, experts = tap.take(valid)  # (L, T, K)
-        token_ids = ids.reshape(-1)[mask.reshape(-1).bool()].numpy().astype(np.int32)  # (T,)
-        sample_ids = np.repeat(np.arange(first_sample_id, first_sample_id + len(seqs), dtype=np.int32), lens)
-        positions = np.concatenate([np.arange(n, dtype=np.int32) for n in lens])
-        return batch_tables(sample_ids, positions, token_ids, self.layout.layers, weights, experts,
-                            self.texts(token_ids))
+            w, e = tap.take(valid.to(self.device))  # (L, T, K)
+            cnt, gate, ngate, wsum = device_sums(w, e, sample_of, len(seqs), self.layout.num_experts)
+            self.scale.update(wsum, e)
+        out = {"lens": lens, "token_ids": ids.reshape(-1)[valid].numpy().astype(np.int32),
+               "cnt": cnt.cpu().numpy(), "gate": gate.cpu().numpy(), "ngate": ngate.cpu().numpy()}
+        if want_routes:
+            out["weights"], out["experts"] = w.cpu().numpy(), e.to(torch.int16).cpu().numpy()
+        return out
+
+    def run_batch(self, seqs: list[list[int]], first_sample_id: int) -> dict[str, pa.Table]:
+        """Forward one batch; return its tokens/routes tables (run_id 0)."""
+        b = self.forward_batch(seqs)
+        sample_ids = np.repeat(np.arange(first_sample_id, first_sample_id + len(seqs), dtype=np.int32), b["lens"])
+        positions = np.concatenate([np.arange(n, dtype=np.int32) for n in b["lens"]])
+        return batch_tables(sample_ids, positions, b["token_ids"], self.layout.layers, b["weights"], b["experts"],
+                            self.texts(b["token_ids"]))
+
+
+class Writer:
+    """A background thread that turns forward results into staged Parquet parts while the model runs on.
+
+    `expert_tokens` partial sums are not staged per flush: they are merged into one running per-(layer, expert,
+    token) table, staged once at close() sorted and with token texts, so the final ingest is a plain INSERT.
+    threaded=False runs every build inline (benchmarks, to time the host work serially). progressive=True inserts
+    each flushed part into the DB right away (store.StagedRun.ingest_parts), so the final commit is short.
+    """
+
+    def __init__(self, staged: store.StagedRun, flush_rows: int, texts: TokenTexts | None = None, depth: int = 2,
+                 threaded: bool = True, progressive: bool = False):
+        self.staged, self.flush_rows, self.texts, self.progressive = staged, flush_rows, texts, progressive
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.pending: dict[str, list[pa.Table]] = {}
+        self.n_pending = 0
+        self.token_parts: list[pa.Table] = []
+        self.thread = None
+        if threaded:
+            self.thread = threading.Thread(target=self._run, name="esft-record-writer", daemon=True)
+            self.thread.start()
+
+    def put(self, build: Callable[[], dict[str, pa.Table]]) -> None:
+        if self.error is not None:
+            raise self.error
+        if self.thread is None:
+            self._one(build)
+            if self.error is not None:
+                raise self.error
+        else:
+            self.q.put(build)
+
+    def _merge_tokens(self) -> None:
+        if len(self.token_parts) > 1:
+            t = pa.concat_tables(self.token_parts)
+            self.token_parts = [_sum_by_key(t["key"].to_numpy(), t["n"].to_numpy().astype(np.float64),
+                                            t["gate_sum"].to_numpy())]
+
+    def _flush(self) -> None:
+        self.token_parts += self.pending.pop("expert_tokens", [])
+        self._merge_tokens()
+        if self.pending:
+            self.staged.stage({k: pa.concat_tables(v) for k, v in self.pending.items()})
+            if self.progressive:
+                self.staged.ingest_parts()
+        self.pending, self.n_pending = {}, 0
+
+    def _one(self, build) -> None:
+        try:
+            for name, t in build().items():
+                self.pending.setdefault(name, []).append(t)
+                self.n_pending += t.num_rows
+            if self.n_pending >= self.flush_rows:
+                self._flush()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the recording thread
+            self.error = e
+
+    def _run(self) -> None:
+        while True:
+            build = self.q.get()
+            if build is None:
+                break
+            if self.error is None:
+                self._one(build)
+
+    def stop(self) -> None:
+        """End the thread without flushing (the run failed): nothing more is staged or ingested."""
+        self.error = self.error or EsftError("recording stopped")
+        if self.thread is not None and self.thread.is_alive():
+            self.q.put(None)
+            self.thread.join()
+
+    def close(self) -> None:
+        if self.thread is not None:
+            self.q.put(None)
+            self.thread.join()
+        if self.error is None:
+            try:
+                self._flush()
+                if self.token_parts:
+                    self.staged.stage({"expert_tokens": expert_tokens_table(self.token_parts[0], self.texts)})
+                    self.token_parts = []
+            except BaseException as e:  # noqa: BLE001
+                self.error = e
+        if self.error is not None:
+            raise self.error
+
+
+def bucket_order(seqs: list[list[int]], batch_size: int, window: int = 16) -> list[int]:
+    """Sample indices in batch order: within windows of `window` batches, sorted by length (less padding)."""
+    span = batch_size * window
+    order = []
+    for start in range(0, len(seqs), span):
+        idx = list(range(start, min(start + span, len(seqs))))
+        order += sorted(idx, key=lambda i: -len(seqs[i]))
+    return order
+
+
+def _dist():
+    """(rank, world) under torchrun (initialising the default process group if needed), else (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size()
 
 
 def record(model, tok, records: Sequence[dict], db, task: str, *, max_tokens: int = DEFAULT_MAX_TOKENS,
            seq_len: int = 2048, batch_size: int = 8, seed: int = 0, model_name: str | None = None,
            params: dict | None = None, progress: Callable[[int, int], None] | None = None,
-           flush_rows: int = 4_000_000) -> int:
+           flush_rows: int = 4_000_000, routes: str | None = "all", progressive: bool = False) -> int:
     """Record the routing of `records` through `model` as a new complete run of `task` in `db`; return its run_id.
 
-    progress(done_tokens, total_tokens) is called after every batch.
+    progress(done_tokens, total_tokens) is called after every batch. routes: 'all', 'none' or 'sample:N'.
+    progressive: insert the rows into the DB while recording (single process; see store.StagedRun.ingest_parts).
     """
     if not task:
         raise EsftError("--task must be a non-empty name")
     if batch_size < 1:
         raise EsftError(f"--batch-size must be >= 1, got {batch_size}")
+    parse_routes(routes)
     moe_layout(model)  # a model without MoE layers fails before anything is written
     seqs, _ = choose_samples(records, tok, max_tokens, seq_len, seed)
     run_params = {"max_tokens": max_tokens, "seq_len": seq_len, "seed": seed, "n_records": len(records),
                   **(params or {})}
     return record_sequences(model, tok, seqs, db, task, batch_size=batch_size, model_name=model_name,
-                            params=run_params, progress=progress, flush_rows=flush_rows)
+                            params=run_params, progress=progress, flush_rows=flush_rows, routes=routes,
+                            progressive=progressive)
 
 
 def record_sequences(model, tok, seqs: list[list[int]], db, task: str, *, batch_size: int = 8,
                      model_name: str | None = None, params: dict | None = None,
-                     progress: Callable[[int, int], None] | None = None, flush_rows: int = 4_000_000) -> int:
-    """Record already-tokenized samples (each a list of ids, one sample each); return the new run_id."""
+                     progress: Callable[[int, int], None] | None = None, flush_rows: int = 4_000_000,
+                     routes: str | None = "all", progressive: bool = False) -> int:
+    """Record already-tokenized samples (each a list of ids, one sample each); return the new run_id.
+
+    Sample ids are the indices into `seqs`. Under torchrun every rank calls this with the same `seqs`.
+    """
+    n_route_samples = parse_routes(routes)
+    rank, world = _dist()
     rec = Recorder(model, tok)
     lay = rec.layout
-    total = sum(len(s) for s in seqs)
     name = model_name or getattr(getattr(model, "config", None), "_name_or_path", "") or lay.family
-    staged = store.StagedRun(db, task, name, lay.num_experts, lay.top_k, lay.layers,
-                             {"batch_size": batch_size, **(params or {})})
+    run_params = {"batch_size": batch_size, **(params or {}), "routes": routes or "all", "world_size": world,
+                  "family": lay.family, "routing_source": sorted(set(lay.routing.values())),
+                  "dropped_slots": "ids >= num_experts" + (" and weight-0 masked skip slots"
+                                                           if lay.masked_zero_slots else "")}
+    if lay.layer_experts and len(set(lay.layer_experts.values())) > 1:
+        run_params["layer_experts"] = {str(k): v for k, v in lay.layer_experts.items()}
+    if len(set(lay.layer_top_k.values())) > 1:
+        run_params["layer_top_k"] = {str(k): v for k, v in lay.layer_top_k.items()}
+    staged = None
+    if rank == 0:
+        staged = store.StagedRun(db, task, name, lay.num_experts, lay.top_k, lay.layers, run_params)
+    if world > 1:
+        import torch.distributed as dist
+
+        box = [staged.run_id if staged else None]
+        dist.broadcast_object_list(box, src=0)
+        if staged is None:
+            staged = store.StagedRun.attach(db, box[0], part_prefix=f"r{rank:04d}-")
+        else:
+            staged.part_prefix = "r0000-"
+    mine = list(range(rank, len(seqs), world))
+    order = [mine[i] for i in bucket_order([seqs[i] for i in mine], batch_size)]
+    total = sum(len(seqs[i]) for i in mine)
+    writer = Writer(staged, flush_rows, rec.texts, progressive=progressive and world == 1)
     try:
-        pending: dict[str, list[pa.Table]] = {"samples": [], "tokens": [], "routes": []}
-        n_pending, done = 0, 0
-        for start in range(0, len(seqs), batch_size):
-            chunk = seqs[start: start + batch_size]
-            tables = rec.run_batch(chunk, start)
-            pending["tokens"].append(tables["tokens"])
-            pending["routes"].append(tables["routes"])
-            pending["samples"].append(pa.table({
-                "run_id": pa.repeat(pa.scalar(0, pa.int32()), len(chunk)),
-                "sample_id": np.arange(start, start + len(chunk), dtype=np.int32),
-                "n_tokens": np.array([len(s) for s in chunk], np.int32),
-                "text": [tok.decode(s) if tok is not None else None for s in chunk],
-            }))
-            n_pending += tables["routes"].num_rows
+        done = 0
+        for start in range(0, len(order), batch_size):
+            ids = order[start: start + batch_size]
+            chunk = [seqs[i] for i in ids]
+            with_routes = np.array([n_route_samples is None or i < n_route_samples for i in ids])
+            b = rec.forward_batch(chunk, want_routes=bool(with_routes.any()))
+            writer.put(_builder(b, ids, chunk, with_routes, lay.layers, rec.texts, tok))
             done += sum(len(s) for s in chunk)
-            if n_pending >= flush_rows:
-                staged.stage({k: pa.concat_tables(v) for k, v in pending.items()})
-                pending = {k: [] for k in pending}
-                n_pending = 0
             if progress:
                 progress(done, total)
-        if pending["samples"]:
-            staged.stage({k: pa.concat_tables(v) for k, v in pending.items()})
-        staged.commit()
+        writer.close()
+        if rank == 0:
+            staged.stage({"layer_stats": rec.scale.table(lay.layers)}, part_prefix="r0000-scale-")
+        if world > 1:
+            _gather_scale(rec.scale, staged, lay.layers, rank)
+        if rank == 0:
+            staged.commit()
     except BaseException as e:
-        staged.fail(f"{type(e).__name__}: {e}")
+        writer.stop()  # before fail(): the thread must not stage or ingest after the run's rows are deleted
+        if rank == 0:
+            staged.fail(f"{type(e).__name__}: {e}")
         raise
     return staged.run_id
+
+
+def _gather_scale(scale: LayerScale, staged, layers, rank: int) -> None:
+    """Every rank's layer statistics to rank 0 (staged as extra layer_stats parts, summed at ingest)."""
+    import torch.distributed as dist
+
+    if rank != 0:
+        staged.stage({"layer_stats": scale.table(layers)}, part_prefix=f"r{rank:04d}-scale-")
+    dist.barrier()
+
+
+def _builder(b: dict, ids: list[int], chunk: list[list[int]], with_routes: np.ndarray, layers, texts, tok):
+    """The host work of one batch, run on the writer thread."""
+
+    def build() -> dict[str, pa.Table]:
+        lens = b["lens"]
+        sample_ids = np.repeat(np.asarray(ids, np.int32), lens)
+        positions = np.concatenate([np.arange(n, dtype=np.int32) for n in lens])
+        out = {"samples": pa.table({
+            "run_id": pa.repeat(pa.scalar(0, pa.int32()), len(chunk)),
+            "sample_id": np.asarray(ids, np.int32),
+            "n_tokens": np.array(lens, np.int32),
+            "text": [tok.decode(s) if tok is not None else None for s in chunk],
+        }), "sample_expert_stats": stats_table(0, layers, b["cnt"], b["gate"], b["ngate"], sample_ids=ids)}
+        tt = texts(b["token_ids"])
+        if "weights" in b:
+            tok_routes = np.repeat(with_routes, lens)
+            tabs = batch_tables(sample_ids, positions, b["token_ids"], layers, b["weights"], b["experts"], tt,
+                                None if tok_routes.all() else tok_routes)
+            out.update(tabs)
+        else:
+            out["tokens"] = pa.table({"run_id": pa.repeat(pa.scalar(0, pa.int32()), len(positions)),
+                                      "sample_id": sample_ids, "position": positions, "token_id": b["token_ids"],
+                                      "token_text": tt})
+        return out
+
+    return build

@@ -55,6 +55,12 @@ register_score(ScoreFunction(
     token_sql="n_selected / (top_k * n_tokens)",
     sample_sql="sample_token_sum / (top_k * n_samples)",
 ))
+register_score(ScoreFunction(
+    "gate_norm", "scale-free gate score: as gate, with each token's top-K weights divided by their sum (comparable "
+                 "across families whose routers scale weights differently; sums to 1 per layer)",
+    token_sql="norm_gate_sum / n_tokens",
+    sample_sql="sample_norm_gate_sum / n_samples",
+))
 
 
 def get_score(metric: str) -> ScoreFunction:
@@ -92,6 +98,8 @@ tot AS (SELECT sum(n_tokens)::DOUBLE AS n_tokens, sum(n_samples)::DOUBLE AS n_sa
 agg AS (SELECT layer, expert, sum(n_selected)::DOUBLE AS n_selected, sum(gate_sum) AS gate_sum,
                sum(sample_token_sum) AS sample_token_sum, sum(sample_gate_sum) AS sample_gate_sum
         FROM expert_stats WHERE run_id IN ({ids}) GROUP BY layer, expert),
+norm AS (SELECT layer, expert, sum(norm_gate_sum) AS norm_gate_sum, sum(sample_norm_gate_sum) AS sample_norm_gate_sum
+         FROM {norm_rel} GROUP BY layer, expert),
 grid AS (SELECT l.layer, e.expert
          FROM (SELECT DISTINCT unnest(layers)::SMALLINT AS layer FROM sel) l
          CROSS JOIN (SELECT range::SMALLINT AS expert FROM range((SELECT max(num_experts) FROM sel))) e),
@@ -99,8 +107,11 @@ cells AS (SELECT grid.layer, grid.expert,
                  coalesce(agg.n_selected, 0) AS n_selected, coalesce(agg.gate_sum, 0) AS gate_sum,
                  coalesce(agg.sample_token_sum, 0) AS sample_token_sum,
                  coalesce(agg.sample_gate_sum, 0) AS sample_gate_sum,
+                 coalesce(norm.norm_gate_sum, 0) AS norm_gate_sum,
+                 coalesce(norm.sample_norm_gate_sum, 0) AS sample_norm_gate_sum,
                  tot.n_tokens, tot.n_samples, tot.top_k
-          FROM grid LEFT JOIN agg ON grid.layer = agg.layer AND grid.expert = agg.expert CROSS JOIN tot)
+          FROM grid LEFT JOIN agg ON grid.layer = agg.layer AND grid.expert = agg.expert
+          LEFT JOIN norm ON grid.layer = norm.layer AND grid.expert = norm.expert CROSS JOIN tot)
 SELECT layer, expert, {expr} AS score FROM cells ORDER BY layer, expert
 """
 
@@ -108,7 +119,11 @@ SELECT layer, expert, {expr} AS score FROM cells ORDER BY layer, expert
 def score_sql(metric: str, normalize: str, run_ids: list[int]) -> str:
     """The SQL computing (layer, expert, score) of `metric` over `run_ids` (for `esft sql` users, too)."""
     ids = ", ".join(str(int(r)) for r in run_ids)
-    return SCORE_SQL.format(ids=ids, expr=get_score(metric).sql(normalize))
+    expr = get_score(metric).sql(normalize)
+    norm_rel = (f"(SELECT * FROM expert_norm_stats WHERE run_id IN ({ids}))" if "norm_gate_sum" in expr else
+                "(SELECT NULL::SMALLINT AS layer, NULL::SMALLINT AS expert, NULL::DOUBLE AS norm_gate_sum, "
+                "NULL::DOUBLE AS sample_norm_gate_sum WHERE false)")  # older DBs lack expert_norm_stats
+    return SCORE_SQL.format(ids=ids, expr=expr, norm_rel=norm_rel)
 
 
 def compute_scores(con, task: str, metric: str = "token", normalize: str = "token",

@@ -31,7 +31,10 @@ import pyarrow.parquet as pq
 from esft_core.errors import EsftError
 from esft_core.procs import pid_alive
 
-TABLES = ("runs", "samples", "tokens", "routes", "expert_stats", "expert_tokens", "sample_expert_stats")
+TABLES = ("runs", "samples", "tokens", "routes", "expert_stats", "expert_tokens", "sample_expert_stats", "layer_stats",
+          "expert_norm_stats")
+OPTIONAL_TABLES = ("sample_expert_stats", "layer_stats", "expert_norm_stats")  # absent from older exports
+PROGRESSIVE_TABLES = ("samples", "tokens", "routes")  # what StagedRun.ingest_parts writes before the commit
 RUN_TABLES = TABLES[1:]  # every table but `runs` is keyed by run_id
 
 SCHEMA = """
@@ -54,7 +57,15 @@ CREATE TABLE IF NOT EXISTS expert_tokens (
     gate_sum DOUBLE);
 CREATE TABLE IF NOT EXISTS sample_expert_stats (
     run_id INTEGER, sample_id INTEGER, layer SMALLINT, expert SMALLINT, n_selected INTEGER, gate_sum DOUBLE);
+CREATE TABLE IF NOT EXISTS layer_stats (
+    run_id INTEGER, layer SMALLINT, n_tokens BIGINT, weight_sum DOUBLE, weight_sum_min DOUBLE, weight_sum_max DOUBLE,
+    n_dropped BIGINT);
+CREATE TABLE IF NOT EXISTS expert_norm_stats (
+    run_id INTEGER, layer SMALLINT, expert SMALLINT, norm_gate_sum DOUBLE, sample_norm_gate_sum DOUBLE);
 """
+# layer_stats: the gate scale, i.e. the per-token sum of the top-K weights a layer's experts receive (mean =
+# weight_sum / n_tokens; 1.0 for normalised softmax routers), and the non-expert slots dropped per layer.
+# expert_norm_stats: gate sums with each token's weights divided by that sum (scale-free; score `gate_norm`).
 
 # routes: per-column compression where DuckDB's automatic choice costs insert time for no space (rows arrive
 # layer-major, so run_id/sample_id/layer come in long runs; rank cycles 0..K-1 and takes 1 byte uncompressed).
@@ -68,6 +79,17 @@ ARROW_SCHEMAS = {
     "routes": pa.schema([("run_id", pa.int32()), ("sample_id", pa.int32()), ("position", pa.int32()),
                          ("layer", pa.int16()), ("rank", pa.int8()), ("expert", pa.int16()),
                          ("weight", pa.float32())]),
+    # recorder staging only: per-sample sums computed on the device (norm_gate_sum feeds expert_norm_stats)
+    "sample_expert_stats": pa.schema([("run_id", pa.int32()), ("sample_id", pa.int32()), ("layer", pa.int16()),
+                                      ("expert", pa.int16()), ("n_selected", pa.int32()), ("gate_sum", pa.float64()),
+                                      ("norm_gate_sum", pa.float64())]),
+    # recorder staging: each rank's (layer, expert, token_id) sums, summed on its writer thread, sorted
+    "expert_tokens": pa.schema([("run_id", pa.int32()), ("layer", pa.int16()), ("expert", pa.int16()),
+                                ("token_id", pa.int32()), ("token_text", pa.string()), ("n", pa.int64()),
+                                ("gate_sum", pa.float64())]),
+    "layer_stats": pa.schema([("run_id", pa.int32()), ("layer", pa.int16()), ("n_tokens", pa.int64()),
+                              ("weight_sum", pa.float64()), ("weight_sum_min", pa.float64()),
+                              ("weight_sum_max", pa.float64()), ("n_dropped", pa.int64())]),
 }
 
 # what DuckDB's lock errors say (Linux, macOS, Windows); compared lower-case
@@ -159,20 +181,44 @@ def insert_run(con, run_id: int, task: str, model: str, source: str, status: str
     )
 
 
-def write_aggregates(con, run_id: int, routes_rel: str = "routes", with_token_ids: bool = False) -> None:
+def write_aggregates(con, run_id: int, routes_rel: str | None = "routes", with_token_ids: bool = False,
+                     stats_rel: str | None = None) -> None:
     """Fill expert_stats and expert_tokens of `run_id` from its rows, in SQL.
 
     `routes_rel` may be any relation with the routes columns: the official importer passes its Arrow table (float64
     weights, so gate sums are not rounded through FLOAT); the recorder passes its staged Parquet parts, which also
     carry each row's token_id (with_token_ids), so expert_tokens needs no join of routes with tokens.
+    `stats_rel`: per-(sample, layer, expert) sums the recorder computed on the device (then `routes_rel` may be None:
+    an aggregate-only run, or one whose expert_tokens the recorder staged itself, passes None: no expert_tokens here).
     """
     # per (sample, layer, expert) first (kept as sample_expert_stats: bootstrap and per-sample views read it),
     # then weighted by 1/L_j: the join touches the small pre-aggregate only
+    if stats_rel is None:  # from the routes; each weight also divided by its token's top-K sum (scale-free)
+        stats_rel = "norm_routes_stats"
+        con.execute(f"""
+            CREATE TEMP TABLE norm_routes_stats AS
+            WITH r AS (SELECT sample_id, position, layer, expert, weight::DOUBLE AS w,
+                              sum(weight::DOUBLE) OVER (PARTITION BY sample_id, position, layer) AS ws
+                       FROM {routes_rel} WHERE run_id = $run)
+            SELECT sample_id, layer, expert, count(*)::INTEGER AS n_selected, sum(w) AS gate_sum,
+                   sum(w / nullif(ws, 0)) AS norm_gate_sum
+            FROM r GROUP BY sample_id, layer, expert""", {"run": run_id})
+        con.execute(f"""
+            INSERT INTO layer_stats
+            SELECT $run, layer, count(*), sum(ws), min(ws), max(ws), 0
+            FROM (SELECT layer, sum(weight::DOUBLE) AS ws FROM {routes_rel} WHERE run_id = $run
+                  GROUP BY sample_id, position, layer) GROUP BY layer ORDER BY layer""", {"run": run_id})
     con.execute(f"""
         INSERT INTO sample_expert_stats
-        SELECT $run, sample_id, layer, expert, count(*), sum(weight::DOUBLE)
-        FROM {routes_rel} WHERE run_id = $run GROUP BY sample_id, layer, expert
+        SELECT $run, sample_id, layer, expert, sum(n_selected), sum(gate_sum)
+        FROM {stats_rel} GROUP BY sample_id, layer, expert
         ORDER BY sample_id, layer, expert""", {"run": run_id})
+    con.execute(f"""
+        INSERT INTO expert_norm_stats
+        SELECT $run, p.layer, p.expert, sum(p.norm_gate_sum), sum(p.norm_gate_sum / s.n_tokens)
+        FROM {stats_rel} p JOIN samples s ON s.run_id = $run AND s.sample_id = p.sample_id
+        GROUP BY p.layer, p.expert ORDER BY p.layer, p.expert""", {"run": run_id})
+    con.execute("DROP TABLE IF EXISTS norm_routes_stats")
     con.execute("""
         INSERT INTO expert_stats
         SELECT $run, p.layer, p.expert, sum(p.n_selected), sum(p.gate_sum), sum(p.n_selected / s.n_tokens),
@@ -180,6 +226,8 @@ def write_aggregates(con, run_id: int, routes_rel: str = "routes", with_token_id
         FROM sample_expert_stats p JOIN samples s ON s.run_id = $run AND s.sample_id = p.sample_id
         WHERE p.run_id = $run
         GROUP BY p.layer, p.expert ORDER BY p.layer, p.expert""", {"run": run_id})
+    if routes_rel is None:
+        return
     if with_token_ids:
         per_token = f"""SELECT layer, expert, token_id, count(*) AS n, sum(weight::DOUBLE) AS g
                         FROM {routes_rel} WHERE run_id = $run GROUP BY layer, expert, token_id"""
@@ -251,6 +299,8 @@ def reap_stale_runs(con, db: str | Path) -> list[int]:
         if p.get("host") == host and p.get("pid") and not pid_alive(int(p["pid"])):
             stale.append(run_id)
             con.execute("UPDATE runs SET status = 'failed', finished_at = now() WHERE run_id = ?", [run_id])
+            for name in PROGRESSIVE_TABLES:  # rows a progressive ingest had already written
+                con.execute(f"DELETE FROM {name} WHERE run_id = ?", [run_id])
             shutil.rmtree(staging_root(db) / f"run-{run_id}", ignore_errors=True)
     return stale
 
@@ -270,13 +320,28 @@ class StagedRun:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.n_parts = 0
         self.n_rows = {name: 0 for name in ARROW_SCHEMAS}
+        self.part_prefix = ""  # torchrun ranks stage under r<rank>- so their part names never collide
+        self.n_ingested = 0  # sample parts already inserted by ingest_parts
 
-    def stage(self, tables: dict[str, pa.Table]) -> None:
+    @classmethod
+    def attach(cls, db: str | Path, run_id: int, part_prefix: str) -> StagedRun:
+        """Another process's handle on a 'running' run (a torchrun rank > 0): stages parts only; rank 0 commits."""
+        self = cls.__new__(cls)
+        self.db, self.run_id, self.part_prefix = Path(db), run_id, part_prefix
+        self.dir = staging_root(self.db) / f"run-{run_id}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.n_parts = 0
+        self.n_rows = {name: 0 for name in ARROW_SCHEMAS}
+        self.n_ingested = 0
+        return self
+
+    def stage(self, tables: dict[str, pa.Table], part_prefix: str | None = None) -> None:
         """Write one Parquet part per table (a few MB each); the DB file is not touched."""
+        prefix = self.part_prefix if part_prefix is None else part_prefix
         for name, t in tables.items():
             if t.num_rows == 0:
                 continue
-            path = self.dir / f"{name}-{self.n_parts:06d}.parquet"
+            path = self.dir / f"{prefix}{name}-{self.n_parts:06d}.parquet"
             t = t.set_column(0, "run_id", pa.repeat(pa.scalar(self.run_id, pa.int32()), t.num_rows))
             schema = ARROW_SCHEMAS[name]
             if name == "routes" and "token_id" in t.column_names:  # staging only: lets expert_tokens skip a join
@@ -288,22 +353,64 @@ class StagedRun:
             self.n_rows[name] += t.num_rows
         self.n_parts += 1
 
+    def ingest_parts(self) -> None:
+        """Progressive ingest (opt-in, single process): insert the staged samples/tokens/routes parts now, in one
+        short transaction, and delete them; the commit then only writes the aggregates. The run stays 'running'
+        (scores and selection ignore it); its rows are deleted if it fails or its process dies (reap_stale_runs)."""
+        parts = {n: sorted(self.dir.glob(f"{self.part_prefix}{n}-*.parquet")) for n in PROGRESSIVE_TABLES}
+        if not any(parts.values()):
+            return
+        with transaction(self.db) as con:
+            for name, files in parts.items():
+                if files:
+                    cols = ", ".join(ARROW_SCHEMAS[name].names)
+                    con.execute(f"INSERT INTO {name} SELECT {cols} FROM read_parquet(?)", [[str(f) for f in files]])
+        for files in parts.values():
+            for f in files:
+                f.unlink()
+        self.n_ingested += len(parts["samples"])
+
     def commit(self) -> tuple[int, int]:
         """Ingest the staged parts, write the aggregates and mark the run complete, all in one transaction."""
-        if self.n_rows["samples"] == 0:
+        if not any(self.dir.glob("*samples-*.parquet")) and not self.n_ingested:
             self.fail("no samples were recorded")
             raise EsftError("no tokens were recorded (empty data or --max-tokens 0)")
-        parts = {name: str(self.dir / f"{name}-*.parquet") for name in ARROW_SCHEMAS}
+        files: dict[str, list[str]] = {}
+        for f in sorted(self.dir.glob("*.parquet")):  # '<prefix><table>-<part>.parquet', prefixes 'r0001-' etc.
+            files.setdefault(f.stem.rsplit("-", 1)[0].rsplit("-", 1)[-1], []).append(str(f))
+        present = set(files)
+
+        def rel(name: str) -> str:  # a read_parquet over one table's parts (any rank's), as SQL
+            return "read_parquet([" + ", ".join("'" + f.replace("'", "''") + "'" for f in files[name]) + "])"
+
         with transaction(self.db) as con:
             for name, cols in (("samples", "*"), ("tokens", "*"), ("routes", ", ".join(ARROW_SCHEMAS["routes"].names))):
-                if self.n_rows[name]:
-                    con.execute(f"INSERT INTO {name} SELECT {cols} FROM read_parquet(?)", [parts[name]])
-            staged = con.execute("SELECT * FROM read_parquet(?) LIMIT 0", [parts["routes"]]).description
-            has_ids = any(d[0] == "token_id" for d in staged)
-            glob = parts["routes"].replace("'", "''")
-            con.execute(f"CREATE TEMP VIEW staged_routes AS SELECT * FROM read_parquet('{glob}')")
-            write_aggregates(con, self.run_id, "staged_routes" if has_ids else "routes", with_token_ids=has_ids)
-            con.execute("DROP VIEW staged_routes")
+                if name in present:
+                    con.execute(f"INSERT INTO {name} SELECT {cols} FROM {rel(name)}")
+            has_ids = "routes" in present and any(d[0] == "token_id" for d in con.execute(
+                f"SELECT * FROM {rel('routes')} LIMIT 0").description)
+            if "routes" in present:
+                con.execute(f"CREATE TEMP VIEW staged_routes AS SELECT * FROM {rel('routes')}")
+            stats = None
+            if "sample_expert_stats" in present:  # the recorder's device-side sums
+                stats = "staged_stats"
+                con.execute(f"CREATE TEMP VIEW staged_stats AS SELECT * FROM {rel('sample_expert_stats')}")
+            if "layer_stats" in present:  # one part per rank: combine
+                con.execute(f"""INSERT INTO layer_stats SELECT ?, layer, sum(n_tokens), sum(weight_sum),
+                                min(weight_sum_min), max(weight_sum_max), sum(n_dropped) FROM {rel('layer_stats')}
+                                GROUP BY layer ORDER BY layer""", [self.run_id])
+            routes_rel = ("staged_routes" if has_ids else "routes") if "routes" in present else None
+            if "expert_tokens" in present:  # summed by the recorder: one sorted part per rank
+                routes_rel = None
+                one = len(files["expert_tokens"]) == 1
+                con.execute(f"""INSERT INTO expert_tokens SELECT ?, layer, expert, token_id, token_text, n, gate_sum
+                                FROM {rel('expert_tokens')}""" if one else f"""
+                                INSERT INTO expert_tokens SELECT ?, layer, expert, token_id, any_value(token_text),
+                                sum(n), sum(gate_sum) FROM {rel('expert_tokens')} GROUP BY layer, expert, token_id
+                                ORDER BY layer, expert""", [self.run_id])
+            write_aggregates(con, self.run_id, routes_rel, with_token_ids=has_ids, stats_rel=stats)
+            con.execute("DROP VIEW IF EXISTS staged_routes")
+            con.execute("DROP VIEW IF EXISTS staged_stats")
             counts = complete_run(con, self.run_id)
         shutil.rmtree(self.dir, ignore_errors=True)
         return counts
@@ -315,9 +422,25 @@ class StagedRun:
             con.execute("UPDATE runs SET status = 'failed', finished_at = now(), "
                         "params = json_merge_patch(params, ?) WHERE run_id = ?",
                         [json.dumps({"error": error[:500]}), self.run_id])
+            if self.n_ingested:
+                for name in PROGRESSIVE_TABLES:
+                    con.execute(f"DELETE FROM {name} WHERE run_id = ?", [self.run_id])
 
 
 # -- queries shared by scores/select/CLI ----------------------------------------------------------------------
+def routes_note(con, run_id: int) -> str | None:
+    """What a run's per-token views lack (recorded with --routes none / sample:N), as one sentence; None if nothing."""
+    row = con.execute("SELECT params FROM runs WHERE run_id = ?", [run_id]).fetchone()
+    mode = json.loads(row[0] or "{}").get("routes", "all") if row else "all"
+    if mode == "none":
+        return (f"run {run_id} was recorded aggregate-only (--routes none): scores and expert statistics are complete, "
+                "but per-token routes and top tokens were not stored")
+    if isinstance(mode, str) and mode.startswith("sample:"):
+        return (f"run {run_id} stored per-token routes for its first {mode[7:]} samples only (--routes {mode}); "
+                "scores and expert statistics cover every sample")
+    return None
+
+
 def complete_runs(con, task: str, run_ids: list[int] | None = None, model: str | None = None,
                   pool_models: bool = False) -> list[tuple]:
     """(run_id, num_experts, top_k, layers, n_samples, n_tokens) of the complete runs of `task`; errors say why none.
@@ -388,7 +511,7 @@ def import_runs(db: str | Path, src_dir: str | Path, task: str | None = None) ->
     src = Path(src_dir)
     if not (src / "runs.parquet").exists():
         raise EsftError(f"{src} is not an exported trace folder (no runs.parquet)")
-    for name in TABLES[:-1]:  # sample_expert_stats is optional (older exports)
+    for name in (t for t in TABLES if t not in OPTIONAL_TABLES):  # the optional ones are absent from older exports
         if not (src / f"{name}.parquet").exists():
             raise EsftError(f"{src} lacks {name}.parquet")
     tag = uuid.uuid4().hex[:8]

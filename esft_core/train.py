@@ -97,20 +97,10 @@ PEFT_REMAPPED = {"gate_proj", "up_proj", "down_proj", "w1", "w2", "w3", "gate"}
 
 
 def lora_targets(model) -> tuple[list[str], list[str]]:
-    """LoRA targets: the attention projections (every nn.Linear except lm_head and the names peft remaps), and the
-    fused routed experts (`mlp.experts.gate_up_proj` / `down_proj`, one low-rank pair per expert) through peft's
-    `target_parameters`."""
-    names = sorted({
-        n.rsplit(".", 1)[-1]
-        for n, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")
-    } - PEFT_REMAPPED)
-    from esft_core.models import moe_layout
+    """LoRA targets (attention-side Linears, fused routed experts): see esft_core.models.lora_targets."""
+    from esft_core.models import lora_targets as targets
 
-    layout = moe_layout(model)
-    prefix = {n for n, m in model.named_modules() for e in layout.experts.values() if m is e}
-    params = sorted({f"{p.split('.', 3)[-1]}.{k}" for p in prefix for k in ("gate_up_proj", "down_proj")})
-    return names, params
+    return targets(model, PEFT_REMAPPED)
 
 
 def _prepare_esft(model, cfg: TrainConfig, expert_cfg):

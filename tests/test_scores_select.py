@@ -49,7 +49,7 @@ ROUTING = [[[(0, 0.6), (1, 0.2)], [(0, 0.5), (2, 0.3)], [(1, 0.4), (0, 0.4)]], [
 
 
 def test_registry_and_formulas(tmp_db):
-    assert set(SCORES) == {"gate", "token"}
+    assert set(SCORES) == {"gate", "token", "gate_norm"}
     add_run(tmp_db, "t", ROUTING)
     with store.reader(tmp_db) as con:
         tok = compute_scores(con, "t", "token", "token")

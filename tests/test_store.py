@@ -144,7 +144,7 @@ def test_export_import_roundtrip_and_merge(tmp_path, tmp_db):
     store.ingest_arrow(tmp_db, {**META, "task": "other"}, small_run())
     counts = store.export_runs(tmp_db, [1], tmp_path / "exp")
     assert counts == {"runs": 1, "samples": 2, "tokens": 3, "routes": 6, "expert_stats": 4, "expert_tokens": 5,
-                      "sample_expert_stats": 5}
+                      "sample_expert_stats": 5, "layer_stats": 1, "expert_norm_stats": 4}
     other = tmp_path / "other.duckdb"
     assert store.import_runs(other, tmp_path / "exp") == [1]
     assert store.import_runs(other, tmp_path / "exp", task="renamed") == [2]

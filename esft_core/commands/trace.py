@@ -58,16 +58,22 @@ def cmd_record(args) -> int:
 
     from esft_core.data import read_records
     from esft_core.models import load_model, moe_layout
-    from esft_core.record import record
+    from esft_core.record import parse_routes, record
 
     if args.max_tokens < 1 or args.seq_len < 2 or args.batch_size < 1:
         raise EsftError("--max-tokens must be >= 1, --seq-len >= 2 and --batch-size >= 1")
+    parse_routes(args.routes)
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if args.dtype not in dtypes:
+        raise EsftError(f"--dtype: unknown dtype '{args.dtype}'; choose float32, bfloat16 or float16")
     records = read_records(args.data)  # bad data fails before the model loads and before the DB is touched
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model)
+    model, tok = load_model(args.model, dtype=dtypes[args.dtype])
     moe_layout(model)  # a dense model fails here, before anything is written
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one GPU per rank
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     if device != "cpu":
         model.to(device)
     bar = None
@@ -83,10 +89,12 @@ def cmd_record(args) -> int:
 
     run_id = record(model, tok, records, args.db, args.task, max_tokens=args.max_tokens, seq_len=args.seq_len,
                     batch_size=args.batch_size, seed=args.seed, model_name=str(args.model),
-                    params={"data": str(Path(args.data).resolve())}, progress=progress)
+                    params={"data": str(Path(args.data).resolve())}, progress=progress, routes=args.routes,
+                    progressive=args.progressive_ingest)
     if bar is not None:
         bar.close()
-    _print_run(args.db, run_id)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 ingested the run
+        _print_run(args.db, run_id)
     return 0
 
 
@@ -116,7 +124,7 @@ def cmd_scores(args) -> int:
     from esft_core import store
     from esft_core.scores import NORMALIZATIONS, SCORES, compute_scores, esft_summary, get_score
 
-    metrics = [args.metric] if args.metric else list(SCORES)
+    metrics = [args.metric] if args.metric else [m for m in SCORES if m != "gate_norm"]  # the paper's two
     for m in metrics:
         get_score(m)
     if args.normalize not in NORMALIZATIONS:
@@ -172,6 +180,8 @@ def cmd_select(args) -> int:
         check_p(args.top_p)
     if args.bootstrap is not None and args.top_p is None:
         raise EsftError("--bootstrap needs --top-p (stability of the top-p selection)")
+    if args.bootstrap is not None and args.metric not in ("gate", "token"):
+        raise EsftError(f"--bootstrap supports --metric gate or token, not '{args.metric}'")
     contrast = [t for spec in (args.contrast or []) for t in spec.split(",") if t]
     with store.reader(args.db) as con:
         sel = select_for_task(con, args.task, args.metric, args.normalize, args.top_p, args.top_k, args.include,
@@ -292,6 +302,12 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the sample order")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    p.add_argument("--routes", default="all",
+                   help="all (default), none (aggregate-only: scores/selection/expert views, no token routes), or "
+                        "sample:N (routes of the first N samples of the seeded order)")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16 model weights")
+    p.add_argument("--progressive-ingest", action="store_true",
+                   help="insert rows into the DB while recording (short locks per ~4M rows; the end is quick)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
     p = add("import-official", cmd_import_official, "import the authors' expert_weights_<layer>.txt routing logs")
@@ -305,7 +321,7 @@ def register(sub) -> None:
     p = add("scores", cmd_scores, "expert scores of a task (average gate score, token selection ratio)")
     p.add_argument("--db", required=True, help="trace database")
     p.add_argument("--task", required=True, help="task name")
-    p.add_argument("--metric", default=None, help="gate or token (default: both)")
+    p.add_argument("--metric", default=None, help="gate, token or gate_norm (scale-free gate; default: gate and token)")
     p.add_argument("--normalize", default="token", help="token (authors' files) or sample (paper formula)")
     p.add_argument("--format", default="csv", help="csv, json, or esft-summary (authors' summary.json)")
     p.add_argument("--out", default=None, help="output file (default: stdout)")
