@@ -77,11 +77,12 @@ def _is_lock_error(e: Exception) -> bool:
 
 
 def connect(db: str | Path, read_only: bool = False, timeout: float = 30.0,
-            external_access: bool = True) -> duckdb.DuckDBPyConnection:
+            external_access: bool = True, config: dict | None = None) -> duckdb.DuckDBPyConnection:
     """Open the trace DB; retry for up to `timeout` s while another process holds the lock.
 
     read_only=True requires the file to exist (a reader never creates a DB). external_access=False forbids
-    read_parquet/COPY/ATTACH and friends, and locks that setting (used by `esft sql`).
+    read_parquet/COPY/ATTACH and friends, and locks that setting (used by `esft sql`). `config`: more DuckDB
+    settings (e.g. esft_core.sqlguard.sandbox_config: memory and thread limits, locked).
     A read-write connection creates the schema when missing.
     """
     db = Path(db)
@@ -89,9 +90,10 @@ def connect(db: str | Path, read_only: bool = False, timeout: float = 30.0,
         raise EsftError(f"trace database {db} does not exist")
     if not read_only and db.parent and not db.parent.exists():
         raise EsftError(f"directory {db.parent} of trace database {db.name} does not exist")
-    config: dict = {}
+    check_db_file(db)
+    config = dict(config or {})
     if not external_access:
-        config = {"enable_external_access": False, "lock_configuration": True}
+        config.update({"enable_external_access": False, "lock_configuration": True})
     deadline = time.monotonic() + timeout
     delay = 0.02
     while True:
@@ -111,10 +113,22 @@ def connect(db: str | Path, read_only: bool = False, timeout: float = 30.0,
     return con
 
 
+def check_db_file(db: Path) -> None:
+    """Refuse a path that is a directory or a file of another format (a DuckDB error would blame an in-memory DB)."""
+    if db.is_dir():
+        raise EsftError(f"trace database {db} is a directory; give a DuckDB file path, e.g. traces.duckdb")
+    if db.is_file():
+        from esft_core.sqlguard import is_duckdb_file
+
+        if not is_duckdb_file(db):
+            raise EsftError(f"{db} is not a DuckDB database (wrong file header); give a .duckdb trace database")
+
+
 @contextlib.contextmanager
-def reader(db: str | Path, timeout: float = 30.0, external_access: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
+def reader(db: str | Path, timeout: float = 30.0, external_access: bool = True,
+           config: dict | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
     """A short-lived read-only connection (closed on exit, so writers are not blocked)."""
-    con = connect(db, read_only=True, timeout=timeout, external_access=external_access)
+    con = connect(db, read_only=True, timeout=timeout, external_access=external_access, config=config)
     try:
         yield con
     finally:

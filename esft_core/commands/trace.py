@@ -199,25 +199,36 @@ def format_table(columns: list[str], rows: list[tuple], max_width: int = 48) -> 
     return "\n".join(lines)
 
 
+def _json_cell(v):
+    """JSON has no NaN/Infinity: non-finite floats become null; decimals numbers; other non-JSON types their text."""
+    import decimal
+    import math
+
+    if isinstance(v, decimal.Decimal):
+        v = float(v)
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
 def cmd_sql(args) -> int:
-    import duckdb
-
     from esft_core import store
+    from esft_core.sqlguard import QueryInterrupted, QueryLimits, run_query, sandbox_config
 
-    if not args.query.strip():
-        raise EsftError("empty query")
-    with store.reader(args.db, external_access=False) as con:
-        try:
-            cur = con.execute(args.query)
-            if cur.description is None:
-                print("(no result)")
-                return 0
-            cols = [d[0] for d in cur.description]
-            rows = cur.fetchmany(args.max_rows + 1)
-        except duckdb.Error as e:
-            raise EsftError(str(e).splitlines()[0]) from None
-    more = len(rows) > args.max_rows
-    rows = rows[: args.max_rows]
+    limits = QueryLimits(timeout_s=args.timeout, memory_limit=args.memory_limit, max_rows=args.max_rows)
+    if not args.query.strip().strip(";").strip():
+        raise EsftError("empty query; give a SELECT statement, e.g. \"SELECT * FROM runs\"")
+    try:
+        with store.reader(args.db, external_access=False, config=sandbox_config(limits)) as con:
+            cols, table, more = run_query(con, args.query, limits)
+    except QueryInterrupted:
+        print("esft sql: interrupted", file=sys.stderr)
+        return 130
+    if not cols:
+        print("(no result)")
+        return 0
+    # by position: a query may repeat a column name
+    rows = list(zip(*(table.column(i).to_pylist() for i in range(table.num_columns)), strict=True))
     if args.format == "csv":
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
@@ -225,7 +236,8 @@ def cmd_sql(args) -> int:
         w.writerows(rows)
         sys.stdout.write(buf.getvalue())
     elif args.format == "json":
-        print(json.dumps([dict(zip(cols, r, strict=True)) for r in rows], default=str))
+        print(json.dumps([{c: _json_cell(v) for c, v in zip(cols, r, strict=True)} for r in rows], default=str,
+                         allow_nan=False))
     else:
         print(format_table(cols, rows))
         print(f"({len(rows)} row{'s' if len(rows) != 1 else ''}{', more not shown' if more else ''})")
@@ -328,7 +340,11 @@ def register(sub) -> None:
     p.add_argument("--db", required=True, help="trace database")
     p.add_argument("query", metavar="SQL", help="the query, e.g. \"SELECT * FROM runs\"")
     p.add_argument("--format", default="table", choices=["table", "csv", "json"], help="output format")
-    p.add_argument("--max-rows", type=int, default=1000, help="print at most this many rows")
+    p.add_argument("--max-rows", type=int, default=1000, help="print at most this many rows (default 1000)")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="stop the query after this many seconds (default 30); Ctrl-C also stops it")
+    p.add_argument("--memory-limit", default="512MB", metavar="SIZE",
+                   help="DuckDB memory limit of the query, e.g. 2GB (default 512MB; larger sorts spill to disk)")
 
     p = add("export", cmd_export, "export runs as Parquet files (one per table) for merging or querying in place")
     p.add_argument("--db", required=True, help="trace database")
