@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -265,30 +266,112 @@ def pid_alive(pid: int | None) -> bool:
         return True
 
 
+READY = "READY.json"  # marker in a run's staging folder: every part is written, the ingest may run from any process
+
+
+def staged_parts(run_dir: Path) -> dict[str, list[str]]:
+    """The Parquet parts of a staged run by table name, in write order."""
+    return {name: sorted(str(p) for p in run_dir.glob(f"{name}-*.parquet")) for name in ARROW_SCHEMAS}
+
+
+def ingest_staged(con, run_id: int, run_dir: Path) -> tuple[int, int]:
+    """Ingest a staged run's parts inside the caller's transaction; return (n_samples, n_tokens).
+
+    The parts are read through Arrow datasets registered with DuckDB, so no path is ever pasted into SQL (a
+    DB path with `'` or glob characters such as `t[1].duckdb` works)."""
+    import pyarrow.dataset as ds
+
+    parts = staged_parts(run_dir)
+    if not parts["samples"]:
+        raise EsftError(f"staged run {run_id} in {run_dir} holds no samples")
+    views = []
+    for name, files in parts.items():
+        if not files:
+            continue
+        view = f"staged_{name}_{int(run_id)}"
+        con.register(view, ds.dataset(files, format="parquet"))
+        views.append(view)
+        cols = ", ".join(ARROW_SCHEMAS[name].names)
+        con.execute(f"INSERT INTO {name} SELECT {cols} FROM {view}")
+    routes_view = f"staged_routes_{int(run_id)}"
+    has_ids = routes_view in views and any(
+        d[0] == "token_id" for d in con.execute(f"SELECT * FROM {routes_view} LIMIT 0").description)
+    write_aggregates(con, run_id, routes_view if has_ids else "routes", with_token_ids=has_ids)
+    counts = complete_run(con, run_id)
+    for view in views:
+        con.unregister(view)
+    return counts
+
+
 def reap_stale_runs(con, db: str | Path) -> list[int]:
-    """Mark 'running' runs of dead local writer processes as 'failed' and drop their staging folders."""
+    """Settle 'running' runs of dead local writer processes: a run whose parts were all staged (READY marker; its
+    recorder gave up waiting for the DB lock) is ingested now; any other is marked 'failed' and its staging folder
+    dropped. Returns the ids of the failed runs; ingested runs' folders are removed by `drop_ingested`."""
     host = socket.gethostname()
     stale = []
     for run_id, params in con.execute("SELECT run_id, params FROM runs WHERE status = 'running'").fetchall():
         p = json.loads(params or "{}")
         if p.get("host") == host and p.get("pid") and not pid_alive(int(p["pid"])):
+            run_dir = staging_root(db) / f"run-{run_id}"
+            if (run_dir / READY).is_file():
+                ingest_staged(con, run_id, run_dir)
+                continue
             stale.append(run_id)
             con.execute("UPDATE runs SET status = 'failed', finished_at = now() WHERE run_id = ?", [run_id])
-            shutil.rmtree(staging_root(db) / f"run-{run_id}", ignore_errors=True)
+            shutil.rmtree(run_dir, ignore_errors=True)
     return stale
 
 
+def drop_ingested(con, db: str | Path) -> None:
+    """Remove staging folders of runs that are no longer 'running' (ingested or failed), and the root when empty."""
+    root = staging_root(db)
+    if not root.is_dir():
+        return
+    running = {r for (r,) in con.execute("SELECT run_id FROM runs WHERE status = 'running'").fetchall()}
+    for d in root.glob("run-*"):
+        if d.name[4:].isdigit() and int(d.name[4:]) not in running:
+            shutil.rmtree(d, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        root.rmdir()  # only when empty
+
+
+def settle_staged(db: str | Path, timeout: float = 60.0) -> list[int]:
+    """Ingest queued recordings and fail dead ones now (`esft runs --ingest`); return the ids ingested."""
+    with transaction(db, timeout=timeout) as con:
+        before = {r for (r,) in con.execute("SELECT run_id FROM runs WHERE status = 'complete'").fetchall()}
+        reap_stale_runs(con, db)
+        after = {r for (r,) in con.execute("SELECT run_id FROM runs WHERE status = 'complete'").fetchall()}
+    with reader(db) as con:
+        drop_ingested(con, db)
+    return sorted(after - before)
+
+
+def _write_marker(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
 class StagedRun:
-    """A run being recorded: 'running' row now, Parquet parts while recording, one ingest transaction at the end."""
+    """A run being recorded: 'running' row now, Parquet parts while recording, one ingest transaction at the end.
+
+    When a long reader holds the DB at the end, the ingest waits (`ingest_wait` s, saying so through `notify`);
+    if the lock is still held then, the parts stay staged with a READY marker and the next writer (or
+    `esft runs --ingest`) ingests them: a finished recording is never thrown away."""
 
     def __init__(self, db: str | Path, task: str, model: str, num_experts: int, top_k: int, layers: list[int],
-                 params: dict, source: str = "record"):
+                 params: dict, source: str = "record", ingest_wait: float | None = None, notify=None):
         self.db = Path(db)
+        self.ingest_wait = float(os.environ.get("ESFT_INGEST_WAIT", 600)) if ingest_wait is None else ingest_wait
+        self.notify = notify or (lambda msg: print(f"esft: {msg}", file=sys.stderr, flush=True))
+        self.queued = False
         params = {**params, "pid": os.getpid(), "host": socket.gethostname()}
         with transaction(self.db) as con:
             reap_stale_runs(con, self.db)
             self.run_id = next_run_id(con)
             insert_run(con, self.run_id, task, model, source, "running", num_experts, top_k, layers, params)
+        with contextlib.suppress(EsftError), reader(self.db, timeout=1.0) as con:
+            drop_ingested(con, self.db)
         self.dir = staging_root(self.db) / f"run-{self.run_id}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.n_parts = 0
@@ -316,23 +399,36 @@ class StagedRun:
         if self.n_rows["samples"] == 0:
             self.fail("no samples were recorded")
             raise EsftError("no tokens were recorded (empty data or --max-tokens 0)")
-        parts = {name: str(self.dir / f"{name}-*.parquet") for name in ARROW_SCHEMAS}
-        with transaction(self.db) as con:
-            for name, cols in (("samples", "*"), ("tokens", "*"), ("routes", ", ".join(ARROW_SCHEMAS["routes"].names))):
-                if self.n_rows[name]:
-                    con.execute(f"INSERT INTO {name} SELECT {cols} FROM read_parquet(?)", [parts[name]])
-            staged = con.execute("SELECT * FROM read_parquet(?) LIMIT 0", [parts["routes"]]).description
-            has_ids = any(d[0] == "token_id" for d in staged)
-            glob = parts["routes"].replace("'", "''")
-            con.execute(f"CREATE TEMP VIEW staged_routes AS SELECT * FROM read_parquet('{glob}')")
-            write_aggregates(con, self.run_id, "staged_routes" if has_ids else "routes", with_token_ids=has_ids)
-            con.execute("DROP VIEW staged_routes")
-            counts = complete_run(con, self.run_id)
+        _write_marker(self.dir / READY, {"run_id": self.run_id, "rows": self.n_rows, "pid": os.getpid()})
+        deadline = time.monotonic() + self.ingest_wait
+        told = False
+        while True:
+            try:  # the first try does not wait, so a wait is announced before it starts
+                wait = min(5.0, max(0.0, deadline - time.monotonic())) if told else 0.0
+                with transaction(self.db, timeout=wait) as con:
+                    counts = ingest_staged(con, self.run_id, self.dir)
+                break
+            except EsftError as e:
+                if "locked by another process" not in str(e):
+                    raise
+                if time.monotonic() >= deadline:
+                    self.queued = True
+                    raise EsftError(
+                        f"trace database {self.db} stayed locked by another process for {self.ingest_wait:g} s; "
+                        f"run {self.run_id} is kept staged in {self.dir} and is ingested by the next writer or "
+                        f"`esft runs --db {self.db} --ingest`") from None
+                if not told:
+                    self.notify(f"trace database {self.db} is locked by another process (a long query?); run "
+                                f"{self.run_id} is staged in {self.dir}; retrying the ingest for up to "
+                                f"{self.ingest_wait:g} s")
+                    told = True
         shutil.rmtree(self.dir, ignore_errors=True)
         return counts
 
     def fail(self, error: str) -> None:
-        """Mark the run failed (its staged rows are discarded, nothing else is written)."""
+        """Mark the run failed (its staged rows are discarded, nothing else is written); a queued run is kept."""
+        if self.queued:
+            return
         shutil.rmtree(self.dir, ignore_errors=True)
         with contextlib.suppress(EsftError), transaction(self.db) as con:
             con.execute("UPDATE runs SET status = 'failed', finished_at = now(), "
@@ -411,3 +507,19 @@ def import_runs(db: str | Path, src_dir: str | Path, task: str | None = None) ->
                         [str(src / f"{name}.parquet")])
         con.execute(f"DROP TABLE idmap_{tag}")
     return new_ids
+
+
+def prune_runs(db: str | Path) -> list[int]:
+    """Delete the rows of failed runs (rolled-back recordings leave nothing, killed ones a 'failed' row), drop
+    leftover staging folders and compact the file (CHECKPOINT rewrites row groups without deleted rows)."""
+    with transaction(db) as con:
+        ids = [r for (r,) in con.execute("SELECT run_id FROM runs WHERE status = 'failed' ORDER BY run_id").fetchall()]
+        for name in TABLES:
+            con.execute(f"DELETE FROM {name} WHERE run_id IN (SELECT unnest(?::INTEGER[]))", [ids])
+        drop_ingested(con, db)
+    con = connect(db)
+    try:
+        con.execute("CHECKPOINT")
+    finally:
+        con.close()
+    return ids

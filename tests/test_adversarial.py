@@ -175,6 +175,77 @@ def test_sql_json_nan(db):
     assert json.loads(r.stdout) == [{"a": None, "b": None, "c": 1.5}]
 
 
+# -- recording vs. a long reader ----------------------------------------------------------------------------------
+HOLD = """import duckdb, os, sys, time
+db, staged, secs = sys.argv[1], sys.argv[2], float(sys.argv[3])
+while not os.path.exists(staged):  # the run is registered: the recorder runs the model now
+    time.sleep(0.002)
+con = duckdb.connect(db, read_only=True)
+print("holding", flush=True)
+while not os.path.exists(os.path.join(staged, "READY.json")):  # the recording is finished, the ingest starts
+    time.sleep(0.01)
+time.sleep(secs)
+"""
+
+
+def record_under_reader(db: Path, hold_s: float, *flags) -> tuple[subprocess.CompletedProcess, int]:
+    """Record while another process opens `db` read-only as soon as the run is registered and holds it until
+    `hold_s` seconds after the recording finished."""
+    import duckdb
+
+    with duckdb.connect(str(db), read_only=True) as con:
+        run_id = con.execute("SELECT coalesce(max(run_id), 0) + 1 FROM runs").fetchone()[0]
+    trigger = Path(f"{db}.staging") / f"run-{run_id}"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(db), str(trigger), str(hold_s)],
+                              stdout=subprocess.PIPE, text=True)
+    r = esft("record", "--data", LAW / "train.jsonl", "--task", "law", "--db", db, "--max-tokens", 1500,
+             "--quiet", *flags)
+    assert holder.stdout.readline().strip() == "holding"  # the reader really held the DB during the recording
+    holder.wait(timeout=60)
+    return r, run_id
+
+
+def run_row(db: Path, run_id: int) -> tuple:
+    import duckdb
+
+    with duckdb.connect(str(db), read_only=True) as con:
+        return con.execute("SELECT status, n_tokens, (SELECT count(*) FROM expert_stats e WHERE e.run_id = r.run_id) "
+                           "FROM runs r WHERE run_id = ?", [run_id]).fetchone()
+
+
+@case("a reader holds the DB from the start of `esft record` until 4 s after its forward passes",
+      "the recorder says the DB is locked, retries the ingest and completes the run (exit 0)")
+def test_record_waits_for_a_reader(db, work):
+    mine = work / "wait.duckdb"
+    shutil.copy(db, mine)
+    r, run_id = record_under_reader(mine, 4)
+    assert r.returncode == 0, r.stderr
+    assert "locked by another process" in r.stderr and "retrying the ingest" in r.stderr
+    status, n_tokens, n_stats = run_row(mine, run_id)
+    assert status == "complete" and n_tokens >= 1500 and n_stats > 0
+    assert not (Path(f"{mine}.staging") / f"run-{run_id}").exists()
+
+
+@case("a reader holds the DB longer than `esft record --ingest-wait 1`",
+      "the recording stays staged (READY), `esft runs` shows it waiting, `esft runs --ingest` completes it")
+def test_record_queued_when_reader_outlasts_the_wait(db, work):
+    mine = work / "queued.duckdb"
+    shutil.copy(db, mine)
+    r, run_id = record_under_reader(mine, 4, "--ingest-wait", 1)
+    assert r.returncode == 2, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert "kept staged" in last and f"run {run_id}" in last and "esft runs" in last, last
+    staged = Path(f"{mine}.staging") / f"run-{run_id}"
+    assert (staged / "READY.json").is_file() and list(staged.glob("routes-*.parquet"))
+    listing = esft("runs", "--db", mine)
+    assert "staged, waiting for ingest" in listing.stdout, listing.stdout + listing.stderr
+    r = esft("runs", "--db", mine, "--ingest")
+    assert r.returncode == 0 and f"ingested staged run(s) {run_id}" in r.stderr, r.stderr
+    status, n_tokens, n_stats = run_row(mine, run_id)
+    assert status == "complete" and n_tokens >= 1500 and n_stats > 0
+    assert not staged.exists()
+
+
 # -- the reliability table --------------------------------------------------------------------------------------
 def test_reliability_doc_matches_the_cases():
     """docs/reliability.md lists exactly the registered cases, with the same wording and test names."""

@@ -53,11 +53,25 @@ def cmd_record(args) -> int:
     from esft_core.models import load_model, moe_layout
     from esft_core.record import record
 
-    if args.max_tokens < 1 or args.seq_len < 2 or args.batch_size < 1:
-        raise EsftError("--max-tokens must be >= 1, --seq-len >= 2 and --batch-size >= 1")
+    if args.max_tokens < 1 or args.batch_size < 1:
+        raise EsftError(f"--max-tokens ({args.max_tokens}) and --batch-size ({args.batch_size}) must be >= 1")
+    if not args.ingest_wait >= 0:
+        raise EsftError(f"--ingest-wait must be >= 0 seconds, got {args.ingest_wait}")
+    os.environ["ESFT_INGEST_WAIT"] = str(args.ingest_wait)  # read by store.StagedRun (record.py passes no flag)
+    from esft_core import validate
+
+    validate.db_path(args.db)
+    config = validate.model_config(args.model)  # config.json only: limits are checked before weights load
+    if args.seq_len is None:
+        args.seq_len = min(2048, validate.max_positions(config) or 2048)
+    validate.seq_len(args.seq_len, "--seq-len", config)
+    validate.memory(config, args.batch_size, args.seq_len, training=False, flags="--batch-size/--seq-len")
     records = read_records(args.data)  # bad data fails before the model loads and before the DB is touched
     if args.threads:
         torch.set_num_threads(args.threads)
+    from esft_core.train import quiet_transformers
+
+    quiet_transformers()  # no "Loading weights" bar: stderr is for our progress bar and one-line errors
     model, tok = load_model(args.model)
     moe_layout(model)  # a dense model fails here, before anything is written
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -244,6 +258,30 @@ def cmd_sql(args) -> int:
     return 0
 
 
+# -- runs -----------------------------------------------------------------------------------------------------
+def cmd_runs(args) -> int:
+    from esft_core import store
+
+    if args.ingest or args.prune:
+        ids = store.settle_staged(args.db)
+        if ids:
+            print(f"ingested staged run(s) {', '.join(map(str, ids))}", file=sys.stderr)
+    if args.prune:
+        size = Path(args.db).stat().st_size
+        dropped = store.prune_runs(args.db)
+        print(f"pruned {len(dropped)} failed run(s){': ' + ', '.join(map(str, dropped)) if dropped else ''}; "
+              f"{size / 1e6:.1f} MB → {Path(args.db).stat().st_size / 1e6:.1f} MB", file=sys.stderr)
+    staged = store.staging_root(args.db)
+    with store.reader(args.db) as con:
+        rows = con.execute("SELECT run_id, task, model, source, status, n_samples, n_tokens, created_at FROM runs "
+                           "ORDER BY run_id").fetchall()
+    cols = ["run_id", "task", "model", "source", "status", "n_samples", "n_tokens", "created_at"]
+    rows = [(*r[:4], f"{r[4]} (staged, waiting for ingest)" if r[4] == "running" and
+             (staged / f"run-{r[0]}" / store.READY).is_file() else r[4], *r[5:]) for r in rows]
+    print(format_table(cols, rows))
+    return 0
+
+
 # -- export / import ------------------------------------------------------------------------------------------
 def cmd_export(args) -> int:
     from esft_core import store
@@ -288,12 +326,16 @@ def register(sub) -> None:
     p.add_argument("--task", required=True, help="task name the run is stored under")
     p.add_argument("--db", required=True, help="trace database (DuckDB file; created when missing)")
     p.add_argument("--max-tokens", type=int, default=131072, help="token budget (default 131072)")
-    p.add_argument("--seq-len", type=int, default=2048, help="truncate samples to this many tokens")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="truncate samples to this many tokens (default: 2048, at most the model's positions)")
     p.add_argument("--batch-size", type=int, default=8, help="samples per forward pass")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample order")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--ingest-wait", type=float, default=600.0, metavar="SECONDS",
+                   help="when a reader holds the DB at the end, retry the ingest this long (default 600); after "
+                   "that the recording stays staged and the next writer or `esft runs --ingest` ingests it")
 
     p = add("import-official", cmd_import_official, "import the authors' expert_weights_<layer>.txt routing logs")
     p.add_argument("log_dir", metavar="LOG_DIR", help="directory with expert_weights_<layer>.txt files")
@@ -345,6 +387,13 @@ def register(sub) -> None:
                    help="stop the query after this many seconds (default 30); Ctrl-C also stops it")
     p.add_argument("--memory-limit", default="512MB", metavar="SIZE",
                    help="DuckDB memory limit of the query, e.g. 2GB (default 512MB; larger sorts spill to disk)")
+
+    p = add("runs", cmd_runs, "list the runs of a trace DB; ingest queued recordings; prune failed runs")
+    p.add_argument("--db", required=True, help="trace database")
+    p.add_argument("--ingest", action="store_true",
+                   help="ingest recordings left staged while the DB was locked, fail runs of dead recorders")
+    p.add_argument("--prune", action="store_true",
+                   help="also delete failed runs' rows and leftover staging folders, and compact the file")
 
     p = add("export", cmd_export, "export runs as Parquet files (one per table) for merging or querying in place")
     p.add_argument("--db", required=True, help="trace database")
