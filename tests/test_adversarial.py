@@ -246,6 +246,163 @@ def test_record_queued_when_reader_outlasts_the_wait(db, work):
     assert not staged.exists()
 
 
+# -- training and evaluation --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def experts_cfg(work) -> Path:
+    p = work / "experts.json"
+    p.write_text(json.dumps({"experts": {"1": [0, 1], "2": [3]}, "shared_experts": False,
+                             "non_expert_modules": False}))
+    return p
+
+
+def train_args(data: Path, cfg: Path, out: Path, *more) -> list:
+    return ["train", "--data", data, "--experts", cfg, "--out", out, "--seq-len", 128, "--batch-size", 2,
+            "--no-progress", *more]
+
+
+@case("`esft eval` on a chat sample with a ~40,000-token prompt, `--seq-len 128`",
+      "the prompt is cut to its last tokens for generation (`truncated_prompts: 1`), finishes in seconds")
+def test_eval_truncates_long_prompts(work):
+    data = work / "huge_prompt.jsonl"
+    huge = {"messages": [{"role": "user", "content": "clause " * 40000 + "Is this binding?"},
+                         {"role": "assistant", "content": "yes"}]}
+    small = {"messages": [{"role": "user", "content": "Is this binding?"}, {"role": "assistant", "content": "no"}]}
+    data.write_text(json.dumps(huge) + "\n" + json.dumps(small) + "\n")
+    out = work / "huge_eval.json"
+    r = esft("eval", "--data", data, "--seq-len", 128, "--max-new-tokens", 4, "--out", out, timeout=120)
+    assert r.returncode == 0, r.stderr
+    task = json.loads(out.read_text())["tasks"]["huge_prompt"]
+    assert task["n"] == 2 and task["truncated_prompts"] == 1
+
+
+@case("`--seq-len 100000` (model has 1,024 positions) for train/eval/record; eval `--seq-len -1` and `0`; "
+      "train `--batch-size 100000 --seq-len 1024`",
+      "one line naming --seq-len and the accepted maximum (or the memory needed vs. free), exit 2, nothing written")
+def test_seq_len_and_memory_validated(work, small_data, experts_cfg):
+    out = work / "never"
+    rs = parallel(train_args(small_data, experts_cfg, out, "--seq-len", 100000),
+                  ["eval", "--data", LAW / "eval.jsonl", "--seq-len", 100000],
+                  ["eval", "--data", LAW / "eval.jsonl", "--seq-len", -1],
+                  ["eval", "--data", LAW / "eval.jsonl", "--seq-len", 0],
+                  ["record", "--data", small_data, "--task", "x", "--db", work / "never.duckdb", "--seq-len", 100000],
+                  train_args(small_data, experts_cfg, out, "--seq-len", 1024, "--batch-size", 100000))
+    for r, cmd in zip(rs[:5], ["train", "eval", "eval", "eval", "record"], strict=True):
+        line = one_line_error(r, cmd, "--seq-len")
+        assert ("1024 positions" in line and "<= 1024" in line) or ">= 2" in line, line
+    one_line_error(rs[5], "train", "--batch-size/--seq-len", "GiB", "free")
+    assert not out.exists() and not (work / "never.duckdb").exists()
+
+
+@case("two `esft train` processes with the same `--out`",
+      "the second is refused at once (`in use by another training process (pid N ...)`), exit 2; the first runs on")
+def test_two_trainers_one_out_dir(work, small_data, experts_cfg):
+    out = work / "shared_run"
+    first = popen(*train_args(small_data, experts_cfg, out, "--steps", 2000))
+    try:
+        wait_until(lambda: (out / "run.json").is_file() or first.poll() is not None, what="the first trainer")
+        assert first.poll() is None, first.communicate()[1]
+        second = esft(*train_args(small_data, experts_cfg, out, "--steps", 2000))
+        one_line_error(second, "train", str(out), "in use by another training process", f"pid {first.pid}")
+        assert first.poll() is None  # untouched by the refused second trainer
+        assert json.loads((out / "run.json").read_text())["status"] == "running"
+    finally:
+        first.kill()
+        first.wait()
+
+
+@case("`--lr inf`, `--weight-decay nan`, `--beta1 1.5` / `--lr 1e30`",
+      "refused before loading the model (one line naming the flag and the range) / stops at the first non-finite "
+      "loss: run.json `failed`, no adapter written, exit 2")
+def test_non_finite_training(work, small_data, experts_cfg):
+    out = work / "nan_run"
+    rs = parallel(train_args(small_data, experts_cfg, work / "n1", "--lr", "inf"),
+                  train_args(small_data, experts_cfg, work / "n2", "--weight-decay", "nan"),
+                  train_args(small_data, experts_cfg, work / "n3", "--beta1", 1.5),
+                  train_args(small_data, experts_cfg, out, "--lr", 1e30, "--steps", 6))
+    one_line_error(rs[0], "train", "--lr", "finite", "inf")
+    one_line_error(rs[1], "train", "--weight-decay", "finite", "nan")
+    one_line_error(rs[2], "train", "--beta1", "[0, 1)", "1.5")
+    assert not any((work / n).exists() for n in ("n1", "n2", "n3"))
+    one_line_error(rs[3], "train", "non-finite loss", "no adapter written")
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "failed" and "non-finite loss" in run["error"]
+    assert not (out / "adapter").exists()
+
+
+@pytest.fixture(scope="module")
+def done_run(work, small_data, experts_cfg) -> Path:
+    """A complete 4-step run with a checkpoint at step 2."""
+    out = work / "done_run"
+    r = esft(*train_args(small_data, experts_cfg, out, "--steps", 4, "--save-every", 2))
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@case("`--resume` on a missing directory; `--resume --steps 6` on a complete 4-step run",
+      "one line each (`holds no run to resume` / `complete run of 4 steps`), exit 2, nothing written")
+def test_resume_refusals(work, small_data, experts_cfg, done_run):
+    before = tree(done_run)
+    rs = parallel(train_args(small_data, experts_cfg, work / "missing", "--resume", "--steps", 4),
+                  train_args(small_data, experts_cfg, done_run, "--resume", "--steps", 6, "--save-every", 2))
+    one_line_error(rs[0], "train", "--resume", "no run to resume")
+    one_line_error(rs[1], "train", "complete run of 4 steps", "--steps 6")
+    assert not (work / "missing").exists() and tree(done_run) == before
+
+
+@case("`--resume` of a killed run whose metrics.jsonl ends in a torn line",
+      "the torn line is dropped, training resumes from the last checkpoint and completes (steps 1..4 logged once)")
+def test_resume_after_torn_metrics_line(work, small_data, experts_cfg, done_run):
+    out = work / "torn_run"
+    shutil.copytree(done_run, out)  # as a kill -9 after step 3 leaves it: running, checkpoint 2, half a line
+    run = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**run, "status": "running", "step": 3}))
+    shutil.rmtree(out / "adapter")
+    lines = (out / "metrics.jsonl").read_text().splitlines()[:3]
+    (out / "metrics.jsonl").write_text("\n".join(lines) + "\n" + lines[-1][:20].replace('"step": 3', '"step": 4'))
+    r = esft(*train_args(small_data, experts_cfg, out, "--steps", 4, "--save-every", 2, "--resume"))
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert json.loads((out / "run.json").read_text())["status"] == "complete" and (out / "adapter").is_dir()
+
+
+@case("`esft train --eval-data nope.jsonl` / an eval file mixing chat and text records",
+      "refused before step 1 (one line naming the file and line), exit 2, no run directory")
+def test_eval_files_checked_before_training(work, small_data, experts_cfg):
+    mixed = work / "mixed.jsonl"
+    mixed.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
+                     '{"text": "plain"}\n')
+    rs = parallel(train_args(small_data, experts_cfg, work / "e1", "--eval-data", work / "nope.jsonl"),
+                  train_args(small_data, experts_cfg, work / "e2", "--eval-data", mixed))
+    one_line_error(rs[0], "train", "nope.jsonl", "does not exist")
+    one_line_error(rs[1], "train", "mixed.jsonl line 2", "text record in a chat file")
+    assert not (work / "e1").exists() and not (work / "e2").exists()
+
+
+@case("non-UTF-8 JSONL, JSON nested 100,000 deep, a model directory with only config.json, `esft eval --out` "
+      "onto an existing file",
+      "one line naming the file (and line/byte) or `--force`, exit 2, nothing written")
+def test_bad_files_one_line(work, small_data):
+    latin = work / "latin1.jsonl"
+    latin.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    deep = work / "deep.jsonl"
+    deep.write_text("[" * 100000 + "]" * 100000 + "\n")
+    bare = work / "bare_model"
+    bare.mkdir(exist_ok=True)
+    shutil.copy(REPO / "data" / "demo-moe" / "config.json", bare / "config.json")
+    existing = work / "existing.json"
+    existing.write_text("keep")
+    rs = parallel(["record", "--data", latin, "--task", "x", "--db", work / "bad1.duckdb"],
+                  ["record", "--data", deep, "--task", "x", "--db", work / "bad2.duckdb"],
+                  ["eval", "--model", bare, "--data", LAW / "eval.jsonl"],
+                  ["eval", "--data", LAW / "eval.jsonl", "--out", existing])
+    one_line_error(rs[0], "record", "latin1.jsonl line 2", "not UTF-8")
+    one_line_error(rs[1], "record", "deep.jsonl line 1", "nested too deeply")
+    one_line_error(rs[2], "eval", "bare_model", "no weights")
+    one_line_error(rs[3], "eval", "existing.json", "--force")
+    assert existing.read_text() == "keep"
+    assert not (work / "bad1.duckdb").exists() and not (work / "bad2.duckdb").exists()
+
+
 # -- the reliability table --------------------------------------------------------------------------------------
 def test_reliability_doc_matches_the_cases():
     """docs/reliability.md lists exactly the registered cases, with the same wording and test names."""
