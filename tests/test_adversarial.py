@@ -403,6 +403,75 @@ def test_bad_files_one_line(work, small_data):
     assert not (work / "bad1.duckdb").exists() and not (work / "bad2.duckdb").exists()
 
 
+# -- export / import ----------------------------------------------------------------------------------------------
+@case("recording into `it's [1]/t[1].duckdb`; `esft export --out` a folder with `'`; a second export there",
+      "record and export work (paths never pasted into SQL); the second export is refused without `--force`")
+def test_paths_with_quotes_and_globs(work, small_data):
+    folder = work / "it's [1]"
+    folder.mkdir()
+    db = folder / "t[1].duckdb"
+    r = esft("record", "--data", small_data, "--task", "law", "--db", db, "--max-tokens", 300, "--quiet")
+    assert r.returncode == 0, r.stderr
+    out = folder / "exp'o"
+    r = esft("export", "--db", db, "--task", "law", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert {p.name for p in out.iterdir()} == {"runs.parquet", "samples.parquet", "tokens.parquet",
+                                               "routes.parquet", "expert_stats.parquet", "expert_tokens.parquet",
+                                               "sample_expert_stats.parquet"}
+    before = tree(out)
+    rs = parallel(["export", "--db", db, "--task", "law", "--out", out],
+                  ["export", "--db", db, "--task", "law", "--out", out, "--force"])
+    one_line_error(rs[0], "export", "already holds an export", "--force")
+    assert rs[1].returncode == 0, rs[1].stderr
+    assert tree(out).keys() == before.keys()
+
+
+@pytest.fixture(scope="module")
+def export_dir(work, db) -> Path:
+    out = work / "export"
+    r = esft("export", "--db", db, "--task", "law", "--out", out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def tampered(export_dir: Path, dest: Path, table: str, change) -> Path:
+    """A copy of an export with one table rewritten by `change(arrow_table) -> arrow_table | bytes`."""
+    import pyarrow.parquet as pq
+
+    shutil.copytree(export_dir, dest)
+    new = change(pq.read_table(dest / f"{table}.parquet"))
+    if isinstance(new, bytes):
+        (dest / f"{table}.parquet").write_bytes(new)
+    else:
+        pq.write_table(new, dest / f"{table}.parquet")
+    return dest
+
+
+@case("`esft import` of exports with emptied routes, expert ids >= 1000, a garbage Parquet file, a missing column",
+      "each refused before writing: one line naming the folder/file, run and the accepted range, exit 2, DB intact")
+def test_import_validates_exports(work, db, export_dir):
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    target = work / "import_target.duckdb"
+    shutil.copy(db, target)
+    before = target.read_bytes()
+    empty = tampered(export_dir, work / "imp_empty", "routes", lambda t: t.slice(0, 0))
+    big = tampered(export_dir, work / "imp_big", "routes",
+                   lambda t: t.set_column(t.schema.get_field_index("expert"), "expert",
+                                          pc.add(t["expert"], pa.scalar(1000, t["expert"].type))))
+    garbage = tampered(export_dir, work / "imp_garbage", "expert_stats", lambda t: b"PAR1 not really")
+    nocol = tampered(export_dir, work / "imp_nocol", "routes", lambda t: t.drop_columns(["weight"]))
+    rs = parallel(*[["import", d, "--db", target] for d in (empty, big, garbage, nocol)])
+    one_line_error(rs[0], "import", "imp_empty", "run 1", "0 routes")
+    one_line_error(rs[1], "import", "imp_big", "run 1", "outside [0, 32)")
+    one_line_error(rs[2], "import", "expert_stats.parquet", "not a readable Parquet file")
+    one_line_error(rs[3], "import", "routes.parquet", "lacks column(s) weight")
+    assert target.read_bytes() == before
+    ok = esft("import", export_dir, "--db", target, "--task", "law_copy")
+    assert ok.returncode == 0 and "run 2 (import) of task 'law_copy'" in ok.stdout, ok.stderr
+
+
 # -- the reliability table --------------------------------------------------------------------------------------
 def test_reliability_doc_matches_the_cases():
     """docs/reliability.md lists exactly the registered cases, with the same wording and test names."""

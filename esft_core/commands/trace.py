@@ -296,7 +296,7 @@ def cmd_export(args) -> int:
     missing = sorted(set(ids) - found)
     if missing:
         raise EsftError(f"run {missing[0]} is not a complete run in {args.db}")
-    counts = store.export_runs(args.db, ids, args.out)
+    counts = store.export_runs(args.db, ids, args.out, force=args.force)
     print(f"exported run(s) {', '.join(map(str, ids))} to {args.out}: "
           + ", ".join(f"{n} {t}" for t, n in counts.items()))
     return 0
@@ -399,6 +399,7 @@ def register(sub) -> None:
     p.add_argument("--db", required=True, help="trace database")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--task", default=None, help="export every complete run of this task")
+    p.add_argument("--force", action="store_true", help="overwrite an earlier export in --out")
     _runs_arg(p)
 
     p = add("import", cmd_import, "import runs exported with `esft export` (new run ids; merges runs)")
