@@ -38,9 +38,9 @@ def case(what: str, behaviour: str):
     return deco
 
 
-def esft(*args, timeout: float = 120, cwd: Path = REPO, **kw) -> subprocess.CompletedProcess:
+def esft(*args, timeout: float = 120, cwd: Path = REPO, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "esft_core.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=ENV, cwd=cwd, **kw)
+                          timeout=timeout, env=env or ENV, cwd=cwd, **kw)
 
 
 def popen(*args, cwd: Path = REPO) -> subprocess.Popen:
@@ -470,6 +470,75 @@ def test_import_validates_exports(work, db, export_dir):
     assert target.read_bytes() == before
     ok = esft("import", export_dir, "--db", target, "--task", "law_copy")
     assert ok.returncode == 0 and "run 2 (import) of task 'law_copy'" in ok.stdout, ok.stderr
+
+
+# -- overwrites, leftovers, lookups -------------------------------------------------------------------------------
+@case("`esft demo-data` (default `--out data`) in a folder where the user edited data/tasks/law/train.jsonl",
+      "refused: one line naming the file and `--force`, exit 2, the user's file kept; `--force` overwrites")
+def test_demo_data_keeps_user_files(work):
+    folder = work / "project"
+    mine = folder / "data" / "tasks" / "law" / "train.jsonl"
+    mine.parent.mkdir(parents=True)
+    mine.write_text('{"messages": [{"role": "user", "content": "my own"}, {"role": "assistant", "content": "x"}]}\n')
+    r = esft("demo-data", "--tasks", "law", "--n-train", 5, "--n-eval", 2, cwd=folder)
+    one_line_error(r, "demo-data", "data/tasks/law/train.jsonl", "--force")
+    assert "my own" in mine.read_text() and {p.name for p in folder.iterdir()} == {"data"}
+    assert sorted(p.name for p in (folder / "data").iterdir()) == ["tasks"]
+    r = esft("demo-data", "--tasks", "law", "--n-train", 5, "--n-eval", 2, "--force", cwd=folder)
+    assert r.returncode == 0, r.stderr
+    assert "my own" not in mine.read_text() and len(mine.read_text().splitlines()) == 5
+
+
+@case("`esft scores --out` onto an existing file or a directory; `esft select --out` onto an existing file",
+      "one line naming --out and `--force` (or `is a directory`), exit 2, no stray .tmp; `--force` overwrites")
+def test_scores_select_out_protection(work, db):
+    existing = work / "scores.csv"
+    existing.write_text("keep")
+    folder = work / "out_dir"
+    folder.mkdir()
+    cfg = work / "sel.json"
+    cfg.write_text("keep")
+    rs = parallel(["scores", "--db", db, "--task", "law", "--out", existing],
+                  ["scores", "--db", db, "--task", "law", "--out", folder],
+                  ["select", "--db", db, "--task", "law", "--metric", "token", "--top-p", 0.2, "--out", cfg],
+                  ["scores", "--db", db, "--task", "law", "--out", existing, "--force"])
+    one_line_error(rs[0], "scores", "scores.csv", "--force")
+    one_line_error(rs[1], "scores", "out_dir", "is a directory")
+    one_line_error(rs[2], "select", "sel.json", "--force")
+    assert cfg.read_text() == "keep" and not list(folder.iterdir()) and not list(work.glob("*.tmp"))
+    assert rs[3].returncode == 0 and existing.read_text().startswith("layer,expert"), rs[3].stderr
+
+
+@case("a recorder killed with kill -9 mid-run, then `esft runs --prune`",
+      "the dead run is marked failed, its rows and staging folder deleted, the file compacted; `record --quiet` "
+      "prints nothing on stderr")
+def test_runs_prune(work, db, small_data):
+    mine = work / "prune.duckdb"
+    shutil.copy(db, mine)
+    p = popen("record", "--data", LAW / "train.jsonl", "--task", "law", "--db", mine, "--max-tokens", 20000,
+              "--quiet")
+    staged = Path(f"{mine}.staging") / "run-2"
+    wait_until(lambda: staged.is_dir() or p.poll() is not None, what="the recorder to register its run")
+    p.kill()
+    p.wait()
+    r = esft("runs", "--db", mine, "--prune")
+    assert r.returncode == 0, r.stderr
+    assert "pruned 1 failed run(s): 2" in r.stderr, r.stderr
+    assert not Path(f"{mine}.staging").exists()
+    assert [ln.split("|")[4].strip() for ln in r.stdout.splitlines()[2:]] == ["complete"]
+    quiet = esft("record", "--data", small_data, "--task", "law", "--db", mine, "--max-tokens", 200, "--quiet")
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
+
+
+@case("`--model no-such/model` with HF_HUB_OFFLINE=1 (not a folder, not cached)",
+      "one line at once naming the model and what is accepted, exit 2 (no minute of network retries)")
+def test_unknown_hub_id_offline(work, small_data):
+    env = {**ENV, "HF_HUB_OFFLINE": "1"}
+    t = time.monotonic()
+    r = esft("record", "--model", "no-such/model", "--data", small_data, "--task", "x", "--db", work / "h.duckdb",
+             env=env)
+    one_line_error(r, "record", "no-such/model", "nor in the hub cache")
+    assert time.monotonic() - t < 30 and not (work / "h.duckdb").exists()
 
 
 # -- the reliability table --------------------------------------------------------------------------------------

@@ -27,14 +27,26 @@ def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     return parser
 
 
-def _write_out(text: str, out: str | None) -> None:
+def _check_out(out: str | None, force: bool = False, flag: str = "--out") -> None:
+    """An output file path: not a directory, its directory exists, new unless --force (checked before any work)."""
+    if not out:
+        return
+    path = Path(out)
+    if path.is_dir():
+        raise EsftError(f"{flag} {path} is a directory; give a file path")
+    if path.parent and not path.parent.exists():
+        raise EsftError(f"directory {path.parent} for {flag} does not exist")
+    if path.exists() and not force:
+        raise EsftError(f"{flag} {path} already exists; pass --force to overwrite it")
+
+
+def _write_out(text: str, out: str | None, force: bool = True, flag: str = "--out") -> None:
     """Write to --out atomically (tmp file + rename), or stdout (with a final newline)."""
     if not out:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
         return
+    _check_out(out, force, flag)
     path = Path(out)
-    if path.parent and not path.parent.exists():
-        raise EsftError(f"directory {path.parent} for --out does not exist")
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)  # as is: JSON outputs are byte-identical to the authors' files
     os.replace(tmp, path)
@@ -130,6 +142,7 @@ def cmd_scores(args) -> int:
         raise EsftError(f"unknown normalization '{args.normalize}'; choose one of {', '.join(NORMALIZATIONS)}")
     if args.format not in ("csv", "json", "esft-summary"):
         raise EsftError(f"unknown format '{args.format}'; choose csv, json or esft-summary")
+    _check_out(args.out, args.force)
     if args.format == "esft-summary":
         _write_out(json.dumps(esft_summary(args.db, args.task, args.normalize, args.run)), args.out)
         return 0
@@ -177,6 +190,8 @@ def cmd_select(args) -> int:
         check_p(args.top_p)
     if args.bootstrap is not None and args.top_p is None:
         raise EsftError("--bootstrap needs --top-p (stability of the top-p selection)")
+    _check_out(args.out, args.force)
+    _check_out(args.stability_out, args.force, "--stability-out")
     contrast = [t for spec in (args.contrast or []) for t in spec.split(",") if t]
     with store.reader(args.db) as con:
         sel = select_for_task(con, args.task, args.metric, args.normalize, args.top_p, args.top_k, args.include,
@@ -352,6 +367,7 @@ def register(sub) -> None:
     p.add_argument("--normalize", default="token", help="token (authors' files) or sample (paper formula)")
     p.add_argument("--format", default="csv", help="csv, json, or esft-summary (authors' summary.json)")
     p.add_argument("--out", default=None, help="output file (default: stdout)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     _runs_arg(p)
 
     p = add("select", cmd_select, "select experts per layer → authors' expert-config JSON")
@@ -376,6 +392,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     p.add_argument("--shared-experts", action="store_true", help="config: also train shared experts")
     p.add_argument("--non-expert-modules", action="store_true", help="config: also train non-expert modules")
+    p.add_argument("--force", action="store_true", help="overwrite existing --out / --stability-out files")
     _runs_arg(p)
 
     p = add("sql", cmd_sql, "run a read-only SQL query on the trace DB (no file access) and print a table")
