@@ -541,6 +541,37 @@ def test_unknown_hub_id_offline(work, small_data):
     assert time.monotonic() - t < 30 and not (work / "h.duckdb").exists()
 
 
+# -- what held before and must keep holding -----------------------------------------------------------------------
+@case("`esft sql` reading a file, ATTACH, COPY TO a file, DELETE",
+      "each refused by the sandbox (external access disabled, read-only): one line, exit 2, DB unchanged")
+def test_sql_sandbox_holds(db, work):
+    before = db.read_bytes()
+    rs = parallel(["sql", "--db", db, "SELECT * FROM read_csv('/etc/passwd')"],
+                  ["sql", "--db", db, f"ATTACH '{work / 'other.duckdb'}' AS o"],
+                  ["sql", "--db", db, f"COPY runs TO '{work / 'leak.csv'}'"],
+                  ["sql", "--db", db, "DELETE FROM runs"])
+    for r in rs:
+        one_line_error(r, "sql")
+    assert not (work / "leak.csv").exists() and not (work / "other.duckdb").exists()
+    assert db.read_bytes() == before
+
+
+@case("two `esft record` processes writing one DB at the same time",
+      "both finish with their own complete run (distinct ids, all rows ingested)")
+def test_two_concurrent_recorders(db, work, small_data):
+    mine = work / "two.duckdb"
+    shutil.copy(db, mine)
+    rs = parallel(*[["record", "--data", small_data, "--task", f"law{i}", "--db", mine, "--max-tokens", 400,
+                     "--quiet"] for i in (1, 2)])
+    assert all(r.returncode == 0 for r in rs), [r.stderr for r in rs]
+    import duckdb
+
+    with duckdb.connect(str(mine), read_only=True) as con:
+        rows = con.execute("SELECT task, status, n_tokens = (SELECT count(*) FROM tokens t WHERE t.run_id = r.run_id) "
+                           "FROM runs r WHERE task LIKE 'law_' ORDER BY task").fetchall()
+    assert rows == [("law1", "complete", True), ("law2", "complete", True)]
+
+
 # -- the reliability table --------------------------------------------------------------------------------------
 def test_reliability_doc_matches_the_cases():
     """docs/reliability.md lists exactly the registered cases, with the same wording and test names."""
