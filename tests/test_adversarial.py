@@ -58,6 +58,36 @@ def parallel(*argvs, timeout: float = 180) -> list[subprocess.CompletedProcess]:
     return out
 
 
+BATCH = """import contextlib, io, json, sys, time
+from esft_core.cli import main
+results = []
+for argv in json.loads(sys.argv[1]):
+    t = time.monotonic()
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as e:  # argparse usage errors
+            code = e.code if isinstance(e.code, int) else 2
+    results.append([code, out.getvalue(), err.getvalue(), time.monotonic() - t])
+print(json.dumps(results))
+"""
+
+
+def batch(*argvs, timeout: float = 180, cwd: Path = REPO) -> list[subprocess.CompletedProcess]:
+    """Several `esft` commands run one after another by `esft_core.cli.main` in ONE real subprocess: the same code
+    path as the console script, but the interpreter start and the torch/duckdb imports (~2 s of CPU each) are
+    paid once. Used for commands that fail in validation; concurrency tests use real parallel processes."""
+    r = subprocess.run([sys.executable, "-c", BATCH, json.dumps([[str(a) for a in argv] for argv in argvs])],
+                       capture_output=True, text=True, timeout=timeout, env=ENV, cwd=cwd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = []
+    for a, (code, o, e, elapsed) in zip(argvs, json.loads(r.stdout.splitlines()[-1]), strict=True):
+        out.append(subprocess.CompletedProcess(a, code, o, e))
+        out[-1].elapsed = elapsed  # seconds this command took
+    return out
+
+
 def one_line_error(r: subprocess.CompletedProcess, cmd: str, *needles: str) -> str:
     """Exit 2 and exactly one stderr line `esft <cmd>: error: ...` that mentions every needle."""
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
@@ -108,17 +138,46 @@ def db(work, small_data) -> Path:
     path = work / "traces.duckdb"
     r = esft("record", "--data", small_data, "--task", "law", "--db", path, "--max-tokens", 1500, "--quiet")
     assert r.returncode == 0, r.stderr
+    RECORDED["stderr"] = r.stderr
     return path
 
 
+RECORDED: dict[str, str] = {}
+
+
+@case("`esft record --quiet`", "prints nothing on stderr (not even transformers' \"Loading weights\" bar)")
+def test_record_quiet(db):
+    assert RECORDED["stderr"] == ""
+
+
 # -- esft sql ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def sql_runs(db, work) -> dict[str, subprocess.CompletedProcess]:
+    """Every one-shot `esft sql` case, run by one batch process (see `batch`); the DB bytes before it."""
+    fake = work / "x.parquet"
+    fake.write_text("not duckdb")
+    cmds = {
+        "time_limit": ["--timeout", 2, CROSS_JOIN],
+        "set": ["SET memory_limit='10GB'"], "semicolons": [";;;"], "max_rows": ["--max-rows", -3, "SELECT 1"],
+        "timeout0": ["--timeout", 0, "SELECT 1"], "memory_lots": ["--memory-limit", "lots", "SELECT 1"],
+        "comment": ["-- x"],
+        "json": ["--format", "json", "SELECT 'nan'::DOUBLE AS a, 'inf'::FLOAT AS b, 1.5 AS c"],
+        "read_file": ["SELECT * FROM read_csv('/etc/passwd')"],
+        "attach": [f"ATTACH '{work / 'other.duckdb'}' AS o"],
+        "copy": [f"COPY runs TO '{work / 'leak.csv'}'"],
+        "delete": ["DELETE FROM runs"],
+    }
+    before = db.read_bytes()
+    rs = batch(*[["sql", "--db", db, *c] for c in cmds.values()], ["sql", "--db", fake, "SELECT 1"])
+    return {**dict(zip([*cmds, "parquet"], rs, strict=True)), "db_before": before}
+
+
 @case("`esft sql` cross join of 10^16 rows with `--timeout 2`",
       "stopped at the time limit within seconds; one line naming --timeout, exit 2")
-def test_sql_time_limit(db):
-    t = time.monotonic()
-    r = esft("sql", "--db", db, "--timeout", 2, CROSS_JOIN, timeout=60)
+def test_sql_time_limit(sql_runs):
+    r = sql_runs["time_limit"]
     one_line_error(r, "sql", "2 s time limit", "--timeout")
-    assert time.monotonic() - t < 30
+    assert r.elapsed < 20
 
 
 @case("Ctrl-C (SIGINT) during a long `esft sql` query",
@@ -152,25 +211,19 @@ def test_sql_memory_limit(db):
 @case("`esft sql` with `SET memory_limit`, `-- x`, `;;;`, `--max-rows -3`, `--timeout 0`, `--memory-limit lots`, "
       "`--db x.parquet`",
       "settings locked; comment-only: `(no result)`; others one line naming the flag/file, exit 2")
-def test_sql_bad_inputs(db, work):
-    fake = work / "x.parquet"
-    fake.write_text("not duckdb")
-    rs = parallel(["sql", "--db", db, "SET memory_limit='10GB'"], ["sql", "--db", db, ";;;"],
-                  ["sql", "--db", db, "--max-rows", -3, "SELECT 1"], ["sql", "--db", db, "--timeout", 0, "SELECT 1"],
-                  ["sql", "--db", db, "--memory-limit", "lots", "SELECT 1"], ["sql", "--db", fake, "SELECT 1"],
-                  ["sql", "--db", db, "-- x"])
-    one_line_error(rs[0], "sql", "locked")
-    one_line_error(rs[1], "sql", "empty query")
-    one_line_error(rs[2], "sql", "--max-rows", "-3")
-    one_line_error(rs[3], "sql", "--timeout")
-    one_line_error(rs[4], "sql", "--memory-limit", "lots", "512MB")
-    one_line_error(rs[5], "sql", "x.parquet", "not a DuckDB database")
-    assert rs[6].returncode == 0 and rs[6].stdout.strip() == "(no result)"
+def test_sql_bad_inputs(sql_runs):
+    one_line_error(sql_runs["set"], "sql", "locked")
+    one_line_error(sql_runs["semicolons"], "sql", "empty query")
+    one_line_error(sql_runs["max_rows"], "sql", "--max-rows", "-3")
+    one_line_error(sql_runs["timeout0"], "sql", "--timeout")
+    one_line_error(sql_runs["memory_lots"], "sql", "--memory-limit", "lots", "512MB")
+    one_line_error(sql_runs["parquet"], "sql", "x.parquet", "not a DuckDB database")
+    assert sql_runs["comment"].returncode == 0 and sql_runs["comment"].stdout.strip() == "(no result)"
 
 
 @case("`esft sql --format json` of NaN / Infinity", "valid JSON: non-finite numbers become null")
-def test_sql_json_nan(db):
-    r = esft("sql", "--db", db, "--format", "json", "SELECT 'nan'::DOUBLE AS a, 'inf'::FLOAT AS b, 1.5 AS c")
+def test_sql_json_nan(sql_runs):
+    r = sql_runs["json"]
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout) == [{"a": None, "b": None, "c": 1.5}]
 
@@ -237,9 +290,8 @@ def test_record_queued_when_reader_outlasts_the_wait(db, work):
     assert "kept staged" in last and f"run {run_id}" in last and "esft runs" in last, last
     staged = Path(f"{mine}.staging") / f"run-{run_id}"
     assert (staged / "READY.json").is_file() and list(staged.glob("routes-*.parquet"))
-    listing = esft("runs", "--db", mine)
+    listing, r = batch(["runs", "--db", mine], ["runs", "--db", mine, "--ingest"])
     assert "staged, waiting for ingest" in listing.stdout, listing.stdout + listing.stderr
-    r = esft("runs", "--db", mine, "--ingest")
     assert r.returncode == 0 and f"ingested staged run(s) {run_id}" in r.stderr, r.stderr
     status, n_tokens, n_stats = run_row(mine, run_id)
     assert status == "complete" and n_tokens >= 1500 and n_stats > 0
@@ -260,6 +312,42 @@ def train_args(data: Path, cfg: Path, out: Path, *more) -> list:
             "--no-progress", *more]
 
 
+@pytest.fixture(scope="module")
+def input_runs(work, small_data, experts_cfg) -> dict[str, subprocess.CompletedProcess]:
+    """Every bad-input case of train/eval/record, run by one batch process (see `batch`)."""
+    mixed = work / "mixed.jsonl"
+    mixed.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
+                     '{"text": "plain"}\n')
+    latin = work / "latin1.jsonl"
+    latin.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    deep = work / "deep.jsonl"
+    deep.write_text("[" * 100000 + "]" * 100000 + "\n")
+    bare = work / "bare_model"
+    bare.mkdir(exist_ok=True)
+    shutil.copy(REPO / "data" / "demo-moe" / "config.json", bare / "config.json")
+    (work / "existing.json").write_text("keep")
+    never, ev = work / "never", ["eval", "--data", LAW / "eval.jsonl"]
+    cmds = {
+        "train_seq": train_args(small_data, experts_cfg, never, "--seq-len", 100000),
+        "eval_seq": [*ev, "--seq-len", 100000], "eval_seq_neg": [*ev, "--seq-len", -1],
+        "eval_seq_0": [*ev, "--seq-len", 0],
+        "record_seq": ["record", "--data", small_data, "--task", "x", "--db", work / "never.duckdb",
+                       "--seq-len", 100000],
+        "train_mem": train_args(small_data, experts_cfg, never, "--seq-len", 1024, "--batch-size", 100000),
+        "lr_inf": train_args(small_data, experts_cfg, work / "n1", "--lr", "inf"),
+        "wd_nan": train_args(small_data, experts_cfg, work / "n2", "--weight-decay", "nan"),
+        "beta1": train_args(small_data, experts_cfg, work / "n3", "--beta1", 1.5),
+        "lr_huge": train_args(small_data, experts_cfg, work / "nan_run", "--lr", 1e30, "--steps", 6),
+        "eval_nope": train_args(small_data, experts_cfg, work / "e1", "--eval-data", work / "nope.jsonl"),
+        "eval_mixed": train_args(small_data, experts_cfg, work / "e2", "--eval-data", mixed),
+        "latin": ["record", "--data", latin, "--task", "x", "--db", work / "bad1.duckdb"],
+        "deep": ["record", "--data", deep, "--task", "x", "--db", work / "bad2.duckdb"],
+        "bare": ["eval", "--model", bare, "--data", LAW / "eval.jsonl"],
+        "existing": [*ev, "--out", work / "existing.json"],
+    }
+    return dict(zip(cmds, batch(*cmds.values()), strict=True))
+
+
 @case("`esft eval` on a chat sample with a ~40,000-token prompt, `--seq-len 128`",
       "the prompt is cut to its last tokens for generation (`truncated_prompts: 1`), finishes in seconds")
 def test_eval_truncates_long_prompts(work):
@@ -278,19 +366,13 @@ def test_eval_truncates_long_prompts(work):
 @case("`--seq-len 100000` (model has 1,024 positions) for train/eval/record; eval `--seq-len -1` and `0`; "
       "train `--batch-size 100000 --seq-len 1024`",
       "one line naming --seq-len and the accepted maximum (or the memory needed vs. free), exit 2, nothing written")
-def test_seq_len_and_memory_validated(work, small_data, experts_cfg):
-    out = work / "never"
-    rs = parallel(train_args(small_data, experts_cfg, out, "--seq-len", 100000),
-                  ["eval", "--data", LAW / "eval.jsonl", "--seq-len", 100000],
-                  ["eval", "--data", LAW / "eval.jsonl", "--seq-len", -1],
-                  ["eval", "--data", LAW / "eval.jsonl", "--seq-len", 0],
-                  ["record", "--data", small_data, "--task", "x", "--db", work / "never.duckdb", "--seq-len", 100000],
-                  train_args(small_data, experts_cfg, out, "--seq-len", 1024, "--batch-size", 100000))
-    for r, cmd in zip(rs[:5], ["train", "eval", "eval", "eval", "record"], strict=True):
-        line = one_line_error(r, cmd, "--seq-len")
+def test_seq_len_and_memory_validated(work, input_runs):
+    for key, cmd in [("train_seq", "train"), ("eval_seq", "eval"), ("eval_seq_neg", "eval"), ("eval_seq_0", "eval"),
+                     ("record_seq", "record")]:
+        line = one_line_error(input_runs[key], cmd, "--seq-len")
         assert ("1024 positions" in line and "<= 1024" in line) or ">= 2" in line, line
-    one_line_error(rs[5], "train", "--batch-size/--seq-len", "GiB", "free")
-    assert not out.exists() and not (work / "never.duckdb").exists()
+    one_line_error(input_runs["train_mem"], "train", "--batch-size/--seq-len", "GiB", "free")
+    assert not (work / "never").exists() and not (work / "never.duckdb").exists()
 
 
 @case("two `esft train` processes with the same `--out`",
@@ -313,20 +395,15 @@ def test_two_trainers_one_out_dir(work, small_data, experts_cfg):
 @case("`--lr inf`, `--weight-decay nan`, `--beta1 1.5` / `--lr 1e30`",
       "refused before loading the model (one line naming the flag and the range) / stops at the first non-finite "
       "loss: run.json `failed`, no adapter written, exit 2")
-def test_non_finite_training(work, small_data, experts_cfg):
-    out = work / "nan_run"
-    rs = parallel(train_args(small_data, experts_cfg, work / "n1", "--lr", "inf"),
-                  train_args(small_data, experts_cfg, work / "n2", "--weight-decay", "nan"),
-                  train_args(small_data, experts_cfg, work / "n3", "--beta1", 1.5),
-                  train_args(small_data, experts_cfg, out, "--lr", 1e30, "--steps", 6))
-    one_line_error(rs[0], "train", "--lr", "finite", "inf")
-    one_line_error(rs[1], "train", "--weight-decay", "finite", "nan")
-    one_line_error(rs[2], "train", "--beta1", "[0, 1)", "1.5")
+def test_non_finite_training(work, input_runs):
+    one_line_error(input_runs["lr_inf"], "train", "--lr", "finite", "inf")
+    one_line_error(input_runs["wd_nan"], "train", "--weight-decay", "finite", "nan")
+    one_line_error(input_runs["beta1"], "train", "--beta1", "[0, 1)", "1.5")
     assert not any((work / n).exists() for n in ("n1", "n2", "n3"))
-    one_line_error(rs[3], "train", "non-finite loss", "no adapter written")
-    run = json.loads((out / "run.json").read_text())
+    one_line_error(input_runs["lr_huge"], "train", "non-finite loss", "no adapter written")
+    run = json.loads((work / "nan_run" / "run.json").read_text())
     assert run["status"] == "failed" and "non-finite loss" in run["error"]
-    assert not (out / "adapter").exists()
+    assert not (work / "nan_run" / "adapter").exists()
 
 
 @pytest.fixture(scope="module")
@@ -342,7 +419,7 @@ def done_run(work, small_data, experts_cfg) -> Path:
       "one line each (`holds no run to resume` / `complete run of 4 steps`), exit 2, nothing written")
 def test_resume_refusals(work, small_data, experts_cfg, done_run):
     before = tree(done_run)
-    rs = parallel(train_args(small_data, experts_cfg, work / "missing", "--resume", "--steps", 4),
+    rs = batch(train_args(small_data, experts_cfg, work / "missing", "--resume", "--steps", 4),
                   train_args(small_data, experts_cfg, done_run, "--resume", "--steps", 6, "--save-every", 2))
     one_line_error(rs[0], "train", "--resume", "no run to resume")
     one_line_error(rs[1], "train", "complete run of 4 steps", "--steps 6")
@@ -367,39 +444,21 @@ def test_resume_after_torn_metrics_line(work, small_data, experts_cfg, done_run)
 
 @case("`esft train --eval-data nope.jsonl` / an eval file mixing chat and text records",
       "refused before step 1 (one line naming the file and line), exit 2, no run directory")
-def test_eval_files_checked_before_training(work, small_data, experts_cfg):
-    mixed = work / "mixed.jsonl"
-    mixed.write_text('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}\n'
-                     '{"text": "plain"}\n')
-    rs = parallel(train_args(small_data, experts_cfg, work / "e1", "--eval-data", work / "nope.jsonl"),
-                  train_args(small_data, experts_cfg, work / "e2", "--eval-data", mixed))
-    one_line_error(rs[0], "train", "nope.jsonl", "does not exist")
-    one_line_error(rs[1], "train", "mixed.jsonl line 2", "text record in a chat file")
+def test_eval_files_checked_before_training(work, input_runs):
+    one_line_error(input_runs["eval_nope"], "train", "nope.jsonl", "does not exist")
+    one_line_error(input_runs["eval_mixed"], "train", "mixed.jsonl line 2", "text record in a chat file")
     assert not (work / "e1").exists() and not (work / "e2").exists()
 
 
 @case("non-UTF-8 JSONL, JSON nested 100,000 deep, a model directory with only config.json, `esft eval --out` "
       "onto an existing file",
       "one line naming the file (and line/byte) or `--force`, exit 2, nothing written")
-def test_bad_files_one_line(work, small_data):
-    latin = work / "latin1.jsonl"
-    latin.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
-    deep = work / "deep.jsonl"
-    deep.write_text("[" * 100000 + "]" * 100000 + "\n")
-    bare = work / "bare_model"
-    bare.mkdir(exist_ok=True)
-    shutil.copy(REPO / "data" / "demo-moe" / "config.json", bare / "config.json")
-    existing = work / "existing.json"
-    existing.write_text("keep")
-    rs = parallel(["record", "--data", latin, "--task", "x", "--db", work / "bad1.duckdb"],
-                  ["record", "--data", deep, "--task", "x", "--db", work / "bad2.duckdb"],
-                  ["eval", "--model", bare, "--data", LAW / "eval.jsonl"],
-                  ["eval", "--data", LAW / "eval.jsonl", "--out", existing])
-    one_line_error(rs[0], "record", "latin1.jsonl line 2", "not UTF-8")
-    one_line_error(rs[1], "record", "deep.jsonl line 1", "nested too deeply")
-    one_line_error(rs[2], "eval", "bare_model", "no weights")
-    one_line_error(rs[3], "eval", "existing.json", "--force")
-    assert existing.read_text() == "keep"
+def test_bad_files_one_line(work, input_runs):
+    one_line_error(input_runs["latin"], "record", "latin1.jsonl line 2", "not UTF-8")
+    one_line_error(input_runs["deep"], "record", "deep.jsonl line 1", "nested too deeply")
+    one_line_error(input_runs["bare"], "eval", "bare_model", "no weights")
+    one_line_error(input_runs["existing"], "eval", "existing.json", "--force")
+    assert (work / "existing.json").read_text() == "keep"
     assert not (work / "bad1.duckdb").exists() and not (work / "bad2.duckdb").exists()
 
 
@@ -413,17 +472,15 @@ def test_paths_with_quotes_and_globs(work, small_data):
     r = esft("record", "--data", small_data, "--task", "law", "--db", db, "--max-tokens", 300, "--quiet")
     assert r.returncode == 0, r.stderr
     out = folder / "exp'o"
-    r = esft("export", "--db", db, "--task", "law", "--out", out)
-    assert r.returncode == 0, r.stderr
+    rs = batch(["export", "--db", db, "--task", "law", "--out", out],
+               ["export", "--db", db, "--task", "law", "--out", out],
+               ["export", "--db", db, "--task", "law", "--out", out, "--force"])
+    assert rs[0].returncode == 0, rs[0].stderr
+    one_line_error(rs[1], "export", "already holds an export", "--force")
+    assert rs[2].returncode == 0, rs[2].stderr
     assert {p.name for p in out.iterdir()} == {"runs.parquet", "samples.parquet", "tokens.parquet",
                                                "routes.parquet", "expert_stats.parquet", "expert_tokens.parquet",
                                                "sample_expert_stats.parquet"}
-    before = tree(out)
-    rs = parallel(["export", "--db", db, "--task", "law", "--out", out],
-                  ["export", "--db", db, "--task", "law", "--out", out, "--force"])
-    one_line_error(rs[0], "export", "already holds an export", "--force")
-    assert rs[1].returncode == 0, rs[1].stderr
-    assert tree(out).keys() == before.keys()
 
 
 @pytest.fixture(scope="module")
@@ -462,13 +519,16 @@ def test_import_validates_exports(work, db, export_dir):
                                           pc.add(t["expert"], pa.scalar(1000, t["expert"].type))))
     garbage = tampered(export_dir, work / "imp_garbage", "expert_stats", lambda t: b"PAR1 not really")
     nocol = tampered(export_dir, work / "imp_nocol", "routes", lambda t: t.drop_columns(["weight"]))
-    rs = parallel(*[["import", d, "--db", target] for d in (empty, big, garbage, nocol)])
+    control = work / "import_control.duckdb"
+    shutil.copy(db, control)
+    rs = batch(*[["import", d, "--db", target] for d in (empty, big, garbage, nocol)],
+               ["import", export_dir, "--db", control, "--task", "law_copy"])
     one_line_error(rs[0], "import", "imp_empty", "run 1", "0 routes")
     one_line_error(rs[1], "import", "imp_big", "run 1", "outside [0, 32)")
     one_line_error(rs[2], "import", "expert_stats.parquet", "not a readable Parquet file")
     one_line_error(rs[3], "import", "routes.parquet", "lacks column(s) weight")
     assert target.read_bytes() == before
-    ok = esft("import", export_dir, "--db", target, "--task", "law_copy")
+    ok = rs[4]  # the untouched export imports fine
     assert ok.returncode == 0 and "run 2 (import) of task 'law_copy'" in ok.stdout, ok.stderr
 
 
@@ -476,17 +536,22 @@ def test_import_validates_exports(work, db, export_dir):
 @case("`esft demo-data` (default `--out data`) in a folder where the user edited data/tasks/law/train.jsonl",
       "refused: one line naming the file and `--force`, exit 2, the user's file kept; `--force` overwrites")
 def test_demo_data_keeps_user_files(work):
-    folder = work / "project"
-    mine = folder / "data" / "tasks" / "law" / "train.jsonl"
-    mine.parent.mkdir(parents=True)
-    mine.write_text('{"messages": [{"role": "user", "content": "my own"}, {"role": "assistant", "content": "x"}]}\n')
-    r = esft("demo-data", "--tasks", "law", "--n-train", 5, "--n-eval", 2, cwd=folder)
-    one_line_error(r, "demo-data", "data/tasks/law/train.jsonl", "--force")
-    assert "my own" in mine.read_text() and {p.name for p in folder.iterdir()} == {"data"}
-    assert sorted(p.name for p in (folder / "data").iterdir()) == ["tasks"]
-    r = esft("demo-data", "--tasks", "law", "--n-train", 5, "--n-eval", 2, "--force", cwd=folder)
-    assert r.returncode == 0, r.stderr
-    assert "my own" not in mine.read_text() and len(mine.read_text().splitlines()) == 5
+    mine = {}
+    for name in ("project", "project_forced"):
+        mine[name] = work / name / "data" / "tasks" / "law" / "train.jsonl"
+        mine[name].parent.mkdir(parents=True)
+        mine[name].write_text('{"messages": [{"role": "user", "content": "my own"}, '
+                              '{"role": "assistant", "content": "x"}]}\n')
+    refused, forced = batch(["demo-data", "--tasks", "law", "--n-train", 5, "--n-eval", 2],
+                            ["demo-data", "--tasks", "law", "--n-train", 5, "--n-eval", 2, "--force", "--out",
+                             work / "project_forced" / "data"], cwd=work / "project")
+    one_line_error(refused, "demo-data", "data/tasks/law/train.jsonl", "--force")
+    assert "my own" in mine["project"].read_text()
+    assert sorted(str(p.relative_to(work / "project")) for p in (work / "project").rglob("*")) == [
+        "data", "data/tasks", "data/tasks/law", "data/tasks/law/train.jsonl"]
+    assert forced.returncode == 0, forced.stderr
+    text = mine["project_forced"].read_text()
+    assert "my own" not in text and len(text.splitlines()) == 5
 
 
 @case("`esft scores --out` onto an existing file or a directory; `esft select --out` onto an existing file",
@@ -498,7 +563,7 @@ def test_scores_select_out_protection(work, db):
     folder.mkdir()
     cfg = work / "sel.json"
     cfg.write_text("keep")
-    rs = parallel(["scores", "--db", db, "--task", "law", "--out", existing],
+    rs = batch(["scores", "--db", db, "--task", "law", "--out", existing],
                   ["scores", "--db", db, "--task", "law", "--out", folder],
                   ["select", "--db", db, "--task", "law", "--metric", "token", "--top-p", 0.2, "--out", cfg],
                   ["scores", "--db", db, "--task", "law", "--out", existing, "--force"])
@@ -510,8 +575,7 @@ def test_scores_select_out_protection(work, db):
 
 
 @case("a recorder killed with kill -9 mid-run, then `esft runs --prune`",
-      "the dead run is marked failed, its rows and staging folder deleted, the file compacted; `record --quiet` "
-      "prints nothing on stderr")
+      "the dead run is marked failed, its rows and staging folder deleted, the file compacted")
 def test_runs_prune(work, db, small_data):
     mine = work / "prune.duckdb"
     shutil.copy(db, mine)
@@ -526,8 +590,6 @@ def test_runs_prune(work, db, small_data):
     assert "pruned 1 failed run(s): 2" in r.stderr, r.stderr
     assert not Path(f"{mine}.staging").exists()
     assert [ln.split("|")[4].strip() for ln in r.stdout.splitlines()[2:]] == ["complete"]
-    quiet = esft("record", "--data", small_data, "--task", "law", "--db", mine, "--max-tokens", 200, "--quiet")
-    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr
 
 
 @case("`--model no-such/model` with HF_HUB_OFFLINE=1 (not a folder, not cached)",
@@ -544,16 +606,11 @@ def test_unknown_hub_id_offline(work, small_data):
 # -- what held before and must keep holding -----------------------------------------------------------------------
 @case("`esft sql` reading a file, ATTACH, COPY TO a file, DELETE",
       "each refused by the sandbox (external access disabled, read-only): one line, exit 2, DB unchanged")
-def test_sql_sandbox_holds(db, work):
-    before = db.read_bytes()
-    rs = parallel(["sql", "--db", db, "SELECT * FROM read_csv('/etc/passwd')"],
-                  ["sql", "--db", db, f"ATTACH '{work / 'other.duckdb'}' AS o"],
-                  ["sql", "--db", db, f"COPY runs TO '{work / 'leak.csv'}'"],
-                  ["sql", "--db", db, "DELETE FROM runs"])
-    for r in rs:
-        one_line_error(r, "sql")
+def test_sql_sandbox_holds(sql_runs, db, work):
+    for name in ("read_file", "attach", "copy", "delete"):
+        one_line_error(sql_runs[name], "sql")
     assert not (work / "leak.csv").exists() and not (work / "other.duckdb").exists()
-    assert db.read_bytes() == before
+    assert db.read_bytes() == sql_runs["db_before"]
 
 
 @case("two `esft record` processes writing one DB at the same time",
