@@ -140,6 +140,19 @@ def run_query(con: duckdb.DuckDBPyConnection, query: str, limits: QueryLimits) -
     return out["result"]
 
 
+@contextlib.contextmanager
+def spill_dir_removed(db: str | Path):
+    """DuckDB spills big sorts to `<db>.tmp/` and leaves the empty folder behind; remove it when we created it."""
+    spill = Path(f"{db}.tmp")
+    existed = spill.exists()
+    try:
+        yield
+    finally:
+        if not existed:
+            with contextlib.suppress(OSError):
+                spill.rmdir()  # only when empty
+
+
 def is_duckdb_file(path: str | Path) -> bool:
     """Whether `path` starts with DuckDB's file header (magic 'DUCK' at byte 8); an empty file counts as new."""
     p = Path(path)

@@ -6,6 +6,7 @@ Every failure is an EsftError naming the flag, the value and what would be accep
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -18,8 +19,6 @@ def model_config(model: str):
 
     A directory must hold config.json, weights and a tokenizer; a hub id that is not in the local cache fails at
     once when HF_HUB_OFFLINE is set (instead of a minute of network retries)."""
-    from transformers import AutoConfig
-
     from esft_core.models import resolve_model_path
 
     path = resolve_model_path(model)
@@ -35,10 +34,30 @@ def model_config(model: str):
         if not isinstance(try_to_load_from_cache(path, "config.json"), str):
             raise EsftError(f"model '{model}' is neither a local directory nor in the hub cache (HF_HUB_OFFLINE is "
                             "set); give a model directory or 'demo'")
+    if p.is_dir():  # plain JSON: no transformers import for a check (fast, and safe in a pre-warmed job runner)
+        try:
+            return _JsonConfig(json.loads((p / "config.json").read_text(encoding="utf-8")))
+        except (OSError, ValueError) as e:
+            raise EsftError(f"{p / 'config.json'} is not a readable JSON config ({e})") from None
+    from transformers import AutoConfig
+
     try:
         return AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as e:
         raise EsftError(f"cannot read the config of model '{model}': {str(e).splitlines()[0]}") from None
+
+
+class _JsonConfig:
+    """The attributes of a config.json (and its text_config, for multimodal checkpoints)."""
+
+    def __init__(self, d: dict):
+        if not isinstance(d, dict):
+            raise ValueError("expected a JSON object")
+        self.__dict__.update(d)
+
+    def get_text_config(self):
+        sub = self.__dict__.get("text_config")
+        return _JsonConfig(sub) if isinstance(sub, dict) else self
 
 
 def max_positions(config) -> int | None:
@@ -81,19 +100,21 @@ def available_memory() -> tuple[int, str]:
 
 
 def activation_bytes(config, batch: int, seq: int, training: bool, bytes_per_value: int = 4) -> int:
-    """A lower bound of the activation memory of one forward (+ backward) pass, to refuse hopeless requests.
+    """A lower bound of the activation memory of one forward (+ backward) pass, to refuse hopeless requests early.
 
-    Per layer: eager attention scores (batch, heads, seq, seq) twice (scores and softmax), hidden states and the
-    MLP/expert intermediates (batch, seq, hidden * ~8); logits (batch, seq, vocab). Training keeps every layer's
-    activations for the backward pass; inference holds about two layers at a time."""
+    Hidden states and MLP/expert intermediates (batch, seq, ~8 * hidden) per layer — every layer is kept for the
+    backward pass when training, about two at a time in inference; one layer's attention scores (batch, heads,
+    seq, seq) twice (eager/math attention materialises them; flash kernels do not, hence only one layer counted);
+    logits (batch, seq, vocab)."""
     text = getattr(config, "get_text_config", lambda: config)()
     layers = int(getattr(text, "num_hidden_layers", 1) or 1)
     heads = int(getattr(text, "num_attention_heads", 1) or 1)
     hidden = int(getattr(text, "hidden_size", 1) or 1)
     vocab = int(getattr(text, "vocab_size", 1) or 1)
-    per_layer = batch * (2 * heads * seq * seq + 8 * seq * hidden)
     kept = layers if training else 2
-    return int((per_layer * kept + batch * seq * vocab * (3 if training else 1)) * bytes_per_value)
+    values = (kept * batch * seq * 8 * hidden + 2 * batch * heads * seq * seq
+              + batch * seq * vocab * (3 if training else 1))
+    return int(values * bytes_per_value)
 
 
 def memory(config, batch: int, seq: int, training: bool, flags: str) -> None:

@@ -14,7 +14,7 @@ import polars as pl
 
 from esft_core import store
 from esft_core.errors import EsftError
-from esft_core.sqlguard import DEFAULT_MEMORY_LIMIT, QueryLimits, run_query, sandbox_config
+from esft_core.sqlguard import DEFAULT_MEMORY_LIMIT, QueryLimits, run_query, sandbox_config, spill_dir_removed
 
 LOCK_WAIT_S = 8.0  # how long a console query waits for a writer holding the DB lock
 
@@ -73,7 +73,8 @@ def run_sql(db: str | Path, query: str, row_cap: int = 1000, timeout_s: float = 
     t0 = time.perf_counter()
     try:
         limits = QueryLimits(timeout_s=timeout_s, memory_limit=memory_limit, max_rows=row_cap)
-        with store.reader(db, timeout=LOCK_WAIT_S, external_access=False, config=sandbox_config(limits)) as con:
+        with spill_dir_removed(db), store.reader(db, timeout=LOCK_WAIT_S, external_access=False,
+                                                 config=sandbox_config(limits)) as con:
             cols, table, truncated = run_query(con, query, limits)
     except EsftError as e:
         raise ValueError(str(e)) from None

@@ -195,7 +195,7 @@ def test_sql_sigint(db):
 
 
 @case("`esft sql` ORDER BY of 10 M rows with `--memory-limit 256MB`",
-      "finishes within the limit (spills to disk): peak RSS < 900 MB, 1000 rows printed")
+      "finishes within the limit (spills to disk): peak RSS < 900 MB, 1000 rows printed, no spill folder left")
 def test_sql_memory_limit(db):
     code = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
             "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, r.stdout.splitlines()[-1])")
@@ -206,6 +206,7 @@ def test_sql_memory_limit(db):
     rc, rss_kb, last = r.stdout.split(" ", 2)
     assert rc == "0" and "1000 rows, more not shown" in last, r.stdout + r.stderr
     assert int(rss_kb) < 900_000, rss_kb
+    assert not Path(f"{db}.tmp").exists()  # DuckDB's spill folder is not left next to the DB
 
 
 @case("`esft sql` with `SET memory_limit`, `-- x`, `;;;`, `--max-rows -3`, `--timeout 0`, `--memory-limit lots`, "

@@ -242,13 +242,14 @@ def _json_cell(v):
 
 def cmd_sql(args) -> int:
     from esft_core import store
-    from esft_core.sqlguard import QueryInterrupted, QueryLimits, run_query, sandbox_config
+    from esft_core.sqlguard import QueryInterrupted, QueryLimits, run_query, sandbox_config, spill_dir_removed
 
     limits = QueryLimits(timeout_s=args.timeout, memory_limit=args.memory_limit, max_rows=args.max_rows)
     if not args.query.strip().strip(";").strip():
         raise EsftError("empty query; give a SELECT statement, e.g. \"SELECT * FROM runs\"")
     try:
-        with store.reader(args.db, external_access=False, config=sandbox_config(limits)) as con:
+        with spill_dir_removed(args.db), store.reader(args.db, external_access=False,
+                                                       config=sandbox_config(limits)) as con:
             cols, table, more = run_query(con, args.query, limits)
     except QueryInterrupted:
         print("esft sql: interrupted", file=sys.stderr)
