@@ -576,7 +576,7 @@ def test_scores_select_out_protection(work, db):
 
 
 @case("a recorder killed with kill -9 mid-run, then `esft runs --prune`",
-      "the dead run is marked failed, its rows and staging folder deleted, the file compacted")
+      "the dead run is marked failed, then its rows and staging folder are deleted; earlier runs stay complete")
 def test_runs_prune(work, db, small_data):
     mine = work / "prune.duckdb"
     shutil.copy(db, mine)
