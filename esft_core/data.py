@@ -50,19 +50,45 @@ def iter_records(path: str | Path) -> Iterator[dict]:
             table = pq.read_table(path)
         except Exception as e:
             raise EsftError(f"{path}: not a readable Parquet file ({type(e).__name__})") from None
+        kinds = _KindCheck(path)
         for i, rec in enumerate(table.to_pylist()):
             rec = {k: v for k, v in rec.items() if v is not None}
-            yield _validate(rec, f"{path} row {i}")
+            yield kinds(_validate(rec, f"{path} row {i}"), f"row {i}")
         return
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    kinds = _KindCheck(path)
+    with open(path, "rb") as f:  # bytes: a bad encoding is reported with its line number
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise EsftError(f"{path} line {lineno}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                "save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise EsftError(f"{path} line {lineno}: invalid JSON ({e.msg})") from None
-            yield _validate(rec, f"{path} line {lineno}")
+            except RecursionError:
+                raise EsftError(f"{path} line {lineno}: JSON nested too deeply; expected a flat chat or text "
+                                "record") from None
+            yield kinds(_validate(rec, f"{path} line {lineno}"), f"line {lineno}")
+
+
+class _KindCheck:
+    """One kind of record per file: a text record among chats (or the reverse) is an error naming its line."""
+
+    def __init__(self, path: Path):
+        self.path, self.kind, self.first = path, None, None
+
+    def __call__(self, rec: dict, where: str) -> dict:
+        kind = "chat" if "messages" in rec else "text"
+        if self.kind is None:
+            self.kind, self.first = kind, where
+        elif kind != self.kind:
+            raise EsftError(f"{self.path} {where}: a {kind} record in a {self.kind} file ({self.first} is "
+                            f"{self.kind}); use one kind per file: all {{\"messages\"}} or all {{\"text\"}}")
+        return rec
 
 
 def read_records(path: str | Path, limit: int | None = None) -> list[dict]:

@@ -76,13 +76,28 @@ def loss_over(model, tok, records: list[dict], seq_len: int = 512, batch_size: i
     return total / count if count else math.nan
 
 
+def _keep_end(ids: list[int], limit: int | None, bos: int | None, stats: dict | None) -> list[int]:
+    """The last `limit` tokens of `ids`, BOS kept in front."""
+    if limit is None or len(ids) <= limit:
+        return ids
+    if stats is not None:
+        stats["truncated_prompts"] = stats.get("truncated_prompts", 0) + 1
+    head = [bos] if bos is not None and ids[:1] == [bos] else []
+    return head + ids[len(ids) - (limit - len(head)):]
+
+
 @torch.no_grad()
-def generate(model, tok, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16) -> list[str]:
-    """Greedy completions of `prompts` (batched, left-padded), cut at EOS."""
+def generate(model, tok, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 16,
+             max_prompt_tokens: int | None = None, stats: dict | None = None) -> list[str]:
+    """Greedy completions of `prompts` (batched, left-padded), cut at EOS.
+
+    max_prompt_tokens: keep only the last tokens of a longer prompt (after BOS; the question and the "Assistant:"
+    cue sit at the end); `stats["truncated_prompts"]` counts them."""
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     outs = []
     for i in range(0, len(prompts), batch_size):
-        enc = [([tok.bos_token_id] if tok.bos_token_id is not None else []) + tok.encode(p, add_special_tokens=False)
+        enc = [_keep_end(([tok.bos_token_id] if tok.bos_token_id is not None else [])
+                         + tok.encode(p, add_special_tokens=False), max_prompt_tokens, tok.bos_token_id, stats)
                for p in prompts[i : i + batch_size]]
         width = max(map(len, enc))
         ids = torch.full((len(enc), width), pad, dtype=torch.long)  # (B, T) left-padded
@@ -100,7 +115,7 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int = 64, batch_siz
 
 def evaluate_authors_file(model, tok, path: str | Path, records: list[dict], task: str | None = None,
                           batch_size: int = 16, max_new_tokens: int | None = None, metric: str | None = None,
-                          judge: dict | None = None) -> dict:
+                          judge: dict | None = None, seq_len: int = 512) -> dict:
     """Score the authors' eval format: greedy answers to `prompt`, the task metric against every raw answer (best
     one counts), and the judge's mean grade when `judge` ({"url", "model", "api_key"}) is given."""
     from esft_core.metrics import judge_score, metric_for_task
@@ -110,10 +125,11 @@ def evaluate_authors_file(model, tok, path: str | Path, records: list[dict], tas
     if max_new_tokens is None:
         max_new_tokens = min(256, max(len(tok.encode(a, add_special_tokens=False)) for r in records
                                       for a in r["answers"]) + 16)
+    stats = {"truncated_prompts": 0}  # same bound as chat files: a huge prompt cannot take the run down
     preds = generate(model, tok, [r["prompt"] for r in records], max_new_tokens=max_new_tokens,
-                     batch_size=batch_size)
+                     batch_size=batch_size, max_prompt_tokens=max(seq_len // 2, seq_len - max_new_tokens), stats=stats)
     refs = [r["answers"] for r in records]
-    out = {"kind": "authors", "task": task, "file": str(path), "n": len(records), "metric": m.name,
+    out = {"kind": "authors", "task": task, "file": str(path), "n": len(records), "metric": m.name, **stats,
            "score": round(m.score(preds, refs), 6), "loss": None,
            "examples": [{"prediction": p, "reference": r[0]} for p, r in list(zip(preds, refs, strict=True))[:3]]}
     if judge:
@@ -129,7 +145,8 @@ def evaluate_file(model, tok, path: str | Path, task: str | None = None, limit: 
     """Score one file: chat → task metric + answer loss; authors' format → task metric (+ judge); text → loss."""
     authors = read_authors_eval(path, limit)
     if authors is not None:
-        return evaluate_authors_file(model, tok, path, authors, task, batch_size, max_new_tokens, metric, judge)
+        return evaluate_authors_file(model, tok, path, authors, task, batch_size, max_new_tokens, metric, judge,
+                                     seq_len=seq_len)
     records = read_records(path, limit=limit)
     if "messages" not in records[0]:
         return {"kind": "text", "file": str(path), "n": len(records),
@@ -142,8 +159,10 @@ def evaluate_file(model, tok, path: str | Path, task: str | None = None, limit: 
     prompts = [prompt_text(r["messages"]) for r in records]
     if max_new_tokens is None:
         max_new_tokens = min(256, max(len(tok.encode(r, add_special_tokens=False)) for r in refs) + 16)
-    preds = generate(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    return {"kind": "chat", "task": task, "file": str(path), "n": len(records), "metric": m.name,
+    stats = {"truncated_prompts": 0}  # prompt + answer fit seq_len: a huge sample cannot take the run down
+    preds = generate(model, tok, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                     max_prompt_tokens=max(seq_len // 2, seq_len - max_new_tokens), stats=stats)
+    return {"kind": "chat", "task": task, "file": str(path), "n": len(records), "metric": m.name, **stats,
             "score": round(m.score(preds, refs), 6),
             "loss": round(loss_over(model, tok, records, seq_len, batch_size), 6),
             "examples": [{"prediction": p, "reference": r} for p, r in list(zip(preds, refs, strict=True))[:3]]}

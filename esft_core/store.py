@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from esft_core import settings
 from esft_core.errors import EsftError
 from esft_core.procs import pid_alive
 
@@ -105,11 +107,12 @@ def _is_lock_error(e: Exception) -> bool:
 
 
 def connect(db: str | Path, read_only: bool = False, timeout: float = 30.0,
-            external_access: bool = True) -> duckdb.DuckDBPyConnection:
+            external_access: bool = True, config: dict | None = None) -> duckdb.DuckDBPyConnection:
     """Open the trace DB; retry for up to `timeout` s while another process holds the lock.
 
     read_only=True requires the file to exist (a reader never creates a DB). external_access=False forbids
-    read_parquet/COPY/ATTACH and friends, and locks that setting (used by `esft sql`).
+    read_parquet/COPY/ATTACH and friends, and locks that setting (used by `esft sql`). `config`: more DuckDB
+    settings (e.g. esft_core.sqlguard.sandbox_config: memory and thread limits, locked).
     A read-write connection creates the schema when missing.
     """
     db = Path(db)
@@ -117,9 +120,10 @@ def connect(db: str | Path, read_only: bool = False, timeout: float = 30.0,
         raise EsftError(f"trace database {db} does not exist")
     if not read_only and db.parent and not db.parent.exists():
         raise EsftError(f"directory {db.parent} of trace database {db.name} does not exist")
-    config: dict = {}
+    check_db_file(db)
+    config = dict(config or {})
     if not external_access:
-        config = {"enable_external_access": False, "lock_configuration": True}
+        config.update({"enable_external_access": False, "lock_configuration": True})
     deadline = time.monotonic() + timeout
     delay = 0.02
     while True:
@@ -141,10 +145,22 @@ def connect(db: str | Path, read_only: bool = False, timeout: float = 30.0,
     return con
 
 
+def check_db_file(db: Path) -> None:
+    """Refuse a path that is a directory or a file of another format (a DuckDB error would blame an in-memory DB)."""
+    if db.is_dir():
+        raise EsftError(f"trace database {db} is a directory; give a DuckDB file path, e.g. traces.duckdb")
+    if db.is_file():
+        from esft_core.sqlguard import is_duckdb_file
+
+        if not is_duckdb_file(db):
+            raise EsftError(f"{db} is not a DuckDB database (wrong file header); give a .duckdb trace database")
+
+
 @contextlib.contextmanager
-def reader(db: str | Path, timeout: float = 30.0, external_access: bool = True) -> Iterator[duckdb.DuckDBPyConnection]:
+def reader(db: str | Path, timeout: float = 30.0, external_access: bool = True,
+           config: dict | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
     """A short-lived read-only connection (closed on exit, so writers are not blocked)."""
-    con = connect(db, read_only=True, timeout=timeout, external_access=external_access)
+    con = connect(db, read_only=True, timeout=timeout, external_access=external_access, config=config)
     try:
         yield con
     finally:
@@ -290,32 +306,131 @@ def staging_root(db: str | Path) -> Path:
     return Path(f"{db}.staging")
 
 
+READY = "READY.json"  # marker in a run's staging folder: every part is written, the ingest may run from any process
+
+
+def staged_parts(run_dir: Path) -> dict[str, list[str]]:
+    """The Parquet parts of a staged run by table name, in write order; part names are
+    '<rank prefix><table>-<part>.parquet' (prefix '' or 'r0001-' for torchrun ranks)."""
+    files: dict[str, list[str]] = {}
+    for f in sorted(Path(run_dir).glob("*.parquet")):
+        files.setdefault(f.stem.rsplit("-", 1)[0].rsplit("-", 1)[-1], []).append(str(f))
+    return files
+
+
+def ingest_staged(con, run_id: int, run_dir: Path) -> tuple[int, int]:
+    """Ingest a staged run's parts inside the caller's transaction, write its aggregates and mark it complete;
+    return (n_samples, n_tokens).
+
+    The parts are read through Arrow datasets registered with DuckDB, so no path is ever pasted into SQL (a DB path
+    with `'` or glob characters such as `t[1].duckdb` works)."""
+    import pyarrow.dataset as ds
+
+    files = staged_parts(run_dir)
+    views: dict[str, str] = {}
+    for name, paths in files.items():
+        views[name] = f"staged_{name}_{int(run_id)}"
+        con.register(views[name], ds.dataset(paths, format="parquet"))
+    try:
+        for name in ("samples", "tokens"):
+            if name in views:
+                con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM {views[name]}")
+        if "routes" in views:
+            con.execute(f"INSERT INTO routes SELECT {', '.join(ARROW_SCHEMAS['routes'].names)} FROM {views['routes']}")
+        has_ids = "routes" in views and any(d[0] == "token_id" for d in con.execute(
+            f"SELECT * FROM {views['routes']} LIMIT 0").description)
+        stats = views.get("sample_expert_stats")  # the recorder's device-side sums
+        if "layer_stats" in views:  # one part per rank: combine
+            con.execute(f"""INSERT INTO layer_stats SELECT ?, layer, sum(n_tokens), sum(weight_sum),
+                            min(weight_sum_min), max(weight_sum_max), sum(n_dropped) FROM {views['layer_stats']}
+                            GROUP BY layer ORDER BY layer""", [run_id])
+        routes_rel = (views["routes"] if has_ids else "routes") if "routes" in views else None
+        if "expert_tokens" in views:  # summed by the recorder: one sorted part per rank
+            routes_rel = None
+            one = len(files["expert_tokens"]) == 1
+            con.execute(f"""INSERT INTO expert_tokens SELECT ?, layer, expert, token_id, token_text, n, gate_sum
+                            FROM {views['expert_tokens']}""" if one else f"""
+                            INSERT INTO expert_tokens SELECT ?, layer, expert, token_id, any_value(token_text),
+                            sum(n), sum(gate_sum) FROM {views['expert_tokens']} GROUP BY layer, expert, token_id
+                            ORDER BY layer, expert""", [run_id])
+        write_aggregates(con, run_id, routes_rel, with_token_ids=has_ids, stats_rel=stats)
+        return complete_run(con, run_id)
+    finally:
+        for view in views.values():
+            con.unregister(view)
+
+
 def reap_stale_runs(con, db: str | Path) -> list[int]:
-    """Mark 'running' runs of dead local writer processes as 'failed' and drop their staging folders."""
+    """Settle 'running' runs of dead local writer processes: a run whose parts were all staged (READY marker; its
+    recorder gave up waiting for the DB lock) is ingested now; any other is marked 'failed' and its staging folder
+    dropped. Returns the ids of the failed runs; ingested runs' folders are removed by `drop_ingested`."""
     host = socket.gethostname()
     stale = []
     for run_id, params in con.execute("SELECT run_id, params FROM runs WHERE status = 'running'").fetchall():
         p = json.loads(params or "{}")
         if p.get("host") == host and p.get("pid") and not pid_alive(int(p["pid"])):
+            run_dir = staging_root(db) / f"run-{run_id}"
+            if (run_dir / READY).is_file():
+                ingest_staged(con, run_id, run_dir)
+                continue
             stale.append(run_id)
             con.execute("UPDATE runs SET status = 'failed', finished_at = now() WHERE run_id = ?", [run_id])
             for name in PROGRESSIVE_TABLES:  # rows a progressive ingest had already written
                 con.execute(f"DELETE FROM {name} WHERE run_id = ?", [run_id])
-            shutil.rmtree(staging_root(db) / f"run-{run_id}", ignore_errors=True)
+            shutil.rmtree(run_dir, ignore_errors=True)
     return stale
 
 
+def drop_ingested(con, db: str | Path) -> None:
+    """Remove staging folders of runs that are no longer 'running' (ingested or failed), and the root when empty."""
+    root = staging_root(db)
+    if not root.is_dir():
+        return
+    running = {r for (r,) in con.execute("SELECT run_id FROM runs WHERE status = 'running'").fetchall()}
+    for d in root.glob("run-*"):
+        if d.name[4:].isdigit() and int(d.name[4:]) not in running:
+            shutil.rmtree(d, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        root.rmdir()  # only when empty
+
+
+def settle_staged(db: str | Path, timeout: float = 60.0) -> list[int]:
+    """Ingest queued recordings and fail dead ones now (`esft runs --ingest`); return the ids ingested."""
+    with transaction(db, timeout=timeout) as con:
+        before = {r for (r,) in con.execute("SELECT run_id FROM runs WHERE status = 'complete'").fetchall()}
+        reap_stale_runs(con, db)
+        after = {r for (r,) in con.execute("SELECT run_id FROM runs WHERE status = 'complete'").fetchall()}
+    with reader(db) as con:
+        drop_ingested(con, db)
+    return sorted(after - before)
+
+
+def _write_marker(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
 class StagedRun:
-    """A run being recorded: 'running' row now, Parquet parts while recording, one ingest transaction at the end."""
+    """A run being recorded: 'running' row now, Parquet parts while recording, one ingest transaction at the end.
+
+    When a long reader holds the DB at the end, the ingest waits (`ingest_wait` s, saying so through `notify`);
+    if the lock is still held then, the parts stay staged with a READY marker and the next writer (or
+    `esft runs --ingest`) ingests them: a finished recording is never thrown away."""
 
     def __init__(self, db: str | Path, task: str, model: str, num_experts: int, top_k: int, layers: list[int],
-                 params: dict, source: str = "record"):
+                 params: dict, source: str = "record", ingest_wait: float | None = None, notify=None):
         self.db = Path(db)
+        self.ingest_wait = float(settings.get("ESFT_INGEST_WAIT")) if ingest_wait is None else ingest_wait
+        self.notify = notify or (lambda msg: print(f"esft: {msg}", file=sys.stderr, flush=True))
+        self.queued = False
         params = {**params, "pid": os.getpid(), "host": socket.gethostname()}
         with transaction(self.db) as con:
             reap_stale_runs(con, self.db)
             self.run_id = next_run_id(con)
             insert_run(con, self.run_id, task, model, source, "running", num_experts, top_k, layers, params)
+        with contextlib.suppress(EsftError), reader(self.db, timeout=1.0) as con:
+            drop_ingested(con, self.db)
         self.dir = staging_root(self.db) / f"run-{self.run_id}"
         self.dir.mkdir(parents=True, exist_ok=True)
         self.n_parts = 0
@@ -375,48 +490,36 @@ class StagedRun:
         if not any(self.dir.glob("*samples-*.parquet")) and not self.n_ingested:
             self.fail("no samples were recorded")
             raise EsftError("no tokens were recorded (empty data or --max-tokens 0)")
-        files: dict[str, list[str]] = {}
-        for f in sorted(self.dir.glob("*.parquet")):  # '<prefix><table>-<part>.parquet', prefixes 'r0001-' etc.
-            files.setdefault(f.stem.rsplit("-", 1)[0].rsplit("-", 1)[-1], []).append(str(f))
-        present = set(files)
-
-        def rel(name: str) -> str:  # a read_parquet over one table's parts (any rank's), as SQL
-            return "read_parquet([" + ", ".join("'" + f.replace("'", "''") + "'" for f in files[name]) + "])"
-
-        with transaction(self.db) as con:
-            for name, cols in (("samples", "*"), ("tokens", "*"), ("routes", ", ".join(ARROW_SCHEMAS["routes"].names))):
-                if name in present:
-                    con.execute(f"INSERT INTO {name} SELECT {cols} FROM {rel(name)}")
-            has_ids = "routes" in present and any(d[0] == "token_id" for d in con.execute(
-                f"SELECT * FROM {rel('routes')} LIMIT 0").description)
-            if "routes" in present:
-                con.execute(f"CREATE TEMP VIEW staged_routes AS SELECT * FROM {rel('routes')}")
-            stats = None
-            if "sample_expert_stats" in present:  # the recorder's device-side sums
-                stats = "staged_stats"
-                con.execute(f"CREATE TEMP VIEW staged_stats AS SELECT * FROM {rel('sample_expert_stats')}")
-            if "layer_stats" in present:  # one part per rank: combine
-                con.execute(f"""INSERT INTO layer_stats SELECT ?, layer, sum(n_tokens), sum(weight_sum),
-                                min(weight_sum_min), max(weight_sum_max), sum(n_dropped) FROM {rel('layer_stats')}
-                                GROUP BY layer ORDER BY layer""", [self.run_id])
-            routes_rel = ("staged_routes" if has_ids else "routes") if "routes" in present else None
-            if "expert_tokens" in present:  # summed by the recorder: one sorted part per rank
-                routes_rel = None
-                one = len(files["expert_tokens"]) == 1
-                con.execute(f"""INSERT INTO expert_tokens SELECT ?, layer, expert, token_id, token_text, n, gate_sum
-                                FROM {rel('expert_tokens')}""" if one else f"""
-                                INSERT INTO expert_tokens SELECT ?, layer, expert, token_id, any_value(token_text),
-                                sum(n), sum(gate_sum) FROM {rel('expert_tokens')} GROUP BY layer, expert, token_id
-                                ORDER BY layer, expert""", [self.run_id])
-            write_aggregates(con, self.run_id, routes_rel, with_token_ids=has_ids, stats_rel=stats)
-            con.execute("DROP VIEW IF EXISTS staged_routes")
-            con.execute("DROP VIEW IF EXISTS staged_stats")
-            counts = complete_run(con, self.run_id)
+        _write_marker(self.dir / READY, {"run_id": self.run_id, "rows": self.n_rows, "pid": os.getpid()})
+        deadline = time.monotonic() + self.ingest_wait
+        told = False
+        while True:
+            try:  # the first try does not wait, so a wait is announced before it starts
+                wait = min(5.0, max(0.0, deadline - time.monotonic())) if told else 0.0
+                with transaction(self.db, timeout=wait) as con:
+                    counts = ingest_staged(con, self.run_id, self.dir)
+                break
+            except EsftError as e:
+                if "locked by another process" not in str(e):
+                    raise
+                if time.monotonic() >= deadline:
+                    self.queued = True
+                    raise EsftError(
+                        f"trace database {self.db} stayed locked by another process for {self.ingest_wait:g} s; "
+                        f"run {self.run_id} is kept staged in {self.dir} and is ingested by the next writer or "
+                        f"`esft runs --db {self.db} --ingest`") from None
+                if not told:
+                    self.notify(f"trace database {self.db} is locked by another process (a long query?); run "
+                                f"{self.run_id} is staged in {self.dir}; retrying the ingest for up to "
+                                f"{self.ingest_wait:g} s")
+                    told = True
         shutil.rmtree(self.dir, ignore_errors=True)
         return counts
 
     def fail(self, error: str) -> None:
-        """Mark the run failed (its staged rows are discarded, nothing else is written)."""
+        """Mark the run failed (its staged rows are discarded, nothing else is written); a queued run is kept."""
+        if self.queued:
+            return
         shutil.rmtree(self.dir, ignore_errors=True)
         with contextlib.suppress(EsftError), transaction(self.db) as con:
             con.execute("UPDATE runs SET status = 'failed', finished_at = now(), "
@@ -490,50 +593,153 @@ def ensure_sample_aggregates(con) -> int:
 
 
 # -- Parquet export / import (merge runs recorded on many machines) --------------------------------------------
-def export_runs(db: str | Path, run_ids: list[int], out_dir: str | Path) -> dict[str, int]:
-    """Write the rows of `run_ids` as <out_dir>/<table>.parquet (one file per table); return row counts."""
+def export_runs(db: str | Path, run_ids: list[int], out_dir: str | Path, force: bool = False) -> dict[str, int]:
+    """Write the rows of `run_ids` as <out_dir>/<table>.parquet (one file per table); return row counts.
+
+    Rows stream from DuckDB as Arrow batches into pyarrow's Parquet writer: no path is pasted into SQL. An existing
+    export is overwritten only with `force`."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise EsftError(f"--out {out} exists and is not a directory")
+    clash = [f"{name}.parquet" for name in TABLES if (out / f"{name}.parquet").exists()]
+    if clash and not force:
+        raise EsftError(f"--out {out} already holds an export ({clash[0]}); pass --force to overwrite it")
+    if not out.parent.is_dir():
+        raise EsftError(f"directory {out.parent} for --out does not exist")
+    out.mkdir(exist_ok=True)
     counts = {}
-    ids = ", ".join(str(int(r)) for r in run_ids)
+    ids = [int(r) for r in run_ids]
     with reader(db) as con:
         for name in TABLES:
             tmp = out / f"{name}.parquet.tmp"
-            con.execute(f"COPY (SELECT * FROM {name} WHERE run_id IN ({ids})) TO '{tmp}' "
-                        "(FORMAT parquet, COMPRESSION zstd)")
+            batches = con.sql(f"SELECT * FROM {name} WHERE run_id IN (SELECT unnest(?::INTEGER[]))",
+                              params=[ids]).to_arrow_reader(65536)
+            n = 0
+            with pq.ParquetWriter(tmp, batches.schema, compression="zstd") as w:
+                for batch in batches:
+                    w.write_batch(batch)
+                    n += batch.num_rows
             os.replace(tmp, out / f"{name}.parquet")
-            counts[name] = int(con.execute(f"SELECT count(*) FROM {name} WHERE run_id IN ({ids})").fetchone()[0])
+            counts[name] = n
     return counts
 
 
+IMPORT_COLUMNS = {  # the columns an export must carry, in table order
+    "runs": ["run_id", "task", "model", "source", "status", "num_experts", "top_k", "layers", "n_samples",
+             "n_tokens", "params", "created_at", "finished_at"],
+    "samples": ["run_id", "sample_id", "n_tokens", "text"],
+    "tokens": ["run_id", "sample_id", "position", "token_id", "token_text"],
+    "routes": ["run_id", "sample_id", "position", "layer", "rank", "expert", "weight"],
+    "expert_stats": ["run_id", "layer", "expert", "n_selected", "gate_sum", "sample_token_sum", "sample_gate_sum"],
+    "expert_tokens": ["run_id", "layer", "expert", "token_id", "token_text", "n", "gate_sum"],
+    "sample_expert_stats": ["run_id", "sample_id", "layer", "expert", "n_selected", "gate_sum"],
+    "layer_stats": ["run_id", "layer", "n_tokens", "weight_sum", "weight_sum_min", "weight_sum_max", "n_dropped"],
+    "expert_norm_stats": ["run_id", "layer", "expert", "norm_gate_sum", "sample_norm_gate_sum"],
+}
+
+
+def _read_export(src: Path, name: str):
+    """One exported table as an Arrow dataset (lazy), its columns checked; errors name the file."""
+    import pyarrow.dataset as ds
+
+    path = src / f"{name}.parquet"
+    try:
+        d = ds.dataset(str(path), format="parquet")
+    except (pa.ArrowInvalid, OSError) as e:
+        raise EsftError(f"{path} is not a readable Parquet file ({str(e).splitlines()[0][:120]})") from None
+    missing = [c for c in IMPORT_COLUMNS[name] if c not in d.schema.names]
+    if missing:
+        raise EsftError(f"{path} lacks column(s) {', '.join(missing)}; expected {', '.join(IMPORT_COLUMNS[name])}")
+    return d
+
+
+def check_import(con, src: Path, views: dict[str, str]) -> None:
+    """An export must be consistent before it is ingested: every complete run has routes and expert_stats rows,
+    expert ids in [0, num_experts), layers among the run's layers, ranks in [0, top_k), counts that match."""
+    bad = con.execute(f"""
+        SELECT r.run_id, r.num_experts, r.top_k, r.n_tokens,
+               (SELECT count(*) FROM {views['routes']} x WHERE x.run_id = r.run_id) AS n_routes,
+               (SELECT count(*) FROM {views['expert_stats']} x WHERE x.run_id = r.run_id) AS n_stats,
+               (SELECT count(*) FROM {views['routes']} x WHERE x.run_id = r.run_id AND (x.expert < 0
+                    OR x.expert >= r.num_experts OR x.rank < 0 OR x.rank >= r.top_k
+                    OR NOT list_contains(r.layers, x.layer))) AS bad_routes,
+               (SELECT count(*) FROM {views['expert_stats']} x WHERE x.run_id = r.run_id AND (x.expert < 0
+                    OR x.expert >= r.num_experts OR NOT list_contains(r.layers, x.layer))) AS bad_stats,
+               (SELECT coalesce(sum(n_tokens), 0) FROM {views['samples']} x WHERE x.run_id = r.run_id) AS sample_tokens
+        FROM {views['runs']} r WHERE r.status = 'complete' ORDER BY r.run_id""").fetchall()
+    for run_id, n_exp, top_k, n_tokens, n_routes, n_stats, bad_routes, bad_stats, sample_tokens in bad:
+        where = f"{src}: run {run_id}"
+        if n_exp is None or top_k is None or n_exp < 1 or top_k < 1 or top_k > n_exp:
+            raise EsftError(f"{where} has num_experts={n_exp}, top_k={top_k}; expected 1 <= top_k <= num_experts")
+        if n_routes == 0 or n_stats == 0:
+            raise EsftError(f"{where} is marked complete but has {n_routes} routes and {n_stats} expert_stats rows; "
+                            "re-export it with `esft export`")
+        if bad_routes or bad_stats:
+            raise EsftError(f"{where} has {bad_routes + bad_stats} rows with an expert id outside [0, {n_exp}), a "
+                            f"rank outside [0, {top_k}) or a layer not in its layers; refusing the import")
+        if n_tokens != sample_tokens:
+            raise EsftError(f"{where} says n_tokens={n_tokens} but its samples hold {sample_tokens} tokens")
+
+
 def import_runs(db: str | Path, src_dir: str | Path, task: str | None = None) -> list[int]:
-    """Append the runs of an exported folder (complete ones only) under fresh run ids; return the new ids."""
+    """Append the runs of an exported folder (complete ones only) under fresh run ids; return the new ids.
+
+    Files are read through Arrow datasets (no path in SQL) and validated before anything is written."""
     src = Path(src_dir)
     if not (src / "runs.parquet").exists():
         raise EsftError(f"{src} is not an exported trace folder (no runs.parquet)")
     for name in (t for t in TABLES if t not in OPTIONAL_TABLES):  # the optional ones are absent from older exports
         if not (src / f"{name}.parquet").exists():
             raise EsftError(f"{src} lacks {name}.parquet")
+    present = [n for n in TABLES if (src / f"{n}.parquet").exists()]
+    data = {name: _read_export(src, name) for name in present}
     tag = uuid.uuid4().hex[:8]
-    with transaction(db) as con:
-        base = next_run_id(con) - 1
-        con.execute(f"CREATE TEMP TABLE idmap_{tag} AS SELECT run_id AS old, {base} + row_number() OVER "
-                    f"(ORDER BY run_id) AS new FROM read_parquet(?) WHERE status = 'complete'",
-                    [str(src / "runs.parquet")])
-        new_ids = [r[0] for r in con.execute(f"SELECT new FROM idmap_{tag} ORDER BY new").fetchall()]
-        if not new_ids:
-            raise EsftError(f"{src} holds no complete run")
-        task_sql = "?" if task else "r.task"
-        con.execute(
-            f"INSERT INTO runs SELECT m.new, {task_sql}, r.model, 'import', r.status, r.num_experts, r.top_k, "
-            f"r.layers, r.n_samples, r.n_tokens, r.params, r.created_at, r.finished_at "
-            f"FROM read_parquet(?) r JOIN idmap_{tag} m ON r.run_id = m.old",
-            ([task] if task else []) + [str(src / "runs.parquet")])
-        for name in RUN_TABLES:
-            if not (src / f"{name}.parquet").exists():
-                continue
-            con.execute(f"INSERT INTO {name} SELECT m.new::INTEGER AS run_id, t.* EXCLUDE (run_id) "
-                        f"FROM read_parquet(?) t JOIN idmap_{tag} m ON t.run_id = m.old",
-                        [str(src / f"{name}.parquet")])
-        con.execute(f"DROP TABLE idmap_{tag}")
+    views = {name: f"imp_{name}_{tag}" for name in present}
+    with reader(db) if Path(db).exists() else contextlib.nullcontext(duckdb.connect()) as con:
+        for name in present:  # validate on a read-only connection first: a bad export never takes the write lock
+            con.register(views[name], data[name])
+        try:
+            check_import(con, src, views)
+        except duckdb.Error as e:
+            raise EsftError(f"{src}: not a valid export ({str(e).splitlines()[0][:160]})") from None
+    try:
+        with transaction(db) as con:
+            for name in present:
+                con.register(views[name], data[name])
+            base = next_run_id(con) - 1
+            con.execute(f"CREATE TEMP TABLE idmap_{tag} AS SELECT run_id AS old, {base} + row_number() OVER "
+                        f"(ORDER BY run_id) AS new FROM {views['runs']} WHERE status = 'complete'")
+            new_ids = [r[0] for r in con.execute(f"SELECT new FROM idmap_{tag} ORDER BY new").fetchall()]
+            if not new_ids:
+                raise EsftError(f"{src} holds no complete run")
+            task_sql = "?" if task else "r.task"
+            con.execute(
+                f"INSERT INTO runs SELECT m.new, {task_sql}, r.model, 'import', r.status, r.num_experts, r.top_k, "
+                f"r.layers, r.n_samples, r.n_tokens, r.params, r.created_at, r.finished_at "
+                f"FROM {views['runs']} r JOIN idmap_{tag} m ON r.run_id = m.old", [task] if task else [])
+            for name in RUN_TABLES:
+                if name not in views:
+                    continue
+                cols = ", ".join(f"t.{c}" for c in IMPORT_COLUMNS[name][1:])
+                con.execute(f"INSERT INTO {name} SELECT m.new::INTEGER AS run_id, {cols} "
+                            f"FROM {views[name]} t JOIN idmap_{tag} m ON t.run_id = m.old")
+            con.execute(f"DROP TABLE idmap_{tag}")
+    except duckdb.Error as e:
+        raise EsftError(f"{src}: not a valid export ({str(e).splitlines()[0][:160]})") from None
     return new_ids
+
+
+def prune_runs(db: str | Path) -> list[int]:
+    """Delete the rows of failed runs (rolled-back recordings leave nothing, killed ones a 'failed' row), drop
+    leftover staging folders and compact the file (CHECKPOINT rewrites row groups without deleted rows)."""
+    with transaction(db) as con:
+        ids = [r for (r,) in con.execute("SELECT run_id FROM runs WHERE status = 'failed' ORDER BY run_id").fetchall()]
+        for name in TABLES:
+            con.execute(f"DELETE FROM {name} WHERE run_id IN (SELECT unnest(?::INTEGER[]))", [ids])
+        drop_ingested(con, db)
+    con = connect(db)
+    try:
+        con.execute("CHECKPOINT")
+    finally:
+        con.close()
+    return ids

@@ -16,6 +16,7 @@ all-reduced (averaged) before clipping, as DDP does; rank 0 alone writes files.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -28,6 +29,8 @@ from pathlib import Path
 import torch
 
 from esft_core.errors import EsftError
+from esft_core.locks import LOCK_NAME, RunDirLock
+from esft_core.trainguard import check_finite_params, check_step, preflight
 
 SCHEDULES = ("constant", "cosine")
 IDENTITY_FIELDS = ("method", "model", "data", "experts_cfg", "lr", "batch_size", "grad_accum", "seq_len",
@@ -206,7 +209,7 @@ def check_out_dir(cfg: TrainConfig, resume: bool) -> dict | None:
         if diff:
             raise EsftError(f"{out} holds a different run (differs in {', '.join(diff)}); choose another --out")
         return prev
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()):
         raise EsftError(f"{out} is not empty and holds no ESFT run; choose another --out")
     return None
 
@@ -300,6 +303,7 @@ class Recipe:
 
         if self.rank != 0:
             return
+        check_finite_params(self.named)
         final = self.out / "checkpoints" / f"step_{self.step:06d}"
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -326,8 +330,10 @@ class Recipe:
             self.opt.load_state_dict(torch.load(last / "optimizer.pt", weights_only=True))
             self.step = json.loads((last / "state.json").read_text())["step"]
         if self.rank == 0 and metrics.is_file():  # drop lines logged after the checkpoint by the killed run
-            keep = [ln for ln in metrics.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
-            metrics.write_text("".join(ln + "\n" for ln in keep))
+            from esft_core.trainguard import read_metrics
+
+            keep = [m for m in read_metrics(metrics) if m["step"] <= self.step]
+            metrics.write_text("".join(json.dumps(m) + "\n" for m in keep))
 
     # -- train ---------------------------------------------------------------------------------------------------
     def _micro_batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -366,6 +372,7 @@ class Recipe:
                 if self.world > 1:
                     loss, tokens = self._all_reduce_grads(loss, tokens)
                 norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip if cfg.clip > 0 else float("inf"))
+                check_step(loss, norm, self.step + 1, lr_at(cfg, self.step + 1))  # before the weights change
                 self.step += 1
                 lr = lr_at(cfg, self.step)
                 for g in self.opt.param_groups:
@@ -407,6 +414,7 @@ class Recipe:
         """Write the adapter (rank 0): esft/random → our adapter format; lora → peft; fft → full checkpoint."""
         if self.rank != 0:
             return None
+        check_finite_params(self.named)
         adapter = self.out / "adapter"
         shutil.rmtree(adapter, ignore_errors=True)
         if self.cfg.method in ("esft", "random"):
@@ -483,6 +491,12 @@ def run_training(cfg: TrainConfig, resume: bool = False, progress: bool = True) 
         from esft_core.expert_config import ExpertConfig
 
         cfg.experts_cfg = ExpertConfig.load(cfg.experts).to_dict()
+    preflight(cfg, resume)  # ranges, model positions, memory, eval files, resume state: before anything is written
+    with RunDirLock(cfg.out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+        return _run_training(cfg, resume, progress)
+
+
+def _run_training(cfg: TrainConfig, resume: bool, progress: bool) -> dict:
     recipe = Recipe(cfg, resume=resume, progress=progress)
     if resume and Path(cfg.out, "run.json").is_file():
         prev = json.loads(Path(cfg.out, "run.json").read_text())

@@ -1,19 +1,22 @@
 """The explorer's SQL console: example queries and a read-only, row-capped, time-limited query runner.
 
-No streamlit here; explorer/page_sql.py renders it. Connections come from explorer.queries.reading (read-only, external
-file access disabled); the configuration is locked so a query cannot re-enable file access or change limits.
+No streamlit here; explorer/page_sql.py renders it. The query runs through esft_core.sqlguard (shared with
+`esft sql`): read-only, external file access disabled, memory and time limits, configuration locked so a query
+cannot re-enable file access or change limits.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
-import duckdb
 import polars as pl
 
-from explorer.queries import reading
+from esft_core import store
+from esft_core.errors import EsftError
+from esft_core.sqlguard import DEFAULT_MEMORY_LIMIT, QueryLimits, run_query, sandbox_config, spill_dir_removed
+
+LOCK_WAIT_S = 8.0  # how long a console query waits for a writer holding the DB lock
 
 EXAMPLE_QUERIES = {
     "Runs": "SELECT run_id, task, model, status, n_tokens, num_experts, top_k FROM runs ORDER BY run_id",
@@ -60,36 +63,24 @@ class SqlResult:
         self.frame, self.truncated, self.ms = frame, truncated, ms
 
 
-def run_sql(db: str | Path, query: str, row_cap: int = 1000, timeout_s: float = 10.0) -> SqlResult:
+def run_sql(db: str | Path, query: str, row_cap: int = 1000, timeout_s: float = 10.0,
+            memory_limit: str = DEFAULT_MEMORY_LIMIT) -> SqlResult:
     """Run a user query on a read-only connection with external access disabled, at most `row_cap` rows returned,
-    interrupted after `timeout_s`. Raises ValueError with DuckDB's message on any SQL error or timeout."""
+    interrupted after `timeout_s`, within DuckDB `memory_limit` (the limits of `esft sql`, esft_core.sqlguard).
+    Raises ValueError with DuckDB's message on any SQL error or timeout."""
     if not query.strip():
         raise ValueError("empty query")
     t0 = time.perf_counter()
-    with reading(db) as con:  # external access off and configuration locked (store.connect): no way back out
-        timer = threading.Timer(timeout_s, con.interrupt)
-        timer.start()
-        try:
-            rel = con.sql(query)
-            if rel is None:
-                return SqlResult(pl.DataFrame(), False, (time.perf_counter() - t0) * 1e3)
-            reader = rel.to_arrow_reader(batch_size=min(row_cap + 1, 8192))
-            batches, n = [], 0
-            for batch in reader:
-                batches.append(batch)
-                n += batch.num_rows
-                if n > row_cap:
-                    break
-            import pyarrow as pa
-
-            table = pa.Table.from_batches(batches, schema=reader.schema) if batches else reader.schema.empty_table()
-        except duckdb.InterruptException:
-            raise ValueError(f"query interrupted after the {timeout_s:g} s time limit") from None
-        except duckdb.Error as e:
-            raise ValueError(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from None
-        finally:
-            timer.cancel()
+    try:
+        limits = QueryLimits(timeout_s=timeout_s, memory_limit=memory_limit, max_rows=row_cap)
+        with spill_dir_removed(db), store.reader(db, timeout=LOCK_WAIT_S, external_access=False,
+                                                 config=sandbox_config(limits)) as con:
+            cols, table, truncated = run_query(con, query, limits)
+    except EsftError as e:
+        raise ValueError(str(e)) from None
+    if not cols:
+        return SqlResult(pl.DataFrame(), False, (time.perf_counter() - t0) * 1e3)
     frame = pl.from_arrow(table)
     if isinstance(frame, pl.Series):
         frame = frame.to_frame()
-    return SqlResult(frame.head(row_cap), frame.height > row_cap, (time.perf_counter() - t0) * 1e3)
+    return SqlResult(frame, truncated, (time.perf_counter() - t0) * 1e3)

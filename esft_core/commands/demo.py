@@ -6,12 +6,40 @@ import argparse
 
 
 def _data(args) -> int:
-    from esft_core.demo import tasks
+    """Generate into a temporary folder, then move into --out; a user's changed file is kept unless --force."""
+    import filecmp
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
 
-    argv = ["--out", args.out, "--n-train", str(args.n_train), "--n-eval", str(args.n_eval)]
-    if args.tasks:
-        argv += ["--tasks", *args.tasks]
-    return tasks.main(argv)
+    from esft_core.demo import tasks
+    from esft_core.errors import EsftError
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise EsftError(f"--out {out} exists and is not a directory")
+    if args.n_train < 1 or args.n_eval < 1:
+        raise EsftError(f"--n-train ({args.n_train}) and --n-eval ({args.n_eval}) must be >= 1")
+    for t in args.tasks or []:
+        if t not in tasks.TASKS:
+            raise EsftError(f"unknown task '{t}'; choose from {', '.join(tasks.TASKS)}")
+    parent = out if out.is_dir() else out.parent
+    if not parent.is_dir():
+        raise EsftError(f"directory {parent} for --out does not exist")
+    with tempfile.TemporaryDirectory(dir=parent, prefix=".demo-data-") as tmp:
+        written = tasks.write_all(Path(tmp), args.tasks, args.n_train, args.n_eval)
+        rel = [Path(p).relative_to(tmp) for p in written]
+        changed = [r for r in rel if (out / r).exists() and not filecmp.cmp(out / r, Path(tmp) / r, shallow=False)]
+        if changed and not args.force:
+            raise EsftError(f"{out / changed[0]} exists and differs from the demo data "
+                            f"({len(changed)} file(s) would change); pass --force to overwrite or choose another --out")
+        for r in rel:
+            (out / r).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(Path(tmp) / r, out / r)
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"wrote {len(rel)} files under {out}")
+    return 0
 
 
 def _model(args) -> int:
@@ -27,6 +55,7 @@ def register(sub) -> None:
     p.add_argument("--tasks", nargs="*", help="subset of tasks (default: all)")
     p.add_argument("--n-train", type=int, default=2000, help="train examples per task (default 2000)")
     p.add_argument("--n-eval", type=int, default=200, help="eval examples per task (default 200)")
+    p.add_argument("--force", action="store_true", help="overwrite files that differ from the demo data")
     p.set_defaults(func=_data)
 
     p = sub.add_parser("demo-model", help="rebuild the demo MoE: BPE tokenizer + seeded CPU pre-training",

@@ -27,14 +27,26 @@ def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     return parser
 
 
-def _write_out(text: str, out: str | None) -> None:
+def _check_out(out: str | None, force: bool = False, flag: str = "--out") -> None:
+    """An output file path: not a directory, its directory exists, new unless --force (checked before any work)."""
+    if not out:
+        return
+    path = Path(out)
+    if path.is_dir():
+        raise EsftError(f"{flag} {path} is a directory; give a file path")
+    if path.parent and not path.parent.exists():
+        raise EsftError(f"directory {path.parent} for {flag} does not exist")
+    if path.exists() and not force:
+        raise EsftError(f"{flag} {path} already exists; pass --force to overwrite it")
+
+
+def _write_out(text: str, out: str | None, force: bool = True, flag: str = "--out") -> None:
     """Write to --out atomically (tmp file + rename), or stdout (with a final newline)."""
     if not out:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
         return
+    _check_out(out, force, flag)
     path = Path(out)
-    if path.parent and not path.parent.exists():
-        raise EsftError(f"directory {path.parent} for --out does not exist")
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)  # as is: JSON outputs are byte-identical to the authors' files
     os.replace(tmp, path)
@@ -60,15 +72,29 @@ def cmd_record(args) -> int:
     from esft_core.models import load_model, moe_layout
     from esft_core.record import parse_routes, record
 
-    if args.max_tokens < 1 or args.seq_len < 2 or args.batch_size < 1:
-        raise EsftError("--max-tokens must be >= 1, --seq-len >= 2 and --batch-size >= 1")
+    if args.max_tokens < 1 or args.batch_size < 1:
+        raise EsftError(f"--max-tokens ({args.max_tokens}) and --batch-size ({args.batch_size}) must be >= 1")
+    if not args.ingest_wait >= 0:
+        raise EsftError(f"--ingest-wait must be >= 0 seconds, got {args.ingest_wait}")
+    os.environ["ESFT_INGEST_WAIT"] = str(args.ingest_wait)  # read by store.StagedRun (record.py passes no flag)
     parse_routes(args.routes)
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if args.dtype not in dtypes:
         raise EsftError(f"--dtype: unknown dtype '{args.dtype}'; choose float32, bfloat16 or float16")
+    from esft_core import validate
+
+    validate.db_path(args.db)
+    config = validate.model_config(args.model)  # config.json only: limits are checked before weights load
+    if args.seq_len is None:
+        args.seq_len = min(2048, validate.max_positions(config) or 2048)
+    validate.seq_len(args.seq_len, "--seq-len", config)
+    validate.memory(config, args.batch_size, args.seq_len, training=False, flags="--batch-size/--seq-len")
     records = read_records(args.data)  # bad data fails before the model loads and before the DB is touched
     if args.threads:
         torch.set_num_threads(args.threads)
+    from esft_core.train import quiet_transformers
+
+    quiet_transformers()  # no "Loading weights" bar: stderr is for our progress bar and one-line errors
     model, tok = load_model(args.model, dtype=dtypes[args.dtype])
     moe_layout(model)  # a dense model fails here, before anything is written
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -131,6 +157,7 @@ def cmd_scores(args) -> int:
         raise EsftError(f"unknown normalization '{args.normalize}'; choose one of {', '.join(NORMALIZATIONS)}")
     if args.format not in ("csv", "json", "esft-summary"):
         raise EsftError(f"unknown format '{args.format}'; choose csv, json or esft-summary")
+    _check_out(args.out, args.force)
     if args.format == "esft-summary":
         _write_out(json.dumps(esft_summary(args.db, args.task, args.normalize, args.run, model=args.model,
                                             pool_models=args.pool_models)), args.out)
@@ -182,6 +209,8 @@ def cmd_select(args) -> int:
         raise EsftError("--bootstrap needs --top-p (stability of the top-p selection)")
     if args.bootstrap is not None and args.metric not in ("gate", "token"):
         raise EsftError(f"--bootstrap supports --metric gate or token, not '{args.metric}'")
+    _check_out(args.out, args.force)
+    _check_out(args.stability_out, args.force, "--stability-out")
     contrast = [t for spec in (args.contrast or []) for t in spec.split(",") if t]
     with store.reader(args.db) as con:
         sel = select_for_task(con, args.task, args.metric, args.normalize, args.top_p, args.top_k, args.include,
@@ -219,25 +248,37 @@ def format_table(columns: list[str], rows: list[tuple], max_width: int = 48) -> 
     return "\n".join(lines)
 
 
+def _json_cell(v):
+    """JSON has no NaN/Infinity: non-finite floats become null; decimals numbers; other non-JSON types their text."""
+    import decimal
+    import math
+
+    if isinstance(v, decimal.Decimal):
+        v = float(v)
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
 def cmd_sql(args) -> int:
-    import duckdb
-
     from esft_core import store
+    from esft_core.sqlguard import QueryInterrupted, QueryLimits, run_query, sandbox_config, spill_dir_removed
 
-    if not args.query.strip():
-        raise EsftError("empty query")
-    with store.reader(args.db, external_access=False) as con:
-        try:
-            cur = con.execute(args.query)
-            if cur.description is None:
-                print("(no result)")
-                return 0
-            cols = [d[0] for d in cur.description]
-            rows = cur.fetchmany(args.max_rows + 1)
-        except duckdb.Error as e:
-            raise EsftError(str(e).splitlines()[0]) from None
-    more = len(rows) > args.max_rows
-    rows = rows[: args.max_rows]
+    limits = QueryLimits(timeout_s=args.timeout, memory_limit=args.memory_limit, max_rows=args.max_rows)
+    if not args.query.strip().strip(";").strip():
+        raise EsftError("empty query; give a SELECT statement, e.g. \"SELECT * FROM runs\"")
+    try:
+        with spill_dir_removed(args.db), store.reader(args.db, external_access=False,
+                                                       config=sandbox_config(limits)) as con:
+            cols, table, more = run_query(con, args.query, limits)
+    except QueryInterrupted:
+        print("esft sql: interrupted", file=sys.stderr)
+        return 130
+    if not cols:
+        print("(no result)")
+        return 0
+    # by position: a query may repeat a column name
+    rows = list(zip(*(table.column(i).to_pylist() for i in range(table.num_columns)), strict=True))
     if args.format == "csv":
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
@@ -245,10 +286,35 @@ def cmd_sql(args) -> int:
         w.writerows(rows)
         sys.stdout.write(buf.getvalue())
     elif args.format == "json":
-        print(json.dumps([dict(zip(cols, r, strict=True)) for r in rows], default=str))
+        print(json.dumps([{c: _json_cell(v) for c, v in zip(cols, r, strict=True)} for r in rows], default=str,
+                         allow_nan=False))
     else:
         print(format_table(cols, rows))
         print(f"({len(rows)} row{'s' if len(rows) != 1 else ''}{', more not shown' if more else ''})")
+    return 0
+
+
+# -- runs -----------------------------------------------------------------------------------------------------
+def cmd_runs(args) -> int:
+    from esft_core import store
+
+    if args.ingest or args.prune:
+        ids = store.settle_staged(args.db)
+        if ids:
+            print(f"ingested staged run(s) {', '.join(map(str, ids))}", file=sys.stderr)
+    if args.prune:
+        size = Path(args.db).stat().st_size
+        dropped = store.prune_runs(args.db)
+        print(f"pruned {len(dropped)} failed run(s){': ' + ', '.join(map(str, dropped)) if dropped else ''}; "
+              f"{size / 1e6:.1f} MB → {Path(args.db).stat().st_size / 1e6:.1f} MB", file=sys.stderr)
+    staged = store.staging_root(args.db)
+    with store.reader(args.db) as con:
+        rows = con.execute("SELECT run_id, task, model, source, status, n_samples, n_tokens, created_at FROM runs "
+                           "ORDER BY run_id").fetchall()
+    cols = ["run_id", "task", "model", "source", "status", "n_samples", "n_tokens", "created_at"]
+    rows = [(*r[:4], f"{r[4]} (staged, waiting for ingest)" if r[4] == "running" and
+             (staged / f"run-{r[0]}" / store.READY).is_file() else r[4], *r[5:]) for r in rows]
+    print(format_table(cols, rows))
     return 0
 
 
@@ -267,7 +333,7 @@ def cmd_export(args) -> int:
     missing = sorted(set(ids) - found)
     if missing:
         raise EsftError(f"run {missing[0]} is not a complete run in {args.db}")
-    counts = store.export_runs(args.db, ids, args.out)
+    counts = store.export_runs(args.db, ids, args.out, force=args.force)
     print(f"exported run(s) {', '.join(map(str, ids))} to {args.out}: "
           + ", ".join(f"{n} {t}" for t, n in counts.items()))
     return 0
@@ -297,7 +363,8 @@ def register(sub) -> None:
     p.add_argument("--task", required=True, help="task name the run is stored under")
     p.add_argument("--db", required=True, help="trace database (DuckDB file; created when missing)")
     p.add_argument("--max-tokens", type=int, default=131072, help="token budget (default 131072)")
-    p.add_argument("--seq-len", type=int, default=2048, help="truncate samples to this many tokens")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="truncate samples to this many tokens (default: 2048, at most the model's positions)")
     p.add_argument("--batch-size", type=int, default=8, help="samples per forward pass")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample order")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
@@ -309,6 +376,9 @@ def register(sub) -> None:
     p.add_argument("--progressive-ingest", action="store_true",
                    help="insert rows into the DB while recording (short locks per ~4M rows; the end is quick)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--ingest-wait", type=float, default=600.0, metavar="SECONDS",
+                   help="when a reader holds the DB at the end, retry the ingest this long (default 600); after "
+                   "that the recording stays staged and the next writer or `esft runs --ingest` ingests it")
 
     p = add("import-official", cmd_import_official, "import the authors' expert_weights_<layer>.txt routing logs")
     p.add_argument("log_dir", metavar="LOG_DIR", help="directory with expert_weights_<layer>.txt files")
@@ -325,6 +395,7 @@ def register(sub) -> None:
     p.add_argument("--normalize", default="token", help="token (authors' files) or sample (paper formula)")
     p.add_argument("--format", default="csv", help="csv, json, or esft-summary (authors' summary.json)")
     p.add_argument("--out", default=None, help="output file (default: stdout)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     _runs_arg(p)
     _model_args(p)
 
@@ -350,6 +421,7 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     p.add_argument("--shared-experts", action="store_true", help="config: also train shared experts")
     p.add_argument("--non-expert-modules", action="store_true", help="config: also train non-expert modules")
+    p.add_argument("--force", action="store_true", help="overwrite existing --out / --stability-out files")
     _runs_arg(p)
     _model_args(p)
 
@@ -357,12 +429,24 @@ def register(sub) -> None:
     p.add_argument("--db", required=True, help="trace database")
     p.add_argument("query", metavar="SQL", help="the query, e.g. \"SELECT * FROM runs\"")
     p.add_argument("--format", default="table", choices=["table", "csv", "json"], help="output format")
-    p.add_argument("--max-rows", type=int, default=1000, help="print at most this many rows")
+    p.add_argument("--max-rows", type=int, default=1000, help="print at most this many rows (default 1000)")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="stop the query after this many seconds (default 30); Ctrl-C also stops it")
+    p.add_argument("--memory-limit", default="512MB", metavar="SIZE",
+                   help="DuckDB memory limit of the query, e.g. 2GB (default 512MB; larger sorts spill to disk)")
+
+    p = add("runs", cmd_runs, "list the runs of a trace DB; ingest queued recordings; prune failed runs")
+    p.add_argument("--db", required=True, help="trace database")
+    p.add_argument("--ingest", action="store_true",
+                   help="ingest recordings left staged while the DB was locked, fail runs of dead recorders")
+    p.add_argument("--prune", action="store_true",
+                   help="also delete failed runs' rows and leftover staging folders, and compact the file")
 
     p = add("export", cmd_export, "export runs as Parquet files (one per table) for merging or querying in place")
     p.add_argument("--db", required=True, help="trace database")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--task", default=None, help="export every complete run of this task")
+    p.add_argument("--force", action="store_true", help="overwrite an earlier export in --out")
     _runs_arg(p)
     _model_args(p)
 

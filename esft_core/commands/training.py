@@ -52,7 +52,10 @@ def register(sub) -> None:
     p.add_argument("--limit", type=int, default=32, help="examples per file (default 32)")
     p.add_argument("--batch-size", type=int, default=16, help="generation batch size (default 16)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: longest reference + 16")
-    p.add_argument("--seq-len", type=int, default=512, help="truncate loss inputs to this length (default 512)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="truncate loss inputs to this length; generation keeps the last seq-len - max-new-tokens "
+                   "prompt tokens (at least half of it) (default 512, at most the model's positions)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     p.add_argument("--metric", default=None, metavar="NAME",
                    help="score every task file with this metric (exact_match, json_match, final_number_match, bleu, "
                         "chrf, or one registered via ESFT_METRIC_MODULES); default: the task's own, else exact_match")
@@ -83,6 +86,12 @@ def cmd_train(args) -> int:
     from esft_core.train import TrainConfig, run_training
 
     kwargs = {k: v for k, v in vars(args).items() if k in {f.name for f in fields(TrainConfig)} and v is not None}
+    if args.seq_len is None:  # the default 512, or the model's positions when it has fewer
+        from esft_core import validate
+
+        limit = validate.max_positions(validate.model_config(args.model))
+        if limit is not None and limit < 512:
+            kwargs["seq_len"] = limit
     cfg = TrainConfig(**kwargs)
     run = run_training(cfg, resume=args.resume, progress=not args.no_progress)
     if run:
@@ -95,6 +104,18 @@ def _adapter_dir(path: str) -> Path:
     return p / "adapter" if (p / "adapter" / "expert_cfg.json").is_file() else p
 
 
+def check_out_file(path: str, force: bool) -> Path:
+    """An output file path: its directory exists, it is not a directory, and it is new unless --force."""
+    out = Path(path)
+    if out.is_dir():
+        raise EsftError(f"--out {out} is a directory; give a file path")
+    if not out.parent.is_dir():
+        raise EsftError(f"directory {out.parent} for --out does not exist")
+    if out.exists() and not force:
+        raise EsftError(f"--out {out} already exists; pass --force to overwrite it")
+    return out
+
+
 def _fresh_out(path: str) -> Path:
     out = Path(path)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -104,13 +125,20 @@ def _fresh_out(path: str) -> Path:
 
 def cmd_eval(args) -> int:
     _quiet()
-    from esft_core.evaluate import evaluate_files, load_for_eval
+    from esft_core import validate
+    from esft_core.data import read_records
+    from esft_core.evaluate import evaluate_files, load_for_eval, read_authors_eval
 
-    if args.limit <= 0 or args.batch_size <= 0:
-        raise EsftError("--limit and --batch-size must be positive")
+    for flag, v in (("--limit", args.limit), ("--batch-size", args.batch_size), ("--max-new-tokens",
+                                                                                  args.max_new_tokens)):
+        if v is not None and v <= 0:
+            raise EsftError(f"{flag} must be a positive integer, got {v}")
+    out = check_out_file(args.out, args.force) if args.out else None
     for f in args.data:
         if not Path(f).is_file():
             raise EsftError(f"data file {f} does not exist")
+        if read_authors_eval(f, args.limit) is None:
+            read_records(f, limit=args.limit)  # every file checked (format, one kind per file) before the model loads
     judge = None
     if args.metric is not None:
         from esft_core.metrics import get_metric, load_plugins
@@ -123,14 +151,21 @@ def cmd_eval(args) -> int:
         from esft_core import settings
 
         judge = {"url": args.judge_url, "model": args.judge_model, "api_key": settings.get("ESFT_JUDGE_API_KEY")}
+    config = validate.model_config(args.model)
+    if args.seq_len is None:
+        args.seq_len = min(512, validate.max_positions(config) or 512)
+    validate.seq_len(args.seq_len, "--seq-len", config)
+    validate.memory(config, args.batch_size, args.seq_len, training=False, flags="--batch-size/--seq-len")
     model, tok, kind = load_for_eval(args.model, args.adapter)
     result = evaluate_files(model, tok, args.data, limit=args.limit, seq_len=args.seq_len,
                             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, metric=args.metric,
                             judge=judge)
     result = {"model": args.model, "adapter": args.adapter, "adapter_kind": kind, **result}
     text = json.dumps(result, indent=2, ensure_ascii=False)
-    if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    if out:
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(text + "\n", encoding="utf-8")
+        tmp.replace(out)
     else:
         sys.stdout.write(text + "\n")
     return 0
