@@ -465,7 +465,8 @@ def _dist():
 def record(model, tok, records: Sequence[dict], db, task: str, *, max_tokens: int = DEFAULT_MAX_TOKENS,
            seq_len: int = 2048, batch_size: int = 8, seed: int = 0, model_name: str | None = None,
            params: dict | None = None, progress: Callable[[int, int], None] | None = None,
-           flush_rows: int = 4_000_000, routes: str | None = "all", progressive: bool = False) -> int:
+           flush_rows: int = 4_000_000, routes: str | None = "all", progressive: bool = False,
+           ingest_wait: float | None = None) -> int:
     """Record the routing of `records` through `model` as a new complete run of `task` in `db`; return its run_id.
 
     progress(done_tokens, total_tokens) is called after every batch. routes: 'all', 'none' or 'sample:N'.
@@ -508,7 +509,8 @@ def record_sequences(model, tok, seqs: list[list[int]], db, task: str, *, batch_
         run_params["layer_top_k"] = {str(k): v for k, v in lay.layer_top_k.items()}
     staged = None
     if rank == 0:
-        staged = store.StagedRun(db, task, name, lay.num_experts, lay.top_k, lay.layers, run_params)
+        staged = store.StagedRun(db, task, name, lay.num_experts, lay.top_k, lay.layers, run_params,
+                                 ingest_wait=ingest_wait)
     if world > 1:
         import torch.distributed as dist
 

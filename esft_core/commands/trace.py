@@ -76,7 +76,6 @@ def cmd_record(args) -> int:
         raise EsftError(f"--max-tokens ({args.max_tokens}) and --batch-size ({args.batch_size}) must be >= 1")
     if not args.ingest_wait >= 0:
         raise EsftError(f"--ingest-wait must be >= 0 seconds, got {args.ingest_wait}")
-    os.environ["ESFT_INGEST_WAIT"] = str(args.ingest_wait)  # read by store.StagedRun (record.py passes no flag)
     parse_routes(args.routes)
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if args.dtype not in dtypes:
@@ -116,7 +115,7 @@ def cmd_record(args) -> int:
     run_id = record(model, tok, records, args.db, args.task, max_tokens=args.max_tokens, seq_len=args.seq_len,
                     batch_size=args.batch_size, seed=args.seed, model_name=str(args.model),
                     params={"data": str(Path(args.data).resolve())}, progress=progress, routes=args.routes,
-                    progressive=args.progressive_ingest)
+                    progressive=args.progressive_ingest, ingest_wait=args.ingest_wait)
     if bar is not None:
         bar.close()
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 ingested the run
