@@ -483,13 +483,13 @@ def record(model, tok, records: Sequence[dict], db, task: str, *, max_tokens: in
                   **(params or {})}
     return record_sequences(model, tok, seqs, db, task, batch_size=batch_size, model_name=model_name,
                             params=run_params, progress=progress, flush_rows=flush_rows, routes=routes,
-                            progressive=progressive)
+                            progressive=progressive, ingest_wait=ingest_wait)
 
 
 def record_sequences(model, tok, seqs: list[list[int]], db, task: str, *, batch_size: int = 8,
                      model_name: str | None = None, params: dict | None = None,
                      progress: Callable[[int, int], None] | None = None, flush_rows: int = 4_000_000,
-                     routes: str | None = "all", progressive: bool = False) -> int:
+                     routes: str | None = "all", progressive: bool = False, ingest_wait: float | None = None) -> int:
     """Record already-tokenized samples (each a list of ids, one sample each); return the new run_id.
 
     Sample ids are the indices into `seqs`. Under torchrun every rank calls this with the same `seqs`.
