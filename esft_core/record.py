@@ -21,7 +21,7 @@ import pyarrow as pa
 import torch
 
 from esft_core import store
-from esft_core.data import encode_record
+from esft_core.data import IGNORE_INDEX, encode_record
 from esft_core.errors import EsftError
 from esft_core.models import MoeLayout, moe_layout
 
@@ -73,26 +73,34 @@ def forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
     return model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False)
 
 
-def choose_samples(records: Sequence[dict], tok, max_tokens: int, seq_len: int, seed: int):
-    """Seeded order; encode until the budget is reached (the crossing sample is kept, as the authors do)."""
+def loss_flags(labels: Sequence[int]) -> list[bool]:
+    """Per position: is its next-token prediction in the training loss (is the next label a real token)? (T,)"""
+    return [lab != IGNORE_INDEX for lab in labels[1:]] + [False]
+
+
+def choose_samples(records: Sequence[dict], tok, max_tokens: int, seq_len: int, seed: int, with_loss: bool = False):
+    """Seeded order; encode until the budget is reached (the crossing sample is kept, as the authors do).
+    Returns (seqs, total tokens), plus each sequence's loss_flags when `with_loss`."""
     if max_tokens < 1:
         raise EsftError(f"--max-tokens must be >= 1, got {max_tokens}")
     if seq_len < 2:
         raise EsftError(f"--seq-len must be >= 2, got {seq_len}")
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
-    chosen, total = [], 0
+    chosen, flags, total = [], [], 0
     for i in order:
-        ids = encode_record(records[i], tok)[0][:seq_len]
+        ids, labels = encode_record(records[i], tok)
+        ids = ids[:seq_len]
         if not ids:
             continue
         chosen.append(ids)
+        flags.append(loss_flags(labels[:seq_len]))
         total += len(ids)
         if total >= max_tokens:
             break
     if not chosen:
         raise EsftError("no tokens to record (every record encodes to nothing)")
-    return chosen, total
+    return (chosen, total, flags) if with_loss else (chosen, total)
 
 
 class TokenTexts:
@@ -141,8 +149,10 @@ class Recorder:
         self.pad_id = getattr(tok, "pad_token_id", None) or 0
         self.device = next(model.parameters()).device
 
-    def run_batch(self, seqs: list[list[int]], first_sample_id: int) -> dict[str, pa.Table]:
-        """Forward one batch of token-id lists; return its tokens/routes tables (run_id 0)."""
+    def run_batch(self, seqs: list[list[int]], first_sample_id: int,
+                  loss: list[list[bool]] | None = None) -> dict[str, pa.Table]:
+        """Forward one batch of token-id lists; return its tokens/routes tables (run_id 0). `loss`: per-sequence
+        loss_flags, stored as the tokens' `loss` column."""
         lens = [len(s) for s in seqs]
         width = max(lens)
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)  # (B, S)
@@ -157,8 +167,11 @@ class Recorder:
         token_ids = ids.reshape(-1)[mask.reshape(-1).bool()].numpy().astype(np.int32)  # (T,)
         sample_ids = np.repeat(np.arange(first_sample_id, first_sample_id + len(seqs), dtype=np.int32), lens)
         positions = np.concatenate([np.arange(n, dtype=np.int32) for n in lens])
-        return batch_tables(sample_ids, positions, token_ids, self.layout.layers, weights, experts,
-                            self.texts(token_ids))
+        tables = batch_tables(sample_ids, positions, token_ids, self.layout.layers, weights, experts,
+                              self.texts(token_ids))
+        if loss is not None:
+            tables["tokens"] = tables["tokens"].append_column("loss", pa.array(np.concatenate(loss), pa.bool_()))
+        return tables
 
 
 def record(model, tok, records: Sequence[dict], db, task: str, *, max_tokens: int = DEFAULT_MAX_TOKENS,
@@ -174,17 +187,19 @@ def record(model, tok, records: Sequence[dict], db, task: str, *, max_tokens: in
     if batch_size < 1:
         raise EsftError(f"--batch-size must be >= 1, got {batch_size}")
     moe_layout(model)  # a model without MoE layers fails before anything is written
-    seqs, _ = choose_samples(records, tok, max_tokens, seq_len, seed)
+    seqs, _, flags = choose_samples(records, tok, max_tokens, seq_len, seed, with_loss=True)
     run_params = {"max_tokens": max_tokens, "seq_len": seq_len, "seed": seed, "n_records": len(records),
                   **(params or {})}
     return record_sequences(model, tok, seqs, db, task, batch_size=batch_size, model_name=model_name,
-                            params=run_params, progress=progress, flush_rows=flush_rows)
+                            params=run_params, progress=progress, flush_rows=flush_rows, loss=flags)
 
 
 def record_sequences(model, tok, seqs: list[list[int]], db, task: str, *, batch_size: int = 8,
                      model_name: str | None = None, params: dict | None = None,
-                     progress: Callable[[int, int], None] | None = None, flush_rows: int = 4_000_000) -> int:
-    """Record already-tokenized samples (each a list of ids, one sample each); return the new run_id."""
+                     progress: Callable[[int, int], None] | None = None, flush_rows: int = 4_000_000,
+                     loss: list[list[bool]] | None = None) -> int:
+    """Record already-tokenized samples (each a list of ids, one sample each); return the new run_id.
+    `loss`: per-sample loss_flags (the tokens' `loss` column, for answer-token scores); None leaves it NULL."""
     rec = Recorder(model, tok)
     lay = rec.layout
     total = sum(len(s) for s in seqs)
@@ -196,7 +211,7 @@ def record_sequences(model, tok, seqs: list[list[int]], db, task: str, *, batch_
         n_pending, done = 0, 0
         for start in range(0, len(seqs), batch_size):
             chunk = seqs[start: start + batch_size]
-            tables = rec.run_batch(chunk, start)
+            tables = rec.run_batch(chunk, start, None if loss is None else loss[start: start + batch_size])
             pending["tokens"].append(tables["tokens"])
             pending["routes"].append(tables["routes"])
             pending["samples"].append(pa.table({

@@ -245,11 +245,12 @@ def stability(con, task: str, metric: str = "token", normalize: str = "token", p
 def select_for_task(con, task: str, metric: str, normalize: str = "token", p: float | None = None,
                     k: int | None = None, include_specs=None, exclude_specs=None, contrast_tasks=None,
                     contrast_weight: float = 1.0, round_digits: int | None = 4, run_ids=None,
-                    shared_experts: bool = False, non_expert_modules: bool = False) -> Selection:
-    """Everything `esft select` does but output: scores, optional contrast, include/exclude, top-p/top-k."""
+                    shared_experts: bool = False, non_expert_modules: bool = False, tokens: str = "all") -> Selection:
+    """Everything `esft select` does but output: scores, optional contrast, include/exclude, top-p/top-k.
+    tokens: score over all tokens (the paper) or only answer positions (scores.TOKEN_SETS)."""
     if p is not None:
         check_p(p)
-    s = compute_scores(con, task, metric, normalize, run_ids)
+    s = compute_scores(con, task, metric, normalize, run_ids, tokens)
     if contrast_tasks:
         others = [compute_scores(con, t, metric, normalize) for t in contrast_tasks]
         pooled_w = np.array([o.n_tokens if normalize == "token" else o.n_samples for o in others], np.float64)

@@ -53,7 +53,10 @@ CREATE TABLE IF NOT EXISTS expert_tokens (
     gate_sum DOUBLE);
 CREATE TABLE IF NOT EXISTS sample_expert_stats (
     run_id INTEGER, sample_id INTEGER, layer SMALLINT, expert SMALLINT, n_selected INTEGER, gate_sum DOUBLE);
+ALTER TABLE tokens ADD COLUMN IF NOT EXISTS loss BOOLEAN;
 """
+# tokens.loss: the position's next-token prediction is in the training loss (an assistant answer token follows);
+# NULL for runs that do not know it (official logs, older recordings). Answer-token scores (scores.py) filter on it.
 
 # routes: per-column compression where DuckDB's automatic choice costs insert time for no space (rows arrive
 # layer-major, so run_id/sample_id/layer come in long runs; rank cycles 0..K-1 and takes 1 byte uncompressed).
@@ -215,7 +218,7 @@ def ingest_arrow(db: str | Path, meta: dict, tables: dict[str, pa.Table], exact_
                 continue
             con.register(f"staged_{name}", t)
             cols = ", ".join(f for f in t.column_names if f != "run_id")
-            con.execute(f"INSERT INTO {name} SELECT {int(run_id)}, {cols} FROM staged_{name}")
+            con.execute(f"INSERT INTO {name} BY NAME SELECT {int(run_id)} AS run_id, {cols} FROM staged_{name}")
         if exact_weights and "routes" in tables:
             con.execute(f"CREATE TEMP VIEW exact_routes AS SELECT {int(run_id)}::INTEGER AS run_id, "
                         "* EXCLUDE (run_id) FROM staged_routes")
@@ -290,6 +293,8 @@ class StagedRun:
             schema = ARROW_SCHEMAS[name]
             if name == "routes" and "token_id" in t.column_names:  # staging only: lets expert_tokens skip a join
                 schema = schema.append(pa.field("token_id", pa.int32()))
+            if name == "tokens" and "loss" in t.column_names:  # optional: the recorder's loss flags
+                schema = schema.append(pa.field("loss", pa.bool_()))
             # dictionary encoding and statistics halve the write speed and buy nothing for a file read once
             pq.write_table(t.select(schema.names).cast(schema), path.with_suffix(".tmp"), compression="lz4",
                            use_dictionary=["token_text"], write_statistics=False)
@@ -306,7 +311,7 @@ class StagedRun:
         with transaction(self.db) as con:
             for name, cols in (("samples", "*"), ("tokens", "*"), ("routes", ", ".join(ARROW_SCHEMAS["routes"].names))):
                 if self.n_rows[name]:
-                    con.execute(f"INSERT INTO {name} SELECT {cols} FROM read_parquet(?)", [parts[name]])
+                    con.execute(f"INSERT INTO {name} BY NAME SELECT {cols} FROM read_parquet(?)", [parts[name]])
             staged = con.execute("SELECT * FROM read_parquet(?) LIMIT 0", [parts["routes"]]).description
             has_ids = any(d[0] == "token_id" for d in staged)
             glob = parts["routes"].replace("'", "''")
@@ -392,7 +397,7 @@ def import_runs(db: str | Path, src_dir: str | Path, task: str | None = None) ->
         for name in RUN_TABLES:
             if not (src / f"{name}.parquet").exists():
                 continue
-            con.execute(f"INSERT INTO {name} SELECT m.new::INTEGER AS run_id, t.* EXCLUDE (run_id) "
+            con.execute(f"INSERT INTO {name} BY NAME SELECT m.new::INTEGER AS run_id, t.* EXCLUDE (run_id) "
                         f"FROM read_parquet(?) t JOIN idmap_{tag} m ON t.run_id = m.old",
                         [str(src / f"{name}.parquet")])
         con.execute(f"DROP TABLE idmap_{tag}")
