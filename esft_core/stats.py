@@ -91,12 +91,13 @@ def bootstrap(stat: Callable[..., np.ndarray], *arrays, n_boot: int = 2000, leve
     if len(n_tasks) != 1:
         raise EsftError(f"paired arguments cover different numbers of tasks: {sorted(n_tasks)}")
     tasks = [list(t) for t in zip(*per_arg, strict=True)]  # [task][arg]
-    value = float(np.asarray(stat(*[[t[a][None] for t in tasks] for a in range(len(per_arg))]))[0])
-    res = _resample(tasks, n_boot, np.random.default_rng(seed))
-    boot = np.asarray(stat(*[[t[a] for t in res] for a in range(len(per_arg))]), dtype=np.float64)  # (B,)
+    with np.errstate(divide="ignore", invalid="ignore"):  # ratios over a zero mean: non-finite, dropped below
+        value = float(np.asarray(stat(*[[t[a][None] for t in tasks] for a in range(len(per_arg))]))[0])
+        res = _resample(tasks, n_boot, np.random.default_rng(seed))
+        boot = np.asarray(stat(*[[t[a] for t in res] for a in range(len(per_arg))]), dtype=np.float64)  # (B,)
     boot = boot[np.isfinite(boot)]
-    if boot.size == 0:
-        return Estimate(value, float("nan"), float("nan"), float("nan"), n_boot)
+    if not np.isfinite(value) or boot.size == 0:  # undefined (e.g. a ratio to a zero score)
+        return Estimate(float("nan"), float("nan"), float("nan"), float("nan"), n_boot)
     tail = (1 - level) / 2
     lo, hi = np.quantile(boot, [tail, 1 - tail])
     p = min(1.0, max(2 * min(np.mean(boot <= 0), np.mean(boot >= 0)), 1 / boot.size))

@@ -63,3 +63,8 @@ def test_bad_input_raises():
         mean_ci(np.zeros(5), level=1.5)
     with pytest.raises(EsftError, match=r"\(items,\)"):
         mean_ci(np.zeros((2, 2, 2)))
+
+
+def test_undefined_ratio_is_nan_not_inf():
+    r = ratio_ci(np.ones(10), np.zeros(10))
+    assert all(np.isnan([r.value, r.lo, r.hi, r.p]))

@@ -125,7 +125,8 @@ def cmd_scores(args) -> int:
         sc = {m: compute_scores(con, args.task, m, args.normalize, args.run, args.tokens) for m in metrics}
     first = sc[metrics[0]]
     if args.format == "json":
-        doc = {"task": args.task, "normalize": args.normalize, "tokens": args.tokens, "runs": first.run_ids, "n_tokens": first.n_tokens,
+        doc = {"task": args.task, "normalize": args.normalize, "tokens": args.tokens, "runs": first.run_ids,
+               "n_tokens": first.n_tokens,
                "n_samples": first.n_samples, "top_k": first.top_k,
                "scores": {m: {str(layer): {str(e): float(v) for e, v in enumerate(s.row(layer))}
                               for layer in s.layers} for m, s in sc.items()}}
