@@ -45,14 +45,17 @@ sys.path.insert(0, str(ROOT))
 
 METHODS = ["vanilla", "fft", "lora", "esft_token", "esft_gate", "esft_token_answer", "random_token", "random_gate"]
 QUICK_METHODS = ["vanilla", "fft", "esft_token"]
+EXTRA_METHODS = ["esft_token_p50"]  # diagnostics only (--methods): ESFT-Token with top-p 0.5
 # lr grids: 3 values, 10x wide for every method, centred on the method's usual setting
 GRIDS = {"fft": [1e-4, 3e-4, 1e-3], "lora": [1e-3, 3e-3, 1e-2], "esft_token": [3e-3, 1e-2, 3e-2],
-         "esft_gate": [3e-3, 1e-2, 3e-2], "esft_token_answer": [3e-3, 1e-2, 3e-2]}
+         "esft_gate": [3e-3, 1e-2, 3e-2], "esft_token_answer": [3e-3, 1e-2, 3e-2],
+         "esft_token_p50": [3e-3, 1e-2, 3e-2]}
 ABLATION_OF = {"random_token": "esft_token", "random_gate": "esft_gate"}
 # expert config of each expert method: (score metric, top-p, token set)
-EXPERT_CFGS = {"token": ("token", 0.2, "all"), "gate": ("gate", 0.1, "all"), "token_answer": ("token", 0.2, "answer")}
+EXPERT_CFGS = {"token": ("token", 0.2, "all"), "gate": ("gate", 0.1, "all"), "token_answer": ("token", 0.2, "answer"),
+               "token_p50": ("token", 0.5, "all")}
 CFG_OF = {"esft_token": "token", "esft_gate": "gate", "esft_token_answer": "token_answer", "random_token": "token",
-          "random_gate": "gate"}
+          "random_gate": "gate", "esft_token_p50": "token_p50"}
 GENERAL_EVAL, GENERAL_VAL = (0, 64), (200, 232)
 
 
@@ -216,12 +219,13 @@ def run_worker(spec: dict, timeout: float = 3600) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-def choose_lrs(rows: list[dict], methods: list[str], tasks: list[str]) -> tuple[dict, dict]:
+def choose_lrs(rows: list[dict], methods: list[str], tasks: list[str], fixed: dict | None = None) -> tuple[dict, dict]:
     """The fixed rule: per swept method, max mean validation task score over tasks; ties → lower mean validation
-    general loss. Returns (chosen lr per method, sweep table {method: {lr: (val score, val general loss)}})."""
-    table, chosen = {}, {}
+    general loss. Returns (chosen lr per method, sweep table {method: {lr: (val score, val general loss)}}).
+    `fixed` (diagnostics only) pins a method's lr without a sweep."""
+    table, chosen = {}, dict(fixed or {})
     for m in methods:
-        if m not in GRIDS:
+        if m not in GRIDS or m in chosen:
             continue
         table[m] = {}
         for lr in GRIDS[m]:
@@ -247,10 +251,11 @@ def _arrays(rows, m, tasks, key, seeds, lr):
     return out
 
 
-def summarise(rows: list[dict], tasks: list[str], methods: list[str], seeds: list[int], n_boot: int = 2000):
+def summarise(rows: list[dict], tasks: list[str], methods: list[str], seeds: list[int], n_boot: int = 2000,
+              fixed: dict | None = None):
     from esft_core.stats import diff_ci, mean_ci, ratio_ci, rise_ratio_ci
 
-    chosen, sweep = choose_lrs(rows, methods, tasks)
+    chosen, sweep = choose_lrs(rows, methods, tasks, fixed)
     chosen["vanilla"] = None
     S = {m: _arrays(rows, m, tasks, "eval_scores", seeds, chosen[m]) for m in methods}
     G = {m: _arrays(rows, m, tasks, "general_eval_losses", seeds, chosen[m]) for m in methods}
@@ -277,7 +282,8 @@ def summarise(rows: list[dict], tasks: list[str], methods: list[str], seeds: lis
         comparisons.append({"comparison": name, "value": _r(e.value), "lo": _r(e.lo), "hi": _r(e.hi), "p": _r(e.p)})
         return e
 
-    for m, rnd in (("esft_token", "random_token"), ("esft_gate", "random_gate"), ("esft_token_answer", "random_token")):
+    for m, rnd in (("esft_token", "random_token"), ("esft_gate", "random_gate"), ("esft_token_answer", "random_token"),
+                   ("esft_token_p50", None)):
         if m not in methods or "fft" not in methods:
             continue
         o = {k: (round(means[m][k] / means["fft"][k], 4) if means[m][k] is not None and means["fft"][k] else None)
@@ -288,7 +294,9 @@ def summarise(rows: list[dict], tasks: list[str], methods: list[str], seeds: lis
         o.update(general_loss_rise=_r(e.value), general_loss_rise_ci=[_r(e.lo), _r(e.hi)],
                  general_loss_rise_p=_r(e.p))
         for key, other in (("minus_lora_task_score", "lora"), ("minus_random_task_score", rnd),
-                           ("minus_esft_token_task_score", "esft_token" if m == "esft_token_answer" else None)):
+                           ("minus_esft_token_task_score", None if m == "esft_token" else "esft_token")):
+            if other == "esft_token" and m == "esft_gate":
+                continue
             if other is None:
                 continue
             if other not in methods:
@@ -335,6 +343,8 @@ def markdown(ratios, means, sweep, comparisons, meta) -> str:
     for m, tab in sweep.items():
         cells = [f"{lr:g}: {s:.3f} / {g:.3f}" for lr, (s, g) in tab.items()]
         out.append(f"| {m} | " + " | ".join(cells) + f" | **{ratios['chosen_lr'][m]:g}** |\n")
+    if meta.get("fixed_lr"):
+        out.append(f"\nDiagnostic run: lr fixed without a sweep for {meta['fixed_lr']}.\n")
     out.append("\nRule fixed in advance: highest mean validation task score; ties → lower validation general loss. "
                "Random-expert ablations reuse their ESFT counterpart's lr.\n")
     cols = [("lr", "lr", ""), ("task score [95% CI]", None, ""), ("eval loss", "eval_loss", ""),
@@ -393,8 +403,11 @@ def main(argv=None) -> int:
     ap.add_argument("--val-limit", type=int, default=None, help="validation examples scored (default all; quick 50)")
     ap.add_argument("--eval-limit", type=int, default=200)
     ap.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
+    ap.add_argument("--fixed-lr", default=None, metavar="M=LR[,M=LR]",
+                    help="diagnostics only: pin these methods' lr instead of sweeping (not the fair protocol)")
     ap.add_argument("--resume", action="store_true", help="reuse finished runs of an interrupted benchmark")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--tag", default="", help="suffix of the result files (diagnostic runs beside the main ones)")
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
@@ -407,11 +420,13 @@ def main(argv=None) -> int:
     model_path = args.model or str(DEMO_MODEL)
     tasks = (args.tasks or ("law,math" if args.quick else "intent,translate,law,math")).split(",")
     methods = args.methods.split(",") if args.methods else (QUICK_METHODS if args.quick else METHODS)
-    bad = [m for m in methods if m not in METHODS]
+    fixed = {kv.split("=")[0]: float(kv.split("=")[1]) for kv in args.fixed_lr.split(",")} if args.fixed_lr else {}
+    bad = [m for m in [*methods, *fixed] if m not in METHODS + EXTRA_METHODS]
     if bad:
-        print(f"compare_methods: error: unknown method {bad[0]!r}; choose from {', '.join(METHODS)}", file=sys.stderr)
+        print(f"compare_methods: error: unknown method {bad[0]!r}; choose from "
+              f"{', '.join(METHODS + EXTRA_METHODS)}", file=sys.stderr)
         return 2
-    methods = [m for m in METHODS if m in set(methods) | {"vanilla", "fft"}]
+    methods = [m for m in METHODS + EXTRA_METHODS if m in set(methods) | {"vanilla", "fft"}]
     for m, of in ABLATION_OF.items():
         if m in methods and of not in methods:
             methods.insert(methods.index(m), of)  # an ablation needs its ESFT counterpart's chosen lr
@@ -464,26 +479,27 @@ def main(argv=None) -> int:
     for task in tasks:
         run("vanilla", task, None, 0)
     for m in methods:  # the sweep (seed 0)
-        for lr in GRIDS.get(m, []):
+        for lr in ([] if m in fixed else GRIDS.get(m, [])):
             for task in tasks:
                 run(m, task, lr, 0)
-    chosen, _ = choose_lrs(rows, methods, tasks)
+    chosen, _ = choose_lrs(rows, methods, tasks, fixed)
     for m in methods[1:]:  # the chosen lr with every seed (seed 0 of swept methods is the sweep run)
         for seed in seeds:
             for task in tasks:
-                if not (m in GRIDS and seed == 0):
+                if not (m in GRIDS and m not in fixed and seed == 0):
                     run(m, task, chosen[m], seed)
-    ratios, means, sweep, comparisons = summarise(rows, tasks, methods, seeds, args.n_boot)
+    ratios, means, sweep, comparisons = summarise(rows, tasks, methods, seeds, args.n_boot, fixed)
     meta = {"mode": "quick" if args.quick else "full", "model": model_path, "tasks": tasks, "methods": methods,
             "steps": steps, "batch_size": args.batch_size, "seq_len": args.seq_len, "val": args.val,
             "val_limit": val_limit, "eval_limit": args.eval_limit,
             "general_eval_docs": GENERAL_EVAL[1] - GENERAL_EVAL[0], "general_val_docs": GENERAL_VAL[1] - GENERAL_VAL[0],
-            "seeds": seeds, "grids": {m: GRIDS[m] for m in methods if m in GRIDS}, "n_boot": args.n_boot,
+            "seeds": seeds, "grids": {m: GRIDS[m] for m in methods if m in GRIDS and m not in fixed},
+            "fixed_lr": fixed, "n_boot": args.n_boot,
             "elapsed_s": round(time.time() - t0, 1), "resumed": bool(done),
             "worker_wall_s": round(sum(r.get("wall_s", 0) for r in rows), 1)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "compare_methods" + ("_quick" if args.quick else "")
+    stem = "compare_methods" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
     slim = [{k: v for k, v in r.items() if k != "key"} for r in rows]
     (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "ratios": ratios, "means": means, "sweep": {
         m: {str(lr): v for lr, v in t.items()} for m, t in sweep.items()}, "comparisons": comparisons,
