@@ -47,9 +47,10 @@ METHODS = ["vanilla", "fft", "lora", "esft_token", "esft_gate", "esft_token_answ
 QUICK_METHODS = ["vanilla", "fft", "esft_token"]
 EXTRA_METHODS = ["esft_token_p50"]  # diagnostics only (--methods): ESFT-Token with top-p 0.5
 # lr grids: 3 values, 10x wide for every method, centred on the method's usual setting
-GRIDS = {"fft": [1e-4, 3e-4, 1e-3], "lora": [1e-3, 3e-3, 1e-2], "esft_token": [3e-3, 1e-2, 3e-2],
-         "esft_gate": [3e-3, 1e-2, 3e-2], "esft_token_answer": [3e-3, 1e-2, 3e-2],
-         "esft_token_p50": [3e-3, 1e-2, 3e-2]}
+# (the ESFT grids were first [3e-3, 3e-2]; the first quick run chose that grid's lower edge, so they moved down)
+GRIDS = {"fft": [1e-4, 3e-4, 1e-3], "lora": [1e-3, 3e-3, 1e-2], "esft_token": [1e-3, 3e-3, 1e-2],
+         "esft_gate": [1e-3, 3e-3, 1e-2], "esft_token_answer": [1e-3, 3e-3, 1e-2],
+         "esft_token_p50": [1e-3, 3e-3, 1e-2]}
 ABLATION_OF = {"random_token": "esft_token", "random_gate": "esft_gate"}
 # expert config of each expert method: (score metric, top-p, token set)
 EXPERT_CFGS = {"token": ("token", 0.2, "all"), "gate": ("gate", 0.1, "all"), "token_answer": ("token", 0.2, "answer"),
@@ -342,7 +343,9 @@ def markdown(ratios, means, sweep, comparisons, meta) -> str:
            "| method | " + " | ".join(f"lr {i + 1}" for i in range(3)) + " | chosen |\n|---|---|---|---|---|\n"]
     for m, tab in sweep.items():
         cells = [f"{lr:g}: {s:.3f} / {g:.3f}" for lr, (s, g) in tab.items()]
-        out.append(f"| {m} | " + " | ".join(cells) + f" | **{ratios['chosen_lr'][m]:g}** |\n")
+        lr = ratios["chosen_lr"][m]
+        edge = " (grid edge)" if lr in (min(tab), max(tab)) else ""
+        out.append(f"| {m} | " + " | ".join(cells) + f" | **{lr:g}**{edge} |\n")
     if meta.get("fixed_lr"):
         out.append(f"\nDiagnostic run: lr fixed without a sweep for {meta['fixed_lr']}.\n")
     out.append("\nRule fixed in advance: highest mean validation task score; ties → lower validation general loss. "
