@@ -241,6 +241,26 @@ def choose_lrs(rows: list[dict], methods: list[str], tasks: list[str], fixed: di
     return chosen, table
 
 
+def pareto(rows: list[dict], tasks: list[str]) -> list[dict]:
+    """Every (method, lr) of seed 0 on eval: mean task score and general-loss rise over vanilla, and whether no other
+    point has a higher score and a lower rise (the Pareto front of the paper's Fig. 5, over lr instead of p)."""
+    van = statistics.mean(r["general_eval_loss"] for r in rows if r["method"] == "vanilla")
+    pts = {}
+    for r in rows:
+        if r["method"] != "vanilla" and r["seed"] == 0:
+            pts.setdefault((r["method"], r["lr"]), []).append(r)
+    out = [{"method": m, "lr": lr, "task_score": statistics.mean(r["eval_score"] for r in rs),
+            "general_loss_rise": statistics.mean(r["general_eval_loss"] for r in rs) - van,
+            "trainable_params": statistics.mean(r["trainable_params"] for r in rs)}
+           for (m, lr), rs in pts.items() if len({r["task"] for r in rs}) == len(tasks)]
+    for p in out:
+        p["pareto"] = not any(q["task_score"] >= p["task_score"] and q["general_loss_rise"] <= p["general_loss_rise"]
+                              and (q["task_score"], q["general_loss_rise"]) != (p["task_score"],
+                                                                               p["general_loss_rise"])
+                              for q in out)
+    return sorted(out, key=lambda p: -p["task_score"])
+
+
 def _arrays(rows, m, tasks, key, seeds, lr):
     """Per task, (seeds, items) array of `key` (a per-item list) for method m at lr; vanilla repeated over seeds."""
     out = []
@@ -311,6 +331,7 @@ def summarise(rows: list[dict], tasks: list[str], methods: list[str], seeds: lis
         if a in methods and b in methods:
             est(f"{a} - {b} task score", diff_ci(S[a], S[b], **kw))
     out["chosen_lr"] = {m: lr for m, lr in chosen.items() if lr is not None}
+    means["_pareto"] = pareto(rows, tasks)
     return out, means, sweep, comparisons
 
 
@@ -356,6 +377,7 @@ def markdown(ratios, means, sweep, comparisons, meta) -> str:
             ("optimizer", "optimizer_bytes", "bytes"), ("adapter", "adapter_bytes", "bytes")]
     out.append("\n## Mean over tasks\n\n| method | " + " | ".join(c[0] for c in cols) + " |\n|---"
                + "|---:" * len(cols) + "|\n")
+    front = means.pop("_pareto", [])
     for m, r in means.items():
         cells = []
         for name, key, kind in cols:
@@ -367,6 +389,12 @@ def markdown(ratios, means, sweep, comparisons, meta) -> str:
             else:
                 cells.append(_fmt(r[key], kind) if key != "lr" else (f"{r['lr']:g}" if r["lr"] else "–"))
         out.append(f"| {m} | " + " | ".join(cells) + " |\n")
+    out.append("\n## Every (method, lr) run of seed 0 on eval: task score vs general-loss rise (Pareto front)\n\n"
+               "| method | lr | task score | general-loss rise | trainable | on the front |\n"
+               "|---|---:|---:|---:|---:|---|\n")
+    for p in front:
+        out.append(f"| {p['method']} | {p['lr']:g} | {p['task_score']:.3f} | {p['general_loss_rise']:.3f} | "
+                   f"{int(p['trainable_params']):,} | {'**yes**' if p['pareto'] else 'no'} |\n")
     out.append("\n## Per task: task score [95% CI]\n\n| method | " + " | ".join(tasks) + " |\n|---"
                + "|---:" * len(tasks) + "|\n")
     for m, r in means.items():
@@ -381,6 +409,7 @@ def markdown(ratios, means, sweep, comparisons, meta) -> str:
         out.append(f"| {c['comparison']} | {c['value']:.3f} | [{c['lo']:.3f}, {c['hi']:.3f}] | {c['p']:.4f} | "
                    f"{'yes' if c['p'] < 0.05 else 'no'} |\n")
     out.append("\n## Final JSON (ratios to FFT, differences)\n\n```json\n" + json.dumps(ratios, indent=1) + "\n```\n")
+    means["_pareto"] = front
     return "".join(out)
 
 
@@ -410,10 +439,19 @@ def main(argv=None) -> int:
                     help="diagnostics only: pin these methods' lr instead of sweeping (not the fair protocol)")
     ap.add_argument("--resume", action="store_true", help="reuse finished runs of an interrupted benchmark")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--render", metavar="JSON", help="recompute the summary and tables of a saved results JSON")
     ap.add_argument("--tag", default="", help="suffix of the result files (diagnostic runs beside the main ones)")
     args = ap.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+    if args.render:
+        saved = json.loads(Path(args.render).read_text())
+        meta = saved["meta"]
+        ratios, means, sweep, comparisons = summarise(saved["rows"], meta["tasks"], meta["methods"], meta["seeds"],
+                                                      meta["n_boot"], meta.get("fixed_lr"))
+        write_results(Path(args.render), meta, ratios, means, sweep, comparisons, saved["rows"])
+        print(json.dumps(ratios))
         return 0
 
     from esft_core.models import DEMO_MODEL, load_model
@@ -503,13 +541,19 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = "compare_methods" + ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
-    slim = [{k: v for k, v in r.items() if k != "key"} for r in rows]
-    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "ratios": ratios, "means": means, "sweep": {
-        m: {str(lr): v for lr, v in t.items()} for m, t in sweep.items()}, "comparisons": comparisons,
-        "rows": slim}) + "\n")
-    (out / f"{stem}.md").write_text(markdown(ratios, means, sweep, comparisons, meta))
+    write_results(out / f"{stem}.json", meta, ratios, means, sweep, comparisons,
+                  [{k: v for k, v in r.items() if k != "key"} for r in rows])
     print(json.dumps(ratios))
     return 0
+
+
+def write_results(path: Path, meta, ratios, means, sweep, comparisons, rows) -> None:
+    """<stem>.json (everything, per-example rows included) and <stem>.md (the tables)."""
+    md = markdown(ratios, means, sweep, comparisons, meta)
+    path.write_text(json.dumps({"meta": meta, "ratios": ratios, "means": means, "sweep": {
+        m: {str(lr): v for lr, v in t.items()} for m, t in sweep.items()}, "comparisons": comparisons,
+        "rows": rows}) + "\n")
+    path.with_suffix(".md").write_text(md)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ def row(method, task, lr, seed, val, general_val, eval_p=0.5, rise=0.0, n=200):
     r = {"method": method, "task": task, "lr": lr, "seed": seed, "val_score": val, "general_val_loss": general_val,
          "eval_scores": (rng.random(n) < eval_p).astype(float).tolist(), "eval_loss": 1.0,
          "general_eval_losses": (4.0 + rise + 0.1 * rng.standard_normal(64)).tolist()}
+    r["eval_score"], r["general_eval_loss"] = np.mean(r["eval_scores"]), np.mean(r["general_eval_losses"])
     if method != "vanilla":
         r.update(step_time=0.2, train_peak_rss=100, trainable_params=10, optimizer_bytes=80, adapter_bytes=40)
     return r
@@ -50,7 +51,7 @@ def test_summary_keys_cis_and_significance():
                      row("esft_token", t, 3e-3, s, 0.5, 4.1, eval_p=0.5, rise=0.2),
                      row("random_token", t, 3e-3, s, 0, 0, eval_p=0.5, rise=0.2)]
         for m, grid in (("fft", [3e-4, 1e-3]), ("lora", [3e-3, 1e-2]), ("esft_token", [1e-3, 1e-2])):
-            rows += [row(m, t, lr, 0, 0.0, 9.0) for lr in grid]
+            rows += [row(m, t, lr, 0, 0.0, 9.0, eval_p=0.1, rise=2.0) for lr in grid]
     ratios, means, sweep, comps = cm.summarise(rows, TASKS, methods, seeds, n_boot=300)
     e = ratios["esft_token"]
     for k in ("step_time", "peak_rss", "optimizer_bytes", "adapter_bytes", "task_score", "general_loss_rise",
@@ -69,3 +70,7 @@ def test_summary_keys_cis_and_significance():
                                                   "eval_limit": 200, "general_eval_docs": 64, "seeds": seeds,
                                                   "n_boot": 300, "elapsed_s": 1.0})
     assert "| esft_token - random_token task score |" in md and "**0.0001**" in md
+    front = {(p["method"], p["lr"]): p["pareto"] for p in means["_pareto"]}
+    # seed-0 eval points: fft 1e-4 (0.9, rise 1.0) is on the front; the losing sweep lrs (0.1, rise 2.0) are not
+    assert front[("fft", 1e-4)] and not front[("fft", 3e-4)] and not front[("lora", 1e-2)]
+    assert front[("esft_token", 3e-3)] or front[("random_token", 3e-3)]  # (0.5, 0.2): the lowest rise
