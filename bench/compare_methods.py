@@ -327,6 +327,10 @@ def summarise(rows: list[dict], tasks: list[str], methods: list[str], seeds: lis
             o.update({key: _r(e.value), f"{key}_ci": [_r(e.lo), _r(e.hi)], f"{key}_p": _r(e.p)})
         o["lr"] = chosen[m]
         out[m] = o
+    for m in ("esft_token", "esft_gate"):  # the JSON keeps its keys when a variant did not run (quick mode)
+        out.setdefault(m, {k: None for k in ("step_time", "peak_rss", "optimizer_bytes", "adapter_bytes",
+                                             "task_score", "general_loss_rise", "minus_lora_task_score",
+                                             "minus_random_task_score", "lr")})
     for a, b in (("fft", "lora"), ("lora", "vanilla"), ("fft", "vanilla")):
         if a in methods and b in methods:
             est(f"{a} - {b} task score", diff_ci(S[a], S[b], **kw))

@@ -65,6 +65,7 @@ def test_summary_keys_cis_and_significance():
     assert e["minus_random_task_score_ci"][0] < 0 < e["minus_random_task_score_ci"][1]  # same p: not significant
     assert means["fft"]["task_score"] == pytest.approx(0.9, abs=0.05)
     json.dumps(ratios, allow_nan=False)  # strict JSON
+    assert ratios["esft_gate"]["task_score"] is None  # not run: keys kept, values null
     md = cm.markdown(ratios, means, sweep, comps, {"mode": "test", "model": "m", "tasks": TASKS, "steps": 1,
                                                   "batch_size": 1, "seq_len": 8, "val": 10, "val_limit": 10,
                                                   "eval_limit": 200, "general_eval_docs": 64, "seeds": seeds,
