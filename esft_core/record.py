@@ -41,7 +41,7 @@ import pyarrow as pa
 import torch
 
 from esft_core import store
-from esft_core.data import encode_record
+from esft_core.data import IGNORE_INDEX, encode_record
 from esft_core.errors import EsftError
 from esft_core.models import MoeLayout, moe_layout
 
@@ -147,26 +147,34 @@ def forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
     return model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=1, use_cache=False)
 
 
-def choose_samples(records: Sequence[dict], tok, max_tokens: int, seq_len: int, seed: int):
-    """Seeded order; encode until the budget is reached (the crossing sample is kept, as the authors do)."""
+def loss_flags(labels: Sequence[int]) -> list[bool]:
+    """Per position: is its next-token prediction in the training loss (is the next label a real token)? (T,)"""
+    return [lab != IGNORE_INDEX for lab in labels[1:]] + [False]
+
+
+def choose_samples(records: Sequence[dict], tok, max_tokens: int, seq_len: int, seed: int, with_loss: bool = False):
+    """Seeded order; encode until the budget is reached (the crossing sample is kept, as the authors do).
+    Returns (seqs, total tokens), plus each sequence's loss_flags when `with_loss`."""
     if max_tokens < 1:
         raise EsftError(f"--max-tokens must be >= 1, got {max_tokens}")
     if seq_len < 2:
         raise EsftError(f"--seq-len must be >= 2, got {seq_len}")
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
-    chosen, total = [], 0
+    chosen, flags, total = [], [], 0
     for i in order:
-        ids = encode_record(records[i], tok)[0][:seq_len]
+        ids, labels = encode_record(records[i], tok)
+        ids = ids[:seq_len]
         if not ids:
             continue
         chosen.append(ids)
+        flags.append(loss_flags(labels[:seq_len]))
         total += len(ids)
         if total >= max_tokens:
             break
     if not chosen:
         raise EsftError("no tokens to record (every record encodes to nothing)")
-    return chosen, total
+    return (chosen, total, flags) if with_loss else (chosen, total)
 
 
 class TokenTexts:
@@ -343,13 +351,16 @@ class Recorder:
             out["weights"], out["experts"] = w.cpu().numpy(), e.to(torch.int16).cpu().numpy()
         return out
 
-    def run_batch(self, seqs: list[list[int]], first_sample_id: int) -> dict[str, pa.Table]:
-        """Forward one batch; return its tokens/routes tables (run_id 0)."""
+    def run_batch(self, seqs: list[list[int]], first_sample_id: int,
+                  loss: list[list[bool]] | None = None) -> dict[str, pa.Table]:
+        """Forward one batch; return its tokens/routes tables (run_id 0). `loss`: per-sequence loss_flags, stored
+        as the tokens' `loss` column."""
         b = self.forward_batch(seqs)
         sample_ids = np.repeat(np.arange(first_sample_id, first_sample_id + len(seqs), dtype=np.int32), b["lens"])
         positions = np.concatenate([np.arange(n, dtype=np.int32) for n in b["lens"]])
-        return batch_tables(sample_ids, positions, b["token_ids"], self.layout.layers, b["weights"], b["experts"],
-                            self.texts(b["token_ids"]))
+        tables = batch_tables(sample_ids, positions, b["token_ids"], self.layout.layers, b["weights"], b["experts"],
+                              self.texts(b["token_ids"]))
+        return with_loss_column(tables, loss)
 
 
 class Writer:
@@ -478,21 +489,23 @@ def record(model, tok, records: Sequence[dict], db, task: str, *, max_tokens: in
         raise EsftError(f"--batch-size must be >= 1, got {batch_size}")
     parse_routes(routes)
     moe_layout(model)  # a model without MoE layers fails before anything is written
-    seqs, _ = choose_samples(records, tok, max_tokens, seq_len, seed)
+    seqs, _, flags = choose_samples(records, tok, max_tokens, seq_len, seed, with_loss=True)
     run_params = {"max_tokens": max_tokens, "seq_len": seq_len, "seed": seed, "n_records": len(records),
                   **(params or {})}
     return record_sequences(model, tok, seqs, db, task, batch_size=batch_size, model_name=model_name,
                             params=run_params, progress=progress, flush_rows=flush_rows, routes=routes,
-                            progressive=progressive, ingest_wait=ingest_wait)
+                            progressive=progressive, ingest_wait=ingest_wait, loss=flags)
 
 
 def record_sequences(model, tok, seqs: list[list[int]], db, task: str, *, batch_size: int = 8,
                      model_name: str | None = None, params: dict | None = None,
                      progress: Callable[[int, int], None] | None = None, flush_rows: int = 4_000_000,
-                     routes: str | None = "all", progressive: bool = False, ingest_wait: float | None = None) -> int:
+                     routes: str | None = "all", progressive: bool = False, ingest_wait: float | None = None,
+                     loss: list[list[bool]] | None = None) -> int:
     """Record already-tokenized samples (each a list of ids, one sample each); return the new run_id.
 
     Sample ids are the indices into `seqs`. Under torchrun every rank calls this with the same `seqs`.
+    `loss`: per-sample loss_flags (the tokens' `loss` column, for answer-token scores); None leaves it NULL.
     """
     n_route_samples = parse_routes(routes)
     rank, world = _dist()
@@ -531,7 +544,8 @@ def record_sequences(model, tok, seqs: list[list[int]], db, task: str, *, batch_
             chunk = [seqs[i] for i in ids]
             with_routes = np.array([n_route_samples is None or i < n_route_samples for i in ids])
             b = rec.forward_batch(chunk, want_routes=bool(with_routes.any()))
-            writer.put(_builder(b, ids, chunk, with_routes, lay.layers, rec.texts, tok))
+            flags = None if loss is None else [loss[i] for i in ids]
+            writer.put(_builder(b, ids, chunk, with_routes, lay.layers, rec.texts, tok, flags))
             done += sum(len(s) for s in chunk)
             if progress:
                 progress(done, total)
@@ -559,8 +573,16 @@ def _gather_scale(scale: LayerScale, staged, layers, rank: int) -> None:
     dist.barrier()
 
 
-def _builder(b: dict, ids: list[int], chunk: list[list[int]], with_routes: np.ndarray, layers, texts, tok):
-    """The host work of one batch, run on the writer thread."""
+def with_loss_column(tables: dict[str, pa.Table], loss: list[list[bool]] | None) -> dict[str, pa.Table]:
+    """Append the per-token `loss` flags (concatenated in the tokens table's sample order) to its tokens table."""
+    if loss is not None and "tokens" in tables:
+        tables["tokens"] = tables["tokens"].append_column("loss", pa.array(np.concatenate(loss), pa.bool_()))
+    return tables
+
+
+def _builder(b: dict, ids: list[int], chunk: list[list[int]], with_routes: np.ndarray, layers, texts, tok,
+             loss: list[list[bool]] | None = None):
+    """The host work of one batch, run on the writer thread. `loss`: the chunk's loss_flags, or None."""
 
     def build() -> dict[str, pa.Table]:
         lens = b["lens"]
@@ -582,6 +604,6 @@ def _builder(b: dict, ids: list[int], chunk: list[list[int]], with_routes: np.nd
             out["tokens"] = pa.table({"run_id": pa.repeat(pa.scalar(0, pa.int32()), len(positions)),
                                       "sample_id": sample_ids, "position": positions, "token_id": b["token_ids"],
                                       "token_text": tt})
-        return out
+        return with_loss_column(out, loss)
 
     return build

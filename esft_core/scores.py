@@ -20,6 +20,7 @@ from esft_core import store
 from esft_core.errors import EsftError
 
 NORMALIZATIONS = ("token", "sample")
+TOKEN_SETS = ("all", "answer")  # all = the paper; answer = only positions whose prediction is in the loss
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,45 @@ SELECT layer, expert, {expr} AS score FROM cells ORDER BY layer, expert
 """
 
 
+# Answer-token variant: the same cells, aggregated from routes over the positions with tokens.loss (the recorder's
+# flag: the next token is an answer token), with L_j = answer positions of sample j. No pre-aggregate: it joins routes.
+ANSWER_AGG_SQL = """
+WITH sel AS (SELECT run_id, layers, num_experts FROM runs WHERE run_id IN ({ids})),
+ans AS (SELECT run_id, sample_id, position FROM tokens WHERE run_id IN ({ids}) AND loss),
+lens AS (SELECT run_id, sample_id, count(*)::DOUBLE AS n FROM ans GROUP BY run_id, sample_id),
+per AS (SELECT r.run_id, r.sample_id, r.layer, r.expert, count(*)::DOUBLE AS n_sel, sum(r.weight::DOUBLE) AS g
+        FROM routes r JOIN ans a ON r.run_id = a.run_id AND r.sample_id = a.sample_id AND r.position = a.position
+        WHERE r.run_id IN ({ids}) GROUP BY r.run_id, r.sample_id, r.layer, r.expert),
+tot AS (SELECT (SELECT count(*) FROM ans)::DOUBLE AS n_tokens, (SELECT count(*) FROM lens)::DOUBLE AS n_samples,
+               (SELECT any_value(top_k) FROM runs WHERE run_id IN ({ids}))::DOUBLE AS top_k),
+agg AS (SELECT layer, expert, sum(n_sel) AS n_selected, sum(g) AS gate_sum, sum(n_sel / lens.n) AS sample_token_sum,
+               sum(g / lens.n) AS sample_gate_sum
+        FROM per JOIN lens ON per.run_id = lens.run_id AND per.sample_id = lens.sample_id GROUP BY layer, expert),
+"""
+
+
+def answer_score_sql(metric: str, normalize: str, run_ids: list[int]) -> str:
+    """Like score_sql, over answer positions only (tokens.loss)."""
+    ids = ", ".join(str(int(r)) for r in run_ids)
+    tail = SCORE_SQL[SCORE_SQL.index("grid AS"):]  # grid, cells, select: shared with the all-token SQL
+    return (ANSWER_AGG_SQL + tail).format(ids=ids, expr=get_score(metric).sql(normalize))
+
+
+def check_answer_flags(con, run_ids: list[int]) -> None:
+    """Raise EsftError unless every run has answer-position flags (recorded by this version from chat data)."""
+    cols = {c[0] for c in con.execute("DESCRIBE tokens").fetchall()}
+    ids = ", ".join(str(int(r)) for r in run_ids)
+    rows = [] if "loss" not in cols else con.execute(
+        f"SELECT run_id, count(loss), count(*) FILTER (WHERE loss) FROM tokens WHERE run_id IN ({ids}) "
+        "GROUP BY run_id").fetchall()
+    have = {r[0] for r in rows if r[1] > 0 and r[2] > 0}
+    missing = [r for r in run_ids if r not in have]
+    if missing:
+        raise EsftError(f"--tokens answer needs answer-token flags, which run(s) {', '.join(map(str, missing))} "
+                        "lack (official logs, text data or an older recording); re-record them with `esft record`, "
+                        "or use --tokens all")
+
+
 def score_sql(metric: str, normalize: str, run_ids: list[int]) -> str:
     """The SQL computing (layer, expert, score) of `metric` over `run_ids` (for `esft sql` users, too)."""
     ids = ", ".join(str(int(r)) for r in run_ids)
@@ -127,15 +167,21 @@ def score_sql(metric: str, normalize: str, run_ids: list[int]) -> str:
 
 
 def compute_scores(con, task: str, metric: str = "token", normalize: str = "token",
-                   run_ids: list[int] | None = None, model: str | None = None, pool_models: bool = False) -> Scores:
-    """Scores of `task` over its complete runs (or `run_ids`) of `model`, read from an open connection.
+                   run_ids: list[int] | None = None, model: str | None = None, pool_models: bool = False,
+                   tokens: str = "all") -> Scores:
+    """Scores of `task` over its complete runs (or `run_ids`) of `model`, read from an open connection; `tokens` =
+    all (the paper) or answer (only positions whose prediction is in the training loss).
 
     Without `model`, runs of several models are refused unless `pool_models` (see store.complete_runs)."""
     fn = get_score(metric)
     fn.sql(normalize)  # validates normalize
+    if tokens not in TOKEN_SETS:
+        raise EsftError(f"unknown --tokens '{tokens}'; choose one of {', '.join(TOKEN_SETS)}")
     runs = store.complete_runs(con, task, run_ids, model, pool_models)
     ids = [r[0] for r in runs]
-    rows = con.execute(score_sql(metric, normalize, ids)).fetchnumpy()
+    if tokens == "answer":
+        check_answer_flags(con, ids)
+    rows = con.execute((answer_score_sql if tokens == "answer" else score_sql)(metric, normalize, ids)).fetchnumpy()
     layers = sorted({int(x) for x in rows["layer"]})
     n_e = int(max(r[1] for r in runs))
     values = np.asarray(rows["score"], dtype=np.float64).reshape(len(layers), n_e)  # (layers, E)
@@ -144,10 +190,11 @@ def compute_scores(con, task: str, metric: str = "token", normalize: str = "toke
 
 
 def load_scores(db, task: str, metric: str = "token", normalize: str = "token",
-                run_ids: list[int] | None = None, model: str | None = None, pool_models: bool = False) -> Scores:
+                run_ids: list[int] | None = None, model: str | None = None, pool_models: bool = False,
+                tokens: str = "all") -> Scores:
     """compute_scores on a short-lived read-only connection to `db`."""
     with store.reader(db) as con:
-        return compute_scores(con, task, metric, normalize, run_ids, model, pool_models)
+        return compute_scores(con, task, metric, normalize, run_ids, model, pool_models, tokens)
 
 
 def esft_summary(db, task: str, normalize: str = "token", run_ids: list[int] | None = None,

@@ -293,10 +293,10 @@ def stability(con, task: str, metric: str = "token", normalize: str = "token", p
 
 def task_scores(con, task: str, metric: str, normalize: str = "token", contrast_tasks=None,
                 contrast_weight: float = 1.0, run_ids=None, model: str | None = None,
-                pool_models: bool = False) -> tuple[Scores, Scores, Scores | None]:
-    """The scores a selection ranks: the task's own, or its contrast scores against `contrast_tasks`.
-    Returns (scores to rank, the task's own scores, pooled contrast scores or None)."""
-    s = compute_scores(con, task, metric, normalize, run_ids, model, pool_models)
+                pool_models: bool = False, tokens: str = "all") -> tuple[Scores, Scores, Scores | None]:
+    """The scores a selection ranks: the task's own (over `tokens`), or its contrast scores against
+    `contrast_tasks`. Returns (scores to rank, the task's own scores, pooled contrast scores or None)."""
+    s = compute_scores(con, task, metric, normalize, run_ids, model, pool_models, tokens)
     if not contrast_tasks:
         return s, s, None
     check_contrast_weight(contrast_weight)
@@ -310,13 +310,15 @@ def select_for_task(con, task: str, metric: str, normalize: str = "token", p: fl
                     k: int | None = None, include_specs=None, exclude_specs=None, contrast_tasks=None,
                     contrast_weight: float = 1.0, round_digits: int | None = 4, run_ids=None,
                     shared_experts: bool = False, non_expert_modules: bool = False, model: str | None = None,
-                    pool_models: bool = False) -> ExpertConfig:
-    """Everything `esft select` does but output: scores, optional contrast, include/exclude, top-p/top-k."""
+                    pool_models: bool = False, tokens: str = "all") -> ExpertConfig:
+    """Everything `esft select` does but output: scores, optional contrast, include/exclude, top-p/top-k.
+    tokens: score the task over all tokens (the paper) or only answer positions (scores.TOKEN_SETS)."""
     if p is not None:
         check_p(p)
     check_contrast_weight(contrast_weight)
     digits = selection_round_digits(round_digits, bool(contrast_tasks))
-    s, _, _ = task_scores(con, task, metric, normalize, contrast_tasks, contrast_weight, run_ids, model, pool_models)
+    s, _, _ = task_scores(con, task, metric, normalize, contrast_tasks, contrast_weight, run_ids, model, pool_models,
+                          tokens)
     inc = parse_expert_lists(include_specs, s.layers, s.num_experts, "--include")
     exc = parse_expert_lists(exclude_specs, s.layers, s.num_experts, "--exclude")
     return select(s, p, k, inc, exc, digits, shared_experts, non_expert_modules)

@@ -64,10 +64,13 @@ CREATE TABLE IF NOT EXISTS layer_stats (
     n_dropped BIGINT);
 CREATE TABLE IF NOT EXISTS expert_norm_stats (
     run_id INTEGER, layer SMALLINT, expert SMALLINT, norm_gate_sum DOUBLE, sample_norm_gate_sum DOUBLE);
+ALTER TABLE tokens ADD COLUMN IF NOT EXISTS loss BOOLEAN;
 """
 # layer_stats: the gate scale, i.e. the per-token sum of the top-K weights a layer's experts receive (mean =
 # weight_sum / n_tokens; 1.0 for normalised softmax routers), and the non-expert slots dropped per layer.
 # expert_norm_stats: gate sums with each token's weights divided by that sum (scale-free; score `gate_norm`).
+# tokens.loss: the position's next-token prediction is in the training loss (an assistant answer token follows);
+# NULL for runs that do not know it (official logs, older recordings). Answer-token scores (scores.py) filter on it.
 
 # routes: per-column compression where DuckDB's automatic choice costs insert time for no space (rows arrive
 # layer-major, so run_id/sample_id/layer come in long runs; rank cycles 0..K-1 and takes 1 byte uncompressed).
@@ -287,7 +290,7 @@ def ingest_arrow(db: str | Path, meta: dict, tables: dict[str, pa.Table], exact_
                 continue
             con.register(f"staged_{name}", t)
             cols = ", ".join(f for f in t.column_names if f != "run_id")
-            con.execute(f"INSERT INTO {name} SELECT {int(run_id)}, {cols} FROM staged_{name}")
+            con.execute(f"INSERT INTO {name} BY NAME SELECT {int(run_id)} AS run_id, {cols} FROM staged_{name}")
         if exact_weights and "routes" in tables:
             con.execute(f"CREATE TEMP VIEW exact_routes AS SELECT {int(run_id)}::INTEGER AS run_id, "
                         "* EXCLUDE (run_id) FROM staged_routes")
@@ -461,6 +464,8 @@ class StagedRun:
             schema = ARROW_SCHEMAS[name]
             if name == "routes" and "token_id" in t.column_names:  # staging only: lets expert_tokens skip a join
                 schema = schema.append(pa.field("token_id", pa.int32()))
+            if name == "tokens" and "loss" in t.column_names:  # optional: the recorder's loss flags
+                schema = schema.append(pa.field("loss", pa.bool_()))
             # dictionary encoding and statistics halve the write speed and buy nothing for a file read once
             pq.write_table(t.select(schema.names).cast(schema), path.with_suffix(".tmp"), compression="lz4",
                            use_dictionary=["token_text"], write_statistics=False)
@@ -720,8 +725,8 @@ def import_runs(db: str | Path, src_dir: str | Path, task: str | None = None) ->
             for name in RUN_TABLES:
                 if name not in views:
                     continue
-                cols = ", ".join(f"t.{c}" for c in IMPORT_COLUMNS[name][1:])
-                con.execute(f"INSERT INTO {name} SELECT m.new::INTEGER AS run_id, {cols} "
+                # BY NAME: optional columns (tokens.loss) missing from older exports stay NULL
+                con.execute(f"INSERT INTO {name} BY NAME SELECT m.new::INTEGER AS run_id, t.* EXCLUDE (run_id) "
                             f"FROM {views[name]} t JOIN idmap_{tag} m ON t.run_id = m.old")
             con.execute(f"DROP TABLE idmap_{tag}")
     except duckdb.Error as e:

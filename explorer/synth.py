@@ -54,7 +54,8 @@ def synthesize(
             )
             # Zipf-ish token ids: small ids are frequent.
             con.sql(
-                f"""INSERT INTO tokens SELECT {run}, i // {sample_len}, i % {sample_len}, tid,
+                f"""INSERT INTO tokens (run_id, sample_id, position, token_id, token_text)
+                    SELECT {run}, i // {sample_len}, i % {sample_len}, tid,
                       {words}[1 + tid % {len(WORDS)}] || CASE WHEN tid >= {len(WORDS)} THEN tid::VARCHAR ELSE '' END
                     FROM (SELECT i, (floor(pow((hash(i * 31 + {run}) % 1000003) / 1000003.0, 3) * {vocab}))::INTEGER
                           AS tid FROM range({n_tok}) t(i))"""

@@ -18,7 +18,7 @@ CONTRACT = {
              ("finished_at", "TIMESTAMP")],
     "samples": [("run_id", "INTEGER"), ("sample_id", "INTEGER"), ("n_tokens", "INTEGER"), ("text", "VARCHAR")],
     "tokens": [("run_id", "INTEGER"), ("sample_id", "INTEGER"), ("position", "INTEGER"), ("token_id", "INTEGER"),
-               ("token_text", "VARCHAR")],
+               ("token_text", "VARCHAR"), ("loss", "BOOLEAN")],
     "routes": [("run_id", "INTEGER"), ("sample_id", "INTEGER"), ("position", "INTEGER"), ("layer", "SMALLINT"),
                ("rank", "TINYINT"), ("expert", "SMALLINT"), ("weight", "FLOAT")],
     "expert_stats": [("run_id", "INTEGER"), ("layer", "SMALLINT"), ("expert", "SMALLINT"), ("n_selected", "BIGINT"),

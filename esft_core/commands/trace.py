@@ -156,17 +156,20 @@ def cmd_scores(args) -> int:
         raise EsftError(f"unknown normalization '{args.normalize}'; choose one of {', '.join(NORMALIZATIONS)}")
     if args.format not in ("csv", "json", "esft-summary"):
         raise EsftError(f"unknown format '{args.format}'; choose csv, json or esft-summary")
+    if args.tokens != "all" and args.format == "esft-summary":
+        raise EsftError("--format esft-summary is the authors' all-token file; use --tokens all or another format")
     _check_out(args.out, args.force)
     if args.format == "esft-summary":
         _write_out(json.dumps(esft_summary(args.db, args.task, args.normalize, args.run, model=args.model,
                                             pool_models=args.pool_models)), args.out)
         return 0
     with store.reader(args.db) as con:
-        sc = {m: compute_scores(con, args.task, m, args.normalize, args.run, args.model, args.pool_models)
-              for m in metrics}
+        sc = {m: compute_scores(con, args.task, m, args.normalize, args.run, args.model, args.pool_models,
+                                args.tokens) for m in metrics}
     first = sc[metrics[0]]
     if args.format == "json":
-        doc = {"task": args.task, "normalize": args.normalize, "runs": first.run_ids, "n_tokens": first.n_tokens,
+        doc = {"task": args.task, "normalize": args.normalize, "tokens": args.tokens, "runs": first.run_ids,
+               "n_tokens": first.n_tokens,
                "n_samples": first.n_samples, "top_k": first.top_k,
                "scores": {m: {str(layer): {str(e): float(v) for e, v in enumerate(s.row(layer))}
                               for layer in s.layers} for m, s in sc.items()}}
@@ -180,6 +183,12 @@ def cmd_scores(args) -> int:
             w.writerow([layer, e, *(repr(float(sc[m].values[li, e])) for m in metrics)])
     _write_out(buf.getvalue(), args.out)
     return 0
+
+
+def _tokens_arg(p) -> None:
+    p.add_argument("--tokens", default="all", choices=["all", "answer"],
+                   help="score over all tokens (default, the paper) or only the positions whose next-token "
+                        "prediction is in the training loss (answer tokens; needs a recording by `esft record`)")
 
 
 # -- select ---------------------------------------------------------------------------------------------------
@@ -208,13 +217,16 @@ def cmd_select(args) -> int:
         raise EsftError("--bootstrap needs --top-p (stability of the top-p selection)")
     if args.bootstrap is not None and args.metric not in ("gate", "token"):
         raise EsftError(f"--bootstrap supports --metric gate or token, not '{args.metric}'")
+    if args.bootstrap is not None and args.tokens != "all":
+        raise EsftError("--bootstrap supports --tokens all only")
     _check_out(args.out, args.force)
     _check_out(args.stability_out, args.force, "--stability-out")
     contrast = [t for spec in (args.contrast or []) for t in spec.split(",") if t]
     with store.reader(args.db) as con:
         sel = select_for_task(con, args.task, args.metric, args.normalize, args.top_p, args.top_k, args.include,
                               args.exclude, contrast, args.contrast_weight, args.round, args.run,
-                              args.shared_experts, args.non_expert_modules, args.model, args.pool_models)
+                              args.shared_experts, args.non_expert_modules, args.model, args.pool_models,
+                              args.tokens)
         stab = (stability(con, args.task, args.metric, args.normalize, args.top_p, args.bootstrap, seed=args.seed,
                           run_ids=args.run, model=args.model, pool_models=args.pool_models)
                 if args.bootstrap is not None else None)
@@ -393,6 +405,7 @@ def register(sub) -> None:
     p.add_argument("--metric", default=None, help="gate, token or gate_norm (scale-free gate; default: gate and token)")
     p.add_argument("--normalize", default="token", help="token (authors' files) or sample (paper formula)")
     p.add_argument("--format", default="csv", help="csv, json, or esft-summary (authors' summary.json)")
+    _tokens_arg(p)
     p.add_argument("--out", default=None, help="output file (default: stdout)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     _runs_arg(p)
@@ -405,6 +418,7 @@ def register(sub) -> None:
     p.add_argument("--top-p", type=float, default=None, help="cumulative score per layer, in (0, 1]")
     p.add_argument("--top-k", type=int, default=None, help="instead of --top-p: k experts per layer")
     p.add_argument("--normalize", default="token", help="token (default, authors' configs) or sample")
+    _tokens_arg(p)
     p.add_argument("--out", default=None, help="expert config file (default: stdout)")
     p.add_argument("--include", action="append", metavar="LAYER:E1,E2",
                    help="always select these experts ('*:E' for every layer; repeatable)")
