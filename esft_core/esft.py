@@ -9,8 +9,10 @@ experts module's forward is replaced by one that uses the small rows for the sel
 
 - `eager` experts: the per-expert loop of transformers, taking the weight of a selected expert from the small tensor
   (no copy of the fused weights);
-- `grouped_mm` / `batched_mm` (and any other registered implementation): the implementation itself, called on an
-  overlay whose fused weight is `index_put(frozen, selected_ids, small)`: gradients flow only to the small tensor.
+- `grouped_mm` / `batched_mm` (and any other registered implementation): the implementation itself, called twice:
+  once on the frozen fused tensors for the (token, k) slots routed to frozen experts, once on the small tensors for
+  the slots routed to selected experts (`_split_forward`). Nothing copies a fused tensor, the fused tensors get no
+  gradient, and the expert work is the base model's (each slot is computed once).
 
 Both compute exactly what the base model computes until the small tensors change, so before any step the wrapped
 model's logits equal the base model's bit for bit. `merge_selected` writes the rows back and removes the wrapper.
@@ -126,28 +128,47 @@ def random_config(like: ExpertConfig, num_experts: int, seed: int) -> ExpertConf
     return ExpertConfig(experts, like.shared_experts, like.non_expert_modules)
 
 
-class SelectedExperts(nn.Module):
-    """Trainable copies of the selected rows of one layer's fused expert parameters.
+def fused_expert_params(experts: nn.Module) -> dict[str, int]:
+    """The fused parameters of an experts module and their expert axis: every parameter with a leading dimension of
+    `num_experts` (gate_up_proj [E, 2I, H], down_proj [E, H, I], biases [E, ...]).
 
-    For the usual layout it holds `gate_up_proj` (n_sel, 2I, H) and `down_proj` (n_sel, H, I); any other fused
-    parameter with a leading expert dimension (biases) is copied the same way.
+    This is the one place that knows attribute names; layouts with another expert axis pass their own mapping to
+    `SelectedExperts(..., params={name: axis})`.
+    """
+    n = experts.num_experts
+    return {name: 0 for name, p in experts.named_parameters(recurse=False) if p.dim() >= 2 and p.shape[0] == n}
+
+
+class SelectedExperts(nn.Module):
+    """Trainable copies of the selected experts of one layer's fused expert parameters.
+
+    `params` maps each fused parameter name to its expert axis (default `fused_expert_params`); the copy of parameter
+    `name` has `n_sel` entries along that axis, e.g. `gate_up_proj` (n_sel, 2I, H), `down_proj` (n_sel, H, I).
+    `master_dtype` (e.g. float32 on a bfloat16 model) keeps the copies — and so the optimizer state — in higher
+    precision; the forward casts them to the fused tensors' dtype (a copy of n_sel rows only).
     """
 
-    def __init__(self, experts: nn.Module, ids: list[int]):
+    def __init__(self, experts: nn.Module, ids: list[int], params: dict[str, int] | None = None,
+                 master_dtype: torch.dtype | None = None):
         super().__init__()
-        num_experts = experts.num_experts
+        self.num_experts = int(experts.num_experts)
         self.ids = list(ids)
         self.slot = {e: s for s, e in enumerate(self.ids)}  # expert id -> row of the small tensors
-        self.register_buffer("expert_ids", torch.tensor(self.ids, dtype=torch.long), persistent=False)
-        self.names = [
-            n for n, p in experts.named_parameters(recurse=False) if p.dim() >= 2 and p.shape[0] == num_experts
-        ]
-        for n in self.names:
-            fused = getattr(experts, n)
-            setattr(self, n, nn.Parameter(fused.detach()[self.expert_ids].clone()))  # (n_sel, ...)
-        # Our zero-copy eager loop covers the standard layout; anything else goes through the overlay path.
+        self.axes = dict(params if params is not None else fused_expert_params(experts))
+        self.names = list(self.axes)
+        device = next(iter(experts.parameters())).device
+        self.register_buffer("expert_ids", torch.tensor(self.ids, dtype=torch.long, device=device), persistent=False)
+        slot_of = torch.full((self.num_experts + 1,), -1, dtype=torch.long, device=device)  # last: EP sentinel
+        slot_of[self.expert_ids] = torch.arange(len(self.ids), device=device)
+        self.register_buffer("slot_of", slot_of, persistent=False)  # (E+1,) expert id -> slot, -1 if frozen
+        for n, axis in self.axes.items():
+            fused = getattr(experts, n).detach()
+            small = fused.index_select(axis, self.expert_ids).clone()  # (n_sel, ...) along `axis`
+            setattr(self, n, nn.Parameter(small.to(master_dtype or small.dtype)))
+        # Our zero-copy eager loop covers the standard layout; anything else goes through the split path.
         self.simple_layout = (
             set(self.names) == {"gate_up_proj", "down_proj"}
+            and all(a == 0 for a in self.axes.values())
             and getattr(experts, "has_gate", True)
             and not getattr(experts, "has_bias", False)
             and not getattr(experts, "is_transposed", False)
@@ -155,9 +176,9 @@ class SelectedExperts(nn.Module):
             and not getattr(experts, "has_post_expert_norm", False)
         )
 
-    def effective(self, experts: nn.Module, name: str) -> torch.Tensor:
-        """The fused tensor with the selected rows taken from the trainable copy (differentiable in the copy only)."""
-        return torch.index_put(getattr(experts, name).detach(), (self.expert_ids,), getattr(self, name))
+    def compute_weight(self, experts: nn.Module, name: str) -> torch.Tensor:
+        """The trainable copy in the fused tensor's (compute) dtype; differentiable, n_sel rows only."""
+        return getattr(self, name).to(getattr(experts, name).dtype)
 
 
 class _Overlay:
@@ -184,21 +205,56 @@ def _eager_selected(self, sel: SelectedExperts, hidden_states, top_k_index, top_
     with torch.no_grad():
         mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)  # (E+1, K, T)
         hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()
-    for expert_idx in hit:
+    for expert_idx in hit.tolist():  # one device sync for the whole loop
         expert_idx = expert_idx[0]
         if expert_idx == self.num_experts:
             continue
         top_k_pos, token_idx = torch.where(mask[expert_idx])
-        slot = sel.slot.get(int(expert_idx))
+        slot = sel.slot.get(expert_idx)
         if slot is None:
-            gate_up, down = self.gate_up_proj[expert_idx], self.down_proj[expert_idx]  # frozen (2I, H), (H, I)
-        else:
-            gate_up, down = sel.gate_up_proj[slot], sel.down_proj[slot]  # trainable (2I, H), (H, I)
+            gate_up, down = self.gate_up_proj[expert_idx], self.down_proj[expert_idx]  # frozen views (2I, H), (H, I)
+        else:  # trainable (2I, H), (H, I), cast to the compute dtype
+            gate_up = sel.gate_up_proj[slot].to(self.gate_up_proj.dtype)
+            down = sel.down_proj[slot].to(self.down_proj.dtype)
         gate, up = F.linear(hidden_states[token_idx], gate_up).chunk(2, dim=-1)  # (t, I) each
         h = F.linear(self.act_fn(gate) * up, down)  # (t, H)
         h = h * top_k_weights[token_idx, top_k_pos, None]
         final.index_add_(0, token_idx, h.to(final.dtype))
     return final
+
+
+def _split_forward(self, sel: SelectedExperts, fn, hidden_states, top_k_index, top_k_weights):
+    """Any experts implementation, called twice: frozen experts on the fused tensors (no weight gradient), selected
+    experts on the small trainable tensors (weight gradient of n_sel rows only). No full-size copy or gradient.
+
+    Each (token, k) slot is passed as its own token with top-1 routing and weight 1, so both calls return the
+    unweighted per-slot expert outputs exactly as the single base call computes them; the slots are then weighted and
+    summed over k as grouped_mm / batched_mm do (reshape + sum), so logits equal the base model's bit for bit.
+    """
+    T, K = top_k_index.shape
+    H = hidden_states.size(-1)
+    flat = top_k_index.reshape(-1)  # (S,) S = T*K
+    slot = sel.slot_of[flat.clamp(0, self.num_experts)]  # (S,) slot of a selected expert, -1 for a frozen one
+    is_sel = slot >= 0
+    pos_s = is_sel.nonzero().squeeze(1)  # (S_s,) slots routed to selected experts
+    pos_f = (~is_sel).nonzero().squeeze(1)  # (S_f,) slots routed to frozen experts
+    ones = torch.ones((T * K, 1), dtype=top_k_weights.dtype, device=top_k_weights.device)
+    parts, order = [], []
+    if pos_f.numel():
+        parts.append(fn(self, hidden_states[pos_f // K], flat[pos_f, None], ones[: pos_f.numel()]))  # (S_f, H)
+        order.append(pos_f)
+    if pos_s.numel():
+        small = _Overlay(self, {**{n: sel.compute_weight(self, n) for n in sel.names},
+                                "num_experts": len(sel.ids)})
+        parts.append(fn(small, hidden_states[pos_s // K], slot[pos_s, None], ones[: pos_s.numel()]))  # (S_s, H)
+        order.append(pos_s)
+    cat = torch.cat(parts) if len(parts) > 1 else parts[0]  # (S, H) in [frozen; selected] order
+    pos = torch.cat(order) if len(order) > 1 else order[0]
+    inv = torch.empty_like(pos)
+    inv[pos] = torch.arange(pos.numel(), device=pos.device)
+    per_slot = cat[inv]  # (S, H) back in (token, k) order
+    weighted = per_slot * top_k_weights.reshape(-1, 1)  # (S, H)
+    return weighted.view(T, K, H).sum(dim=1).to(hidden_states.dtype)  # (T, H)
 
 
 def _esft_experts_forward(self, hidden_states, top_k_index, top_k_weights):
@@ -209,8 +265,7 @@ def _esft_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
     fn = ALL_EXPERTS_FUNCTIONS.get_interface(impl, _original_forward(type(self)))
-    overlay = _Overlay(self, {n: sel.effective(self, n) for n in sel.names})
-    return fn(overlay, hidden_states, top_k_index, top_k_weights)
+    return _split_forward(self, sel, fn, hidden_states, top_k_index, top_k_weights)
 
 
 def is_wrapped(model: nn.Module) -> bool:
@@ -221,8 +276,13 @@ def shared_expert_modules(block: nn.Module) -> list[nn.Module]:
     return [m for a in SHARED_EXPERT_ATTRS if isinstance(m := getattr(block, a, None), nn.Module)]
 
 
-def apply_esft(model: nn.Module, cfg: ExpertConfig) -> dict[int, SelectedExperts]:
+def apply_esft(model: nn.Module, cfg: ExpertConfig, master_dtype: torch.dtype | None = None,
+               expert_params=None) -> dict[int, SelectedExperts]:
     """Freeze `model` per `cfg` and give each selected layer its trainable `SelectedExperts`. Returns them by layer.
+
+    `master_dtype`: dtype of the trainable copies (None = the model's; float32 on a bfloat16 model keeps fp32 master
+    weights and optimizer state for the selected experts only). `expert_params(layer, experts) -> {name: axis}`
+    overrides which fused parameters are copied (default `fused_expert_params`).
 
     Trainable afterwards: the selected routed experts; plus shared experts if `cfg.shared_experts`; plus every
     parameter outside the experts (attention, norms, routers, embeddings, head) if `cfg.non_expert_modules` (the
@@ -242,7 +302,8 @@ def apply_esft(model: nn.Module, cfg: ExpertConfig) -> dict[int, SelectedExperts
             m.requires_grad_(cfg.shared_experts)
         ids = cfg.experts.get(layer, [])
         if ids:
-            experts.esft = SelectedExperts(experts, ids)
+            params = expert_params(layer, experts) if expert_params else None
+            experts.esft = SelectedExperts(experts, ids, params=params, master_dtype=master_dtype)
             experts.forward = types.MethodType(_esft_experts_forward, experts)
             selected[layer] = experts.esft
     return selected
@@ -254,8 +315,9 @@ def merge_selected(model: nn.Module) -> nn.Module:
         sel = getattr(m, "esft", None)
         if isinstance(sel, SelectedExperts):
             with torch.no_grad():
-                for n in sel.names:
-                    getattr(m, n)[sel.expert_ids] = getattr(sel, n).detach().to(getattr(m, n).dtype)
+                for n, axis in sel.axes.items():
+                    fused = getattr(m, n)
+                    fused.index_copy_(axis, sel.expert_ids, getattr(sel, n).detach().to(fused.dtype))
             del m.esft
             m.__dict__.pop("forward", None)
     return model
