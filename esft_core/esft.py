@@ -261,11 +261,17 @@ def _esft_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     sel: SelectedExperts = self.esft
     impl = getattr(self.config, "_experts_implementation", None) or "eager"
     if impl == "eager" and sel.simple_layout:
-        return _eager_selected(self, sel, hidden_states, top_k_index, top_k_weights)
-    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+        out = _eager_selected(self, sel, hidden_states, top_k_index, top_k_weights)
+    else:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
-    fn = ALL_EXPERTS_FUNCTIONS.get_interface(impl, _original_forward(type(self)))
-    return _split_forward(self, sel, fn, hidden_states, top_k_index, top_k_weights)
+        fn = ALL_EXPERTS_FUNCTIONS.get_interface(impl, _original_forward(type(self)))
+        out = _split_forward(self, sel, fn, hidden_states, top_k_index, top_k_weights)
+    if torch.is_grad_enabled() and any(p.requires_grad for p in sel.parameters()):
+        # Every selected expert gets a gradient (zeros when no token reached it), so every data-parallel rank
+        # reduces the same tensors (FSDP2 skips params without .grad) and AdamW treats them alike on any world size.
+        out = out + sum(p.reshape(-1)[:1].sum() for p in sel.parameters()) * 0  # + 0.0: values unchanged
+    return out
 
 
 def is_wrapped(model: nn.Module) -> bool:

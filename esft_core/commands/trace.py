@@ -58,11 +58,11 @@ def cmd_record(args) -> int:
     records = read_records(args.data)  # bad data fails before the model loads and before the DB is touched
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model)
+    from esft_core.devices import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    model, tok = load_model(args.model, dtype=resolve_dtype(args.dtype, device, args.model), device=device)
     moe_layout(model)  # a dense model fails here, before anything is written
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device != "cpu":
-        model.to(device)
     bar = None
     if not args.quiet:
         from tqdm import tqdm
@@ -279,7 +279,9 @@ def register(sub) -> None:
     p.add_argument("--seq-len", type=int, default=2048, help="truncate samples to this many tokens")
     p.add_argument("--batch-size", type=int, default=8, help="samples per forward pass")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample order")
-    p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    from esft_core.devices import add_device_flags
+
+    add_device_flags(p)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
