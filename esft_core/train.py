@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from esft_core.errors import EsftError
+from esft_core.methods import METHODS, PEFT_REMAPPED, lora_targets  # noqa: F401  (re-exported)
 
 SCHEDULES = ("constant", "cosine")
 IDENTITY_FIELDS = ("method", "model", "data", "experts_cfg", "lr", "batch_size", "grad_accum", "seq_len",
@@ -112,61 +113,6 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
         return cfg.lr
     t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Methods: prepare(model, cfg, layout-free context) -> what to save at the end. Registry by name.
-# peft 0.21 rewrites target_modules named gate_proj / up_proj / down_proj (and w1/w2/w3, gate) into fused-expert
-# target_parameters for MoE models (its transformers v4 -> v5 conversion), so the dense MLP and shared experts, whose
-# Linear modules carry those names, cannot be targeted by name; we leave them out rather than let peft remap them.
-PEFT_REMAPPED = {"gate_proj", "up_proj", "down_proj", "w1", "w2", "w3", "gate"}
-
-
-def lora_targets(model) -> tuple[list[str], list[str]]:
-    """LoRA targets: the attention projections (every nn.Linear except lm_head and the names peft remaps), and the
-    fused routed experts (`mlp.experts.gate_up_proj` / `down_proj`, one low-rank pair per expert) through peft's
-    `target_parameters`."""
-    names = sorted({
-        n.rsplit(".", 1)[-1]
-        for n, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head")
-    } - PEFT_REMAPPED)
-    from esft_core.models import moe_layout
-
-    layout = moe_layout(model)
-    prefix = {n for n, m in model.named_modules() for e in layout.experts.values() if m is e}
-    params = sorted({f"{p.split('.', 3)[-1]}.{k}" for p in prefix for k in ("gate_up_proj", "down_proj")})
-    return names, params
-
-
-def _prepare_esft(model, cfg: TrainConfig, expert_cfg, master_dtype=None):
-    from esft_core.esft import apply_esft
-
-    apply_esft(model, expert_cfg, master_dtype=master_dtype)
-    return model
-
-
-def _prepare_fft(model, cfg: TrainConfig, expert_cfg, master_dtype=None):
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model
-
-
-def _prepare_lora(model, cfg: TrainConfig, expert_cfg, master_dtype=None):
-    import warnings
-
-    from peft import LoraConfig, get_peft_model
-
-    modules, params = lora_targets(model)
-    torch.manual_seed(cfg.seed)
-    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=modules,
-                      target_parameters=params)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return get_peft_model(model, lcfg)
-
-
-METHODS = {"esft": _prepare_esft, "random": _prepare_esft, "fft": _prepare_fft, "lora": _prepare_lora}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -459,6 +405,8 @@ class Recipe:
                     rec = {"step": self.step, "loss": round(loss, 6), "lr": lr, "tokens_per_s": round(tokens / dt, 1),
                            "elapsed": round(time.time() - self.t0, 3), "grad_norm": round(float(norm), 6),
                            "step_time": round(dt, 4)}
+                    if self.device.type == "cuda":
+                        rec["gpu_mem_peak"] = torch.cuda.max_memory_allocated(self.device)  # bytes, this rank
                     metrics.write(json.dumps(rec) + "\n")
                     metrics.flush()
                 if bar is not None:
