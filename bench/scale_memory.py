@@ -114,6 +114,7 @@ def worker(spec: dict) -> dict:
     dtype = getattr(torch, spec["dtype"])
     rss0 = _vm("VmRSS")
     model = build(dtype)
+    hwm_build, rss_build = _vm("VmHWM"), _vm("VmRSS")
     ids = torch.randint(3, V2_LITE_WIDTHS["vocab_size"], (1, SEQ), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         model(ids)  # warm-up
@@ -166,6 +167,7 @@ def worker(spec: dict) -> dict:
             model.save_pretrained(d, state_dict=state)
         adapter = sum(f.stat().st_size for f in Path(d).rglob("*.safetensors"))
     return {"dtype": spec["dtype"], "method": method, "peak_rss": peak, "rss_before_model": rss0,
+            "rss_after_build": rss_build, "hwm_after_build": hwm_build,
             "theory": theory, "peak_over_theory": round((peak - rss0) / theory, 4), "weights_bytes": weights,
             "trainable_params": sum(p.numel() for p in params), "trainable_bytes": trainable,
             "optimizer_bytes": optimizer_state_bytes(opt), "adapter_bytes": adapter,

@@ -130,6 +130,13 @@ def frozen_checksum(model: nn.Module) -> torch.Tensor:
 
     Computed on the device without copying weights; any change to a frozen element changes it (used to assert at the
     end of a run that frozen experts and other frozen weights are untouched, `run.json: frozen_unchanged`)."""
-    sums = [torch.stack([(t := local(p.detach()).double()).sum(), (t * t).sum()])
-            for p in model.parameters() if not p.requires_grad]
+    sums = []
+    for p in model.parameters():
+        if p.requires_grad:
+            continue
+        acc = torch.zeros(2, dtype=torch.float64, device=p.device)
+        for chunk in local(p.detach()).reshape(-1).split(1 << 22):  # fp64 temporaries of 32 MiB at most
+            c = chunk.double()
+            acc += torch.stack([c.sum(), (c * c).sum()])
+        sums.append(acc)
     return torch.cat(sums).cpu() if sums else torch.zeros(0, dtype=torch.float64)

@@ -163,7 +163,7 @@ class SelectedExperts(nn.Module):
         self.register_buffer("slot_of", slot_of, persistent=False)  # (E+1,) expert id -> slot, -1 if frozen
         for n, axis in self.axes.items():
             fused = getattr(experts, n).detach()
-            small = fused.index_select(axis, self.expert_ids).clone()  # (n_sel, ...) along `axis`
+            small = fused.index_select(axis, self.expert_ids)  # a new (n_sel, ...) tensor along `axis`
             setattr(self, n, nn.Parameter(small.to(master_dtype or small.dtype)))
         # Our zero-copy eager loop covers the standard layout; anything else goes through the split path.
         self.simple_layout = (
@@ -177,8 +177,35 @@ class SelectedExperts(nn.Module):
         )
 
     def compute_weight(self, experts: nn.Module, name: str) -> torch.Tensor:
-        """The trainable copy in the fused tensor's (compute) dtype; differentiable, n_sel rows only."""
-        return getattr(self, name).to(getattr(experts, name).dtype)
+        """The trainable copy in the fused tensor's (compute) dtype; differentiable, n_sel rows only.
+
+        With fp32 masters the low-precision copy is cached and re-made only when the master changed (its in-place
+        version counter moves at each optimizer step), so forwards between steps (gradient accumulation, activation
+        recomputation, evaluation) do not re-cast; gradients flow to the master through `_CastGrad`."""
+        p = getattr(self, name)
+        dtype = getattr(experts, name).dtype
+        if p.dtype == dtype:
+            return p
+        key = (p._version, p.data_ptr(), dtype)
+        cached = self.__dict__.setdefault("_cast_cache", {}).get(name)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, p.detach().to(dtype))
+            self._cast_cache[name] = cached
+        return _CastGrad.apply(p, cached[1]) if torch.is_grad_enabled() and p.requires_grad else cached[1]
+
+
+class _CastGrad(torch.autograd.Function):
+    """Forward: the cached low-precision copy of `master`; backward: the gradient cast to the master's dtype."""
+
+    @staticmethod
+    def forward(ctx, master, cast):
+        ctx.master_dtype = master.dtype
+        return cast.view_as(cast)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.to(ctx.master_dtype), None
 
 
 class _Overlay:
@@ -213,9 +240,9 @@ def _eager_selected(self, sel: SelectedExperts, hidden_states, top_k_index, top_
         slot = sel.slot.get(expert_idx)
         if slot is None:
             gate_up, down = self.gate_up_proj[expert_idx], self.down_proj[expert_idx]  # frozen views (2I, H), (H, I)
-        else:  # trainable (2I, H), (H, I), cast to the compute dtype
-            gate_up = sel.gate_up_proj[slot].to(self.gate_up_proj.dtype)
-            down = sel.down_proj[slot].to(self.down_proj.dtype)
+        else:  # trainable (2I, H), (H, I), in the compute dtype
+            gate_up = sel.compute_weight(self, "gate_up_proj")[slot]
+            down = sel.compute_weight(self, "down_proj")[slot]
         gate, up = F.linear(hidden_states[token_idx], gate_up).chunk(2, dim=-1)  # (t, I) each
         h = F.linear(self.act_fn(gate) * up, down)  # (t, H)
         h = h * top_k_weights[token_idx, top_k_pos, None]
@@ -257,11 +284,61 @@ def _split_forward(self, sel: SelectedExperts, fn, hidden_states, top_k_index, t
     return weighted.view(T, K, H).sum(dim=1).to(hidden_states.dtype)  # (T, H)
 
 
+_GROUPED_NAMES = {"gate_up_proj", "up_proj", "down_proj", "gate_up_proj_bias", "up_proj_bias", "down_proj_bias"}
+
+
+def _grouped_split(self, sel: SelectedExperts, hidden_states, top_k_index, top_k_weights):
+    """transformers' grouped_mm experts forward with two weight sources, in one pass: the (token, k) slots are sorted
+    frozen experts first, then selected experts; one hidden-state gather, then per projection one grouped_mm on the
+    frozen fused tensor and one on the small trainable tensor, one weighting, one un-permute, one sum over k — the
+    base forward's work and memory, with weight gradients for the selected rows only. Same per-row arithmetic as the
+    base call, so logits are bit-identical before training."""
+    from transformers.integrations.moe import _grouped_linear
+
+    T, K = top_k_index.shape
+    H = hidden_states.size(-1)
+    E, n_sel = self.num_experts, len(sel.ids)
+    ids = top_k_index.reshape(-1)  # (S,)
+    slot = sel.slot_of[ids]  # (S,) -1: frozen expert
+    key = torch.where(slot >= 0, E + slot, ids)  # frozen experts 0..E-1, then selected E..E+n_sel-1
+    key_g, perm = torch.sort(key)
+    x = hidden_states[perm // K]  # (S, H) grouped
+    w_g = top_k_weights.reshape(-1)[perm]  # (S,)
+    hist = key_g.float() if key_g.device.type in ("cpu", "mps") else key_g.int()
+    counts = torch.histc(hist, bins=E + n_sel, min=0, max=E + n_sel - 1)  # (E + n_sel,)
+    n_f = int(counts[:E].sum())  # one host sync, like grouped_mm's own fallback
+    gated = getattr(self, "has_gate", True)
+    up_name = "gate_up_proj" if gated else "up_proj"
+
+    def mlp(rows, offs, weight, expert_ids):
+        bias = lambda n: weight(n + "_bias")[expert_ids] if getattr(self, "has_bias", False) else None  # noqa: E731
+        h = _grouped_linear(rows, weight(up_name), offs, bias=bias(up_name), is_transposed=self.is_transposed)
+        h = self._apply_gate(h) if gated else self.act_fn(h)
+        h = _grouped_linear(h, weight("down_proj"), offs, bias=bias("down_proj"), is_transposed=self.is_transposed)
+        return self.post_expert_norm(h) if getattr(self, "has_post_expert_norm", False) else h
+
+    parts = []
+    if n_f:
+        offs = torch.cumsum(counts[:E], dim=0, dtype=torch.int32)
+        parts.append(mlp(x[:n_f], offs, lambda n: getattr(self, n), key_g[:n_f]))  # frozen: no weight grad
+    if n_f < x.size(0):
+        offs = torch.cumsum(counts[E:], dim=0, dtype=torch.int32)
+        parts.append(mlp(x[n_f:], offs, lambda n: sel.compute_weight(self, n), key_g[n_f:] - E))
+    out = torch.cat(parts) if len(parts) > 1 else parts[0]  # (S, H) grouped order
+    weighted = out * w_g.unsqueeze(-1)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    return weighted[inv].view(T, K, H).sum(dim=1).to(hidden_states.dtype)  # (T, H)
+
+
 def _esft_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     sel: SelectedExperts = self.esft
     impl = getattr(self.config, "_experts_implementation", None) or "eager"
     if impl == "eager" and sel.simple_layout:
         out = _eager_selected(self, sel, hidden_states, top_k_index, top_k_weights)
+    elif (impl == "grouped_mm" and set(sel.names) <= _GROUPED_NAMES and not any(sel.axes.values())
+          and not getattr(self, "_is_expert_parallel", False)):
+        out = _grouped_split(self, sel, hidden_states, top_k_index, top_k_weights)
     else:
         from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 

@@ -221,6 +221,12 @@ def test_bf16_model_with_fp32_master_copies(impl):
         assert s.gate_up_proj.dtype == torch.float32 and s.gate_up_proj.grad.dtype == torch.float32
         assert s.gate_up_proj.grad.abs().sum() > 0
     assert moe_layout(m).experts[1].gate_up_proj.dtype == torch.bfloat16
+    torch.optim.AdamW(trainable_parameters(m), lr=1e-2).step()  # masters move: the cached bf16 copies must follow
+    with torch.no_grad():
+        tuned = m(IDS).logits
+        assert not torch.equal(tuned, base)
+        merge_selected(m)  # writes round(master -> bf16) into the fused rows
+        assert torch.equal(m(IDS).logits, tuned)
 
 
 def test_batched_mm_gradients_match_the_fused_rows():
@@ -233,3 +239,31 @@ def test_batched_mm_gradients_match_the_fused_rows():
     sel = apply_esft(m, CFG)
     m(IDS, labels=IDS).loss.backward()
     torch.testing.assert_close(sel[1].gate_up_proj.grad, layout.experts[1].gate_up_proj.grad[CFG.experts[1]])
+
+
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm", "batched_mm"])
+def test_gpt_oss_layout_transposed_with_biases(impl):
+    """GPT-OSS experts: transposed fused tensors (E, H, 2I) with per-expert biases and their own gate: exact logits,
+    gradients reach the selected rows and biases only."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("gpt_oss", vocab_size=256, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=8,
+                               num_experts_per_tok=2, max_position_embeddings=128,
+                               layer_types=["full_attention"] * 2)
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "bias" in n or "router" in n:
+                p.normal_(0, 0.5)
+    m.set_experts_implementation(impl)
+    with torch.no_grad():
+        base = m(IDS).logits
+    sel = apply_esft(m, ExpertConfig({0: [1, 3], 1: [2]}))
+    with torch.no_grad():
+        assert torch.equal(m(IDS).logits, base)
+    assert set(sel[0].names) == {"gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"}
+    m(IDS, labels=IDS).loss.backward()
+    assert sel[0].gate_up_proj_bias.grad.abs().sum() > 0 and sel[0].gate_up_proj.grad.shape == (2, 32, 64)
+    assert all(p.grad is None for p in m.model.layers[0].mlp.experts.parameters(recurse=False))
