@@ -14,11 +14,11 @@ build the model, time 3 no-grad forwards of the base model, apply the method (`e
 rounds of base vs ESFT no-grad forwards of the same model (the experts' forward swapped back and forth;
 forward_ratio = median of the per-round ratios, so load drifts on a shared machine cancel). Then 3 AdamW steps on
 one 1 x 256 batch (median of steps 2-3). Theory (AdamW): weights + trainable x (gradient + 2 moments), in the dtypes
-actually used (ESFT: fp32 master copies of the selected experts on a bf16 model; FFT / LoRA trainables in the model
-dtype). `peak_over_theory` = (peak RSS - RSS of the worker before the model was built, i.e. interpreter + torch +
-transformers + peft) / theory. LoRA targets the attention linears and, through peft's `target_parameters`, the fused
-routed experts (one rank-8 pair per expert; peft materialises W + BA for all 64 experts every forward — its
-documented cost, visible in its peak).
+actually used (ESFT: fp32 master copies of the selected experts on a bf16 model, plus their cached bf16 compute
+copy; FFT / LoRA trainables in the model dtype). `peak_over_theory` = (peak RSS - RSS of the worker before the model
+was built, i.e. interpreter + torch + transformers + peft) / theory. LoRA targets the attention linears and, through
+peft's `target_parameters`, the fused routed experts (one rank-8 pair per expert; peft materialises W + BA for all
+64 experts every forward — its documented cost, visible in its peak).
 
     python bench/scale_memory.py               # both dtypes (float32 FFT only when enough RAM is free)
     python bench/scale_memory.py --dtypes bfloat16
@@ -156,7 +156,10 @@ def worker(spec: dict) -> dict:
     peak = _vm("VmHWM")
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     trainable = tensor_bytes(params)
-    theory = weights + trainable * 3  # + gradient + exp_avg + exp_avg_sq, each in the trainable dtype
+    # + gradient + exp_avg + exp_avg_sq in the trainable dtype; fp32 masters also keep a compute-dtype copy (the
+    # standard mixed-precision weight copy, cached between optimizer steps)
+    cast_copy = sum(p.numel() * p.new_empty((), dtype=dtype).element_size() for p in params if p.dtype != dtype)
+    theory = weights + trainable * 3 + cast_copy
     with tempfile.TemporaryDirectory() as d:
         if method == "esft":
             from esft_core.adapters import save_adapter

@@ -9,7 +9,9 @@ experts module's forward is replaced by one that uses the small rows for the sel
 
 - `eager` experts: the per-expert loop of transformers, taking the weight of a selected expert from the small tensor
   (no copy of the fused weights);
-- `grouped_mm` / `batched_mm` (and any other registered implementation): the implementation itself, called twice:
+- `grouped_mm`: transformers' grouped forward in one pass with two weight sources (`_grouped_split`): slots sorted
+  frozen-first, one grouped_mm per projection on the frozen fused tensor and one on the small tensor;
+- `batched_mm` (and any other registered implementation): the implementation itself, called twice:
   once on the frozen fused tensors for the (token, k) slots routed to frozen experts, once on the small tensors for
   the slots routed to selected experts (`_split_forward`). Nothing copies a fused tensor, the fused tensors get no
   gradient, and the expert work is the base model's (each slot is computed once).
