@@ -20,7 +20,9 @@ carry gradients and optimizer state. Not built here because it cannot be tested 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -96,13 +98,22 @@ def gather_trainable(named: dict[str, torch.Tensor], rank: int) -> dict[str, tor
     return out
 
 
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns that it 'assumes the intent is to save in a single process' without a process group: it is."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def save_checkpoint(model: nn.Module, opt: torch.optim.Optimizer, names: set[str], path) -> None:
     """DCP save of the trainable parameters and the optimizer state, sharded by rank (collective)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     model_sd = {n: p for n, p in model.named_parameters() if n in names}
-    dcp.save({"model": model_sd, "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=str(path))
+    with _single_process_quiet():
+        dcp.save({"model": model_sd, "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=str(path))
 
 
 def load_checkpoint(model: nn.Module, opt: torch.optim.Optimizer, names: set[str], path) -> None:
@@ -116,7 +127,8 @@ def load_checkpoint(model: nn.Module, opt: torch.optim.Optimizer, names: set[str
 
     model_sd = {n: p.detach() for n, p in model.named_parameters() if n in names}
     state = {"model": model_sd, "optim": get_optimizer_state_dict(model, opt)}
-    dcp.load(state, checkpoint_id=str(path))
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=str(path))
     with torch.no_grad():
         params = dict(model.named_parameters())
         for n, t in state["model"].items():
