@@ -143,7 +143,7 @@ def worker(spec: dict) -> dict:
         with torch.no_grad():
             wrapped_fwd = _median_time(lambda: model(ids))
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1)
+    opt = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.1, fused=True)  # as `esft train`
     steps, fwd = [], []
     for _ in range(3):
         t = time.perf_counter()

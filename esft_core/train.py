@@ -274,7 +274,8 @@ class Recipe:
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0})
-        fused = True if self.device.type == "cuda" else None  # fused AdamW kernel on the GPU
+        # the fused AdamW kernel (CUDA and CPU): one pass per tensor, no full-size temporaries
+        fused = True if self.device.type in ("cuda", "cpu") else None
         self.opt = torch.optim.AdamW(groups, lr=lr_at(cfg, 1), betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused)
         if self.world > 1:  # every rank has checked the run directory before rank 0 writes to it
             import torch.distributed as dist
