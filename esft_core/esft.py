@@ -346,9 +346,11 @@ def _esft_experts_forward(self, hidden_states, top_k_index, top_k_weights):
 
         fn = ALL_EXPERTS_FUNCTIONS.get_interface(impl, _original_forward(type(self)))
         out = _split_forward(self, sel, fn, hidden_states, top_k_index, top_k_weights)
-    if torch.is_grad_enabled() and any(p.requires_grad for p in sel.parameters()):
-        # Every selected expert gets a gradient (zeros when no token reached it), so every data-parallel rank
-        # reduces the same tensors (FSDP2 skips params without .grad) and AdamW treats them alike on any world size.
+    if (torch.is_grad_enabled() and any(p.requires_grad for p in sel.parameters())
+            and not bool((sel.slot_of[top_k_index.clamp(0, self.num_experts)] >= 0).any())):
+        # No token of this batch reached a selected expert: give them a zero gradient anyway, so every data-parallel
+        # rank reduces the same tensors (FSDP2 skips params without .grad) and AdamW treats them alike on any world
+        # size. (Only then: a second, zero gradient would briefly double the gradient memory.)
         out = out + sum(p.reshape(-1)[:1].sum() for p in sel.parameters()) * 0  # + 0.0: values unchanged
     return out
 
