@@ -75,25 +75,32 @@ def check_fingerprint(expected: dict, model: nn.Module, where: str) -> None:
         )
 
 
-def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trained tensors of an ESFT-wrapped model (contiguous CPU copies) plus each layer's expert ids."""
+def adapter_state(model: nn.Module, state: dict[str, torch.Tensor] | None = None,
+                  dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The trained tensors of an ESFT-wrapped model (contiguous CPU copies, in `dtype` if given) plus each layer's
+    expert ids. `state`: the trained tensors already gathered (FSDP), used instead of the model's parameters."""
+    if state is None:
+        state = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     out = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            out[name] = p.detach().cpu().contiguous().clone()
+    for name, t in state.items():
+        t = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        out[name] = t.cpu().contiguous().clone()
     for name, m in model.named_modules():
         if isinstance(m, SelectedExperts):
             out[f"{name}.expert_ids"] = m.expert_ids.cpu().clone()
     return out
 
 
-def save_adapter(model: nn.Module, cfg: ExpertConfig, out_dir: str | Path, fingerprint: dict) -> Path:
-    """Write adapter.safetensors (trained tensors only) + expert_cfg.json + base_fingerprint.json into `out_dir`."""
+def save_adapter(model: nn.Module, cfg: ExpertConfig, out_dir: str | Path, fingerprint: dict,
+                 state: dict[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Write adapter.safetensors (trained tensors only) + expert_cfg.json + base_fingerprint.json into `out_dir`.
+
+    `dtype`: write the tensors in this dtype (callers pass the base model's; fp32 master copies are rounded to it)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    save_file(adapter_state(model), str(out / ADAPTER_FILE), metadata={"format": "esft-explorer/1"})
+    save_file(adapter_state(model, state, dtype), str(out / ADAPTER_FILE), metadata={"format": "esft-explorer/1"})
     cfg.save(out / CONFIG_FILE)
     (out / FINGERPRINT_FILE).write_text(json.dumps(fingerprint, indent=2) + "\n", encoding="utf-8")
     return out

@@ -67,8 +67,9 @@ def loss_over(model, tok, records: list[dict], seq_len: int = 512, batch_size: i
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for j, (a, b) in enumerate(chunk):
             ids[j, : len(a)], labels[j, : len(b)], mask[j, : len(a)] = torch.tensor(a), torch.tensor(b), 1
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # (B, T-1, V)
-        target = labels[:, 1:]
+        dev = next(model.parameters()).device
+        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits[:, :-1].float()  # (B, T-1, V)
+        target = labels[:, 1:].to(dev)
         ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE_INDEX,
                                                reduction="sum")
         total += float(ce)
@@ -104,7 +105,9 @@ def generate(model, tok, prompts: list[str], max_new_tokens: int = 64, batch_siz
         mask = torch.zeros((len(enc), width), dtype=torch.long)
         for j, e in enumerate(enc):
             ids[j, width - len(e) :], mask[j, width - len(e) :] = torch.tensor(e), 1
-        gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+        dev = next(model.parameters()).device
+        gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
+                             do_sample=False,
                              pad_token_id=pad, eos_token_id=tok.eos_token_id)
         for row in gen[:, width:].tolist():
             if tok.eos_token_id in row:
@@ -189,14 +192,18 @@ def evaluate_files(model, tok, files: list[str], limit: int | None = 32, seq_len
             "general": general}
 
 
-def load_for_eval(model_path: str, adapter: str | None = None):
+def load_for_eval(model_path: str, adapter: str | None = None, device=None, dtype=torch.float32):
     """(model, tokenizer, description) for a base model plus an optional adapter or run directory.
 
     `adapter` may be an ESFT adapter dir, a peft (LoRA) adapter dir, a full checkpoint (fft) or a run directory
-    holding `adapter/`.
+    holding `adapter/`. `device` / `dtype`: where and in what precision the model runs (esft_core.devices).
     """
+    import functools
+
     from esft_core.errors import EsftError
     from esft_core.models import load_model
+
+    load_model = functools.partial(load_model, dtype=dtype, device=device)
 
     if adapter is None:
         model, tok = load_model(model_path)

@@ -396,7 +396,10 @@ def train_argv(cfg, resume: bool = False) -> list[str]:
         if k == "experts_cfg" or v is None or v == []:  # experts_cfg: filled in by the trainer from --experts
             continue
         flag = "--" + k.replace("_", "-")
-        argv += [flag, *map(str, v)] if isinstance(v, list) else [flag, str(v)]
+        if isinstance(v, bool):  # --[no-]flag (argparse.BooleanOptionalAction)
+            argv.append(flag if v else "--no-" + k.replace("_", "-"))
+        else:
+            argv += [flag, *map(str, v)] if isinstance(v, list) else [flag, str(v)]
     return argv + (["--resume"] if resume else []) + ["--no-progress"]
 
 

@@ -342,20 +342,24 @@ def _causal_lm_class(path: str, auto_cls):
 
 def load_model(
     name_or_path: str | Path | None = "demo",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str | None = torch.float32,
     experts_implementation: str | None = None,
+    device: torch.device | str | None = None,
 ):
     """Load (model, tokenizer) from a local directory, 'demo', or a hub id (works offline for local paths).
 
-    The demo checkpoint is stored in bfloat16 to stay small; we upcast to float32 because CPU training and exact
-    comparisons want full precision.
+    `dtype`: a torch dtype, or 'auto' / None for the checkpoint's own dtype (the demo checkpoint is stored in bfloat16
+    to stay small; the default float32 suits CPU training and exact comparisons). `device`: where the weights go;
+    they are loaded straight onto it (no intermediate full-size copy in another dtype).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(name_or_path)
-    kwargs = {"dtype": dtype}
+    kwargs = {"dtype": "auto" if dtype in (None, "auto") else dtype}
     if experts_implementation:
         kwargs["experts_implementation"] = experts_implementation
+    if device is not None and torch.device(device).type != "cpu":
+        kwargs["device_map"] = {"": torch.device(device)}
     try:
         cls = _causal_lm_class(path, AutoModelForCausalLM)  # a config problem is named before the tokenizer's
         tok = AutoTokenizer.from_pretrained(path)

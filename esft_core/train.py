@@ -10,8 +10,15 @@ A run directory (`--out DIR`) holds `run.json` (config, status running|complete|
 (one line per optimizer step), `checkpoints/step_N/` (every `save_every` steps, for `--resume`; a run killed with
 kill -9 resumes from the last complete one), `adapter/` and, when eval data were given, `eval.json`.
 
-Under `torchrun --nproc-per-node N` (gloo on CPU) every rank takes its own slice of each global batch and gradients are
-all-reduced (averaged) before clipping, as DDP does; rank 0 alone writes files.
+Device and precision: `--device auto|cpu|cuda[:N]`, `--dtype auto|bfloat16|float16|float32` (esft_core.devices);
+frozen weights stay in the model dtype, the selected experts' trainable copies keep float32 master weights
+(`--fp32-master`, default on) so their optimizer state is float32; adapters are written in the base dtype
+(`--adapter-dtype`). `--grad-checkpointing` (default on except for the demo) recomputes each decoder layer in
+backward.
+
+Under `torchrun --nproc-per-node N` the model is sharded with FSDP2 (esft_core.distributed): every rank takes its own
+slice of each global batch, gradients are reduce-scattered in float32, checkpoints are sharded DCP checkpoints, and
+rank 0 alone writes the adapter and run files.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import torch
 
 from esft_core.errors import EsftError
 from esft_core.locks import LOCK_NAME, RunDirLock
+from esft_core.methods import METHODS, PEFT_REMAPPED, lora_targets  # noqa: F401  (re-exported)
 from esft_core.trainguard import check_finite_params, check_step, preflight
 
 SCHEDULES = ("constant", "cosine")
@@ -64,6 +72,17 @@ class TrainConfig:
     lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scaling alpha/r)"})
     experts_impl: str | None = field(default=None, metadata={"help": "eager | grouped_mm | batched_mm (model default)"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N (auto: CUDA when present)"})
+    dtype: str = field(default="auto", metadata={
+        "help": "auto | bfloat16 | float16 | float32 (auto: the checkpoint's dtype; float32 for the CPU demo)"})
+    fp32_master: bool = field(default=True, metadata={
+        "help": "keep float32 master weights (and optimizer state) for the trained experts of a low-precision model"})
+    grad_checkpointing: bool | None = field(default=None, metadata={
+        "help": "activation checkpointing per decoder layer (default: on unless the model is the demo)"})
+    adapter_dtype: str = field(default="auto", metadata={
+        "help": "dtype of the written adapter / checkpoint (auto: the model's dtype)"})
+    global_batch: int | None = field(default=None, metadata={
+        "help": "sequences per optimizer step over all ranks; sets --batch-size to it / (world size x grad-accum)"})
     experts_cfg: dict | None = field(default=None, metadata={"help": "filled in: the expert config used"})
 
     def __post_init__(self):
@@ -79,6 +98,14 @@ class TrainConfig:
                 raise EsftError(f"--{name.replace('_', '-')} must be {'> 0' if name == 'lr' else '>= 0'}")
         if self.schedule not in SCHEDULES:
             raise EsftError(f"--schedule must be one of {', '.join(SCHEDULES)}, got '{self.schedule}'")
+        from esft_core.devices import DTYPE_CHOICES
+
+        for name in ("dtype", "adapter_dtype"):
+            if getattr(self, name) not in DTYPE_CHOICES:
+                raise EsftError(f"--{name.replace('_', '-')} must be one of {', '.join(DTYPE_CHOICES)}, "
+                                f"got '{getattr(self, name)}'")
+        if self.global_batch is not None and self.global_batch <= 0:
+            raise EsftError(f"--global-batch must be positive, got {self.global_batch}")
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -92,51 +119,6 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Methods: prepare(model, cfg, layout-free context) -> what to save at the end. Registry by name.
-# peft 0.21 rewrites target_modules named gate_proj / up_proj / down_proj (and w1/w2/w3, gate) into fused-expert
-# target_parameters for MoE models (its transformers v4 -> v5 conversion), so the dense MLP and shared experts, whose
-# Linear modules carry those names, cannot be targeted by name; we leave them out rather than let peft remap them.
-PEFT_REMAPPED = {"gate_proj", "up_proj", "down_proj", "w1", "w2", "w3", "gate"}
-
-
-def lora_targets(model) -> tuple[list[str], list[str]]:
-    """LoRA targets (attention-side Linears, fused routed experts): see esft_core.models.lora_targets."""
-    from esft_core.models import lora_targets as targets
-
-    return targets(model, PEFT_REMAPPED)
-
-
-def _prepare_esft(model, cfg: TrainConfig, expert_cfg):
-    from esft_core.esft import apply_esft
-
-    apply_esft(model, expert_cfg)
-    return model
-
-
-def _prepare_fft(model, cfg: TrainConfig, expert_cfg):
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model
-
-
-def _prepare_lora(model, cfg: TrainConfig, expert_cfg):
-    import warnings
-
-    from peft import LoraConfig, get_peft_model
-
-    modules, params = lora_targets(model)
-    torch.manual_seed(cfg.seed)
-    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=modules,
-                      target_parameters=params)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return get_peft_model(model, lcfg)
-
-
-METHODS = {"esft": _prepare_esft, "random": _prepare_esft, "fft": _prepare_fft, "lora": _prepare_lora}
-
-
-# ---------------------------------------------------------------------------------------------------------------
 def quiet_transformers() -> None:
     """No transformers progress bars / info logs: stderr stays for our one-line errors and tqdm."""
     from transformers.utils import logging as hf_logging
@@ -145,16 +127,10 @@ def quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def _dist():
-    """(rank, world_size) — initialising gloo when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        import torch.distributed as dist
+def is_demo(model: str | None) -> bool:
+    from esft_core.models import DEMO_MODEL, resolve_model_path
 
-        if not dist.is_initialized():
-            dist.init_process_group("gloo")
-        return dist.get_rank(), world
-    return 0, 1
+    return Path(resolve_model_path(model)).resolve() == DEMO_MODEL.resolve()
 
 
 def _write_json(path: Path, obj) -> None:
@@ -220,7 +196,17 @@ class Recipe:
     def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True):
         self.cfg, self.resume, self.progress = cfg, resume, progress
         self.out = Path(cfg.out)
-        self.rank, self.world = _dist()
+        from esft_core.devices import resolve_device
+        from esft_core.distributed import init_distributed, world_size
+
+        device = resolve_device(cfg.device)  # bad --device fails before any process group or file exists
+        if cfg.global_batch is not None:
+            per = world_size() * cfg.grad_accum
+            if cfg.global_batch % per:
+                raise EsftError(f"--global-batch {cfg.global_batch} is not divisible by world size {world_size()} "
+                                f"x --grad-accum {cfg.grad_accum}; choose a multiple of {per}")
+            cfg.batch_size = cfg.global_batch // per
+        self.rank, self.world, self.device = init_distributed(device)
         self.step = 0
         self.t0 = time.time()
         self.prev = None
@@ -230,6 +216,7 @@ class Recipe:
     def setup(self) -> None:
         """Validate everything that can be wrong before writing anything, then create the run directory."""
         from esft_core.adapters import base_fingerprint
+        from esft_core.devices import DTYPES, resolve_dtype
         from esft_core.esft import check_config, random_config
         from esft_core.expert_config import ExpertConfig
         from esft_core.models import load_model, moe_layout, resolve_model_path
@@ -237,6 +224,8 @@ class Recipe:
         cfg = self.cfg
         if cfg.method in ("esft", "random") and cfg.experts_cfg is None:
             cfg.experts_cfg = ExpertConfig.load(cfg.experts).to_dict()
+        self.dtype = resolve_dtype(cfg.dtype, self.device, cfg.model)
+        self.save_dtype = self.dtype if cfg.adapter_dtype == "auto" else DTYPES[cfg.adapter_dtype]
         self.prev = check_out_dir(cfg, self.resume)
         quiet_transformers()
         from transformers import AutoTokenizer
@@ -246,7 +235,13 @@ class Recipe:
         except OSError as e:
             raise EsftError(f"cannot load model '{cfg.model}': {str(e).splitlines()[0]}") from None
         self.ids, self.labels, self.data_stats = prepare_data(cfg, tok)
-        self.model, self.tok = load_model(cfg.model, experts_implementation=cfg.experts_impl)
+        self.model, self.tok = load_model(cfg.model, dtype=self.dtype, experts_implementation=cfg.experts_impl,
+                                          device=self.device)
+        self.grad_checkpointing = cfg.grad_checkpointing if cfg.grad_checkpointing is not None else not is_demo(
+            cfg.model)
+        if self.grad_checkpointing and not getattr(self.model, "supports_gradient_checkpointing", False):
+            raise EsftError(f"--grad-checkpointing: {type(self.model).__name__} does not support activation "
+                            "checkpointing; pass --no-grad-checkpointing")
         self.expert_cfg = None
         if cfg.method in ("esft", "random"):
             ecfg = ExpertConfig.from_dict(cfg.experts_cfg)
@@ -259,16 +254,33 @@ class Recipe:
         self.fingerprint = base_fingerprint(self.model)
         # Nothing above wrote a file; from here on the run directory is ours.
         torch.manual_seed(cfg.seed)
-        self.model = METHODS[cfg.method](self.model, cfg, self.expert_cfg)
+        if self.grad_checkpointing:  # before peft wraps the model; non-reentrant: works with FSDP2 and frozen inputs
+            self.model.config.use_cache = False
+            self.model.activation_checkpointing_enable({"use_reentrant": False})
+        self.master_dtype = torch.float32 if cfg.fp32_master and self.dtype != torch.float32 else None
+        self.model = METHODS[cfg.method](self.model, cfg, self.expert_cfg, master_dtype=self.master_dtype)
         self.model.train()
+        if self.world > 1:
+            from esft_core.distributed import shard_model
+
+            if self.master_dtype is not None:  # FSDP2 wants one dtype for trainable params: fp32 masters for all
+                for p in self.model.parameters():
+                    if p.requires_grad:
+                        p.data = p.data.to(self.master_dtype)
+            self.model = shard_model(self.model, self.device, self.dtype)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.named = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        from esft_core.distributed import frozen_checksum
+
+        self.frozen_at_start = frozen_checksum(self.model)
         decay = [p for p in self.params if p.dim() >= 2]
         no_decay = [p for p in self.params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0})
-        self.opt = torch.optim.AdamW(groups, lr=lr_at(cfg, 1), betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+        # the fused AdamW kernel (CUDA and CPU): one pass per tensor, no full-size temporaries
+        fused = True if self.device.type in ("cuda", "cpu") else None
+        self.opt = torch.optim.AdamW(groups, lr=lr_at(cfg, 1), betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused)
         if self.world > 1:  # every rank has checked the run directory before rank 0 writes to it
             import torch.distributed as dist
 
@@ -298,36 +310,42 @@ class Recipe:
         d = self.out / "checkpoints"
         return sorted(p for p in d.glob("step_*") if (p / "state.json").is_file()) if d.is_dir() else []
 
-    def _save_checkpoint(self) -> None:
-        from safetensors.torch import save_file
+    def _barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
 
-        if self.rank != 0:
-            return
-        check_finite_params(self.named)
+            dist.barrier()
+
+    def _save_checkpoint(self) -> None:
+        """Sharded DCP checkpoint of the trainable tensors + AdamW state (every rank writes its shards), atomically."""
+        from esft_core.distributed import save_checkpoint
+
+        # every rank checks its own shards (the loss check has stopped a non-finite step on all ranks before this)
+        check_finite_params({n: p.to_local() if hasattr(p, "to_local") else p for n, p in self.named.items()})
         final = self.out / "checkpoints" / f"step_{self.step:06d}"
         tmp = final.with_name(final.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file({n: p.detach().contiguous() for n, p in self.named.items()}, str(tmp / "trainable.safetensors"))
-        torch.save(self.opt.state_dict(), tmp / "optimizer.pt")
-        _write_json(tmp / "state.json", {"step": self.step})
-        os.replace(tmp, final)
-        self._write_run("running")
-        for old in self._checkpoints()[:-1]:
-            shutil.rmtree(old, ignore_errors=True)
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self._barrier()
+        save_checkpoint(self.model, self.opt, set(self.named), tmp)
+        self._barrier()
+        if self.rank == 0:
+            _write_json(tmp / "state.json", {"step": self.step, "world_size": self.world})
+            os.replace(tmp, final)
+            self._write_run("running")
+            for old in self._checkpoints()[:-1]:
+                shutil.rmtree(old, ignore_errors=True)
+        self._barrier()
 
     def _load_checkpoint(self) -> None:
-        from safetensors.torch import load_file
+        from esft_core.distributed import load_checkpoint
 
         ckpts = self._checkpoints()
         metrics = self.out / "metrics.jsonl"
         if ckpts:
             last = ckpts[-1]
-            tensors = load_file(str(last / "trainable.safetensors"))
-            with torch.no_grad():
-                for n, p in self.named.items():
-                    p.copy_(tensors[n])
-            self.opt.load_state_dict(torch.load(last / "optimizer.pt", weights_only=True))
+            load_checkpoint(self.model, self.opt, set(self.named), last)
             self.step = json.loads((last / "state.json").read_text())["step"]
         if self.rank == 0 and metrics.is_file():  # drop lines logged after the checkpoint by the killed run
             from esft_core.trainguard import read_metrics
@@ -359,19 +377,32 @@ class Recipe:
                        file=sys.stderr, mininterval=1.0)
         metrics = open(self.out / "metrics.jsonl", "a", encoding="utf-8") if self.rank == 0 else None
         try:
+            from esft_core.distributed import set_gradient_sync
+
             while self.step < cfg.steps:
                 t = time.time()
-                loss_sum, tokens = 0.0, 0
+                loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)  # no host sync per micro-batch
+                tokens = 0
                 for k in range(cfg.grad_accum):
                     ids, labels = self._micro_batch(self.step * cfg.grad_accum + k)
+                    ids, labels = ids.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+                    if self.world > 1:  # FSDP2 reduce-scatters gradients on the last micro-batch only
+                        set_gradient_sync(self.model, k == cfg.grad_accum - 1)
                     out = self.model(input_ids=ids, labels=labels)  # mean CE over answer tokens
                     (out.loss / cfg.grad_accum).backward()
-                    loss_sum += float(out.loss.detach())
+                    loss_sum += out.loss.detach()
                     tokens += int(ids.numel())
-                loss = loss_sum / cfg.grad_accum
-                if self.world > 1:
-                    loss, tokens = self._all_reduce_grads(loss, tokens)
+                loss_t = loss_sum / cfg.grad_accum
+                if self.world > 1:  # gradients are already averaged by FSDP; average the logged loss too
+                    import torch.distributed as dist
+
+                    dist.all_reduce(loss_t)
+                    loss_t /= self.world
+                    tokens *= self.world
                 norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip if cfg.clip > 0 else float("inf"))
+                if hasattr(norm, "full_tensor"):
+                    norm = norm.full_tensor()
+                loss = float(loss_t)  # one host sync per step
                 check_step(loss, norm, self.step + 1, lr_at(cfg, self.step + 1))  # before the weights change
                 self.step += 1
                 lr = lr_at(cfg, self.step)
@@ -384,6 +415,8 @@ class Recipe:
                     rec = {"step": self.step, "loss": round(loss, 6), "lr": lr, "tokens_per_s": round(tokens / dt, 1),
                            "elapsed": round(time.time() - self.t0, 3), "grad_norm": round(float(norm), 6),
                            "step_time": round(dt, 4)}
+                    if self.device.type == "cuda":
+                        rec["gpu_mem_peak"] = torch.cuda.max_memory_allocated(self.device)  # bytes, this rank
                     metrics.write(json.dumps(rec) + "\n")
                     metrics.flush()
                 if bar is not None:
@@ -397,32 +430,25 @@ class Recipe:
             if bar is not None:
                 bar.close()
 
-    def _all_reduce_grads(self, loss: float, tokens: int) -> tuple[float, int]:
-        import torch.distributed as dist
-
-        for p in self.params:
-            if p.grad is None:  # expert not hit on this rank: still take part in the reduction
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-            p.grad /= self.world
-        stats = torch.tensor([loss, float(tokens)], dtype=torch.float64)
-        dist.all_reduce(stats)
-        return float(stats[0]) / self.world, int(stats[1])
-
     # -- save ----------------------------------------------------------------------------------------------------
     def save(self) -> Path | None:
-        """Write the adapter (rank 0): esft/random → our adapter format; lora → peft; fft → full checkpoint."""
+        """Write the adapter once (rank 0) in `save_dtype`: esft/random → our adapter format; lora → peft; fft → a full
+        checkpoint. Under FSDP the trainable tensors are gathered first (every rank takes part)."""
+        from esft_core.distributed import gather_trainable
+
+        state = gather_trainable(self.named, self.rank)  # CPU copies on rank 0, {} elsewhere
         if self.rank != 0:
             return None
-        check_finite_params(self.named)
+        check_finite_params(state)
+        state = {n: t.to(self.save_dtype) if t.is_floating_point() else t for n, t in state.items()}
         adapter = self.out / "adapter"
         shutil.rmtree(adapter, ignore_errors=True)
         if self.cfg.method in ("esft", "random"):
             from esft_core.adapters import save_adapter
 
-            save_adapter(self.model, self.expert_cfg, adapter, self.fingerprint)
+            save_adapter(self.model, self.expert_cfg, adapter, self.fingerprint, state=state)
         else:
-            self.model.save_pretrained(adapter)
+            self.model.save_pretrained(adapter, state_dict=state)
             if self.cfg.method == "fft":
                 self.tok.save_pretrained(adapter)
             else:
@@ -430,24 +456,52 @@ class Recipe:
         return adapter
 
     def evaluate(self) -> dict | None:
-        if not self.cfg.eval_data or self.rank != 0:
+        """Rank 0 evaluates: the trained model itself, or under FSDP the base + the written adapter, loaded afresh."""
+        if not self.cfg.eval_data:
             return None
-        from esft_core.evaluate import evaluate_files
+        if self.rank != 0:
+            self._barrier()
+            return None
+        from esft_core.evaluate import evaluate_files, load_for_eval
 
-        self.model.eval()
-        result = evaluate_files(self.model, self.tok, self.cfg.eval_data, limit=self.cfg.eval_limit,
-                                seq_len=self.cfg.seq_len)
+        if self.world > 1:
+            model, tok, _ = load_for_eval(self.cfg.model, str(self.out / "adapter"), device=self.device,
+                                          dtype=self.dtype)
+        else:
+            model, tok = self.model, self.tok
+        model.eval()
+        model.config.use_cache = True  # generation wants the KV cache that activation checkpointing turned off
+        result = evaluate_files(model, tok, self.cfg.eval_data, limit=self.cfg.eval_limit, seq_len=self.cfg.seq_len)
         _write_json(self.out / "eval.json", result)
+        if self.world > 1:
+            self._barrier()
         return result
 
+    def frozen_unchanged(self) -> bool:
+        """Every rank's frozen weights (shards) are exactly as at setup (collective under FSDP)."""
+        from esft_core.distributed import frozen_checksum
+
+        same = torch.tensor(int(torch.equal(frozen_checksum(self.model), self.frozen_at_start)))
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(same, op=dist.ReduceOp.MIN)
+        return bool(same)
+
     def rank_digests(self) -> list[str]:
-        """sha256 of this rank's trainable weights, gathered from every rank (all equal when ranks are in sync)."""
+        """Per rank: sha256 of evenly spaced samples of its (local shards of the) trainable weights, on CPU copies.
+
+        Without FSDP there is one entry; under FSDP one per rank (the shards differ, so the digests do)."""
         import hashlib
+
+        from esft_core.distributed import local
 
         h = hashlib.sha256()
         for n, p in self.named.items():
+            flat = local(p.detach()).reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 4096)][:4096].float().cpu()  # small CPU copy
             h.update(n.encode())
-            h.update(p.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+            h.update(sample.numpy().tobytes())
         digest = h.hexdigest()[:16]
         if self.world == 1:
             return [digest]
@@ -510,10 +564,12 @@ def _run_training(cfg: TrainConfig, resume: bool, progress: bool) -> dict:
         started = True
         recipe.train()
         digests = recipe.rank_digests()
+        frozen_ok = recipe.frozen_unchanged()
         adapter = recipe.save()
         evaluation = recipe.evaluate()
         if recipe.rank == 0:
-            recipe._write_run("complete", adapter=str(adapter), eval=evaluation, rank_digests=digests)
+            recipe._write_run("complete", adapter=str(adapter), eval=evaluation, rank_digests=digests,
+                             frozen_unchanged=frozen_ok)
         return json.loads((recipe.out / "run.json").read_text()) if recipe.rank == 0 else {}
     except BaseException as e:
         if started and recipe.rank == 0:

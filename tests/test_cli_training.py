@@ -121,3 +121,22 @@ def test_eval_and_merge_and_import_errors(setup, tmp_path, capsys):
                               tmp_path / "imp")
     assert code == 2 and err == f"esft import-adapter: error: adapter {tmp_path / 'missing'} does not exist\n"
     assert not (tmp_path / "m").exists() and not (tmp_path / "imp").exists()
+
+
+@pytest.mark.parametrize("cmd", ["record", *COMMANDS])
+def test_device_and_dtype_flags_everywhere_and_bad_device_is_one_line(cmd, capsys, tmp_path):
+    from esft_core.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[cmd]
+    flags = {o for a in sub._actions for o in a.option_strings}
+    assert {"--device", "--dtype"} <= flags
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "q"},
+                                             {"role": "assistant", "content": "a"}]}) + "\n")
+    args = {"record": ["--data", data, "--task", "t", "--db", tmp_path / "t.duckdb"],
+            "train": ["--data", data, "--method", "fft", "--out", tmp_path / "o"],
+            "eval": ["--data", data], "merge": ["--adapter", tmp_path, "--out", tmp_path / "o"],
+            "import-adapter": [tmp_path, "--out", tmp_path / "o"]}[cmd]
+    code, out, err = in_process(capsys, cmd, *args, "--device", "cuda")
+    assert code == 2 and "--device cuda: CUDA is not available" in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.jsonl"]  # nothing written

@@ -166,3 +166,105 @@ def test_random_config_keeps_counts_and_is_seeded():
     assert a == b and a != c
     assert {k: len(v) for k, v in a.experts.items()} == {1: 3, 2: 1}
     assert all(0 <= i < 8 for v in a.experts.values() for i in v)
+
+
+class _LargestAlloc(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest tensor any op returns while active (a real allocation census, no mocks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:  # views are no copies
+                self.largest = max(self.largest, t.untyped_storage().nbytes() // t.element_size())
+        return out
+
+
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm", "batched_mm"])
+def test_no_full_size_copy_or_gradient_of_fused_experts(impl):
+    """ESFT forward + backward allocate no tensor as large as a fused expert tensor (no overlay copy, no full-size
+    gradient) — except batched_mm's own per-slot weight gather, which the base model's forward makes as well."""
+    m = tiny_moe("deepseek_v2", seed=0, n_routed_experts=32, num_experts_per_tok=2, hidden_size=32,
+                 moe_intermediate_size=64, vocab_size=64)
+    m.set_experts_implementation(impl)
+    ids = torch.randint(3, 64, (1, 48), generator=torch.Generator().manual_seed(0))
+    base = _LargestAlloc()
+    with base, torch.no_grad():
+        m(ids)
+    apply_esft(m, ExpertConfig({1: list(range(0, 12, 2)), 2: list(range(1, 12, 2))}))
+    fused = min(p.numel() for p in moe_layout(m).expert_params(1).values())  # 32 * 32 * 64
+    census = _LargestAlloc()
+    with census:
+        m(ids, labels=ids).loss.backward()
+    if impl == "batched_mm":  # (S, 2I, H) gathers: batched_mm's design, not ESFT's
+        assert census.largest <= base.largest, (census.largest, base.largest)
+    else:
+        assert census.largest < fused / 2, (census.largest, fused)  # 6 of 32 rows at most
+    assert all(p.grad is None for p in moe_layout(m).expert_params(1).values())
+
+
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm", "batched_mm"])
+def test_bf16_model_with_fp32_master_copies(impl):
+    """bfloat16 base, float32 trainable copies: logits bit-identical before training, fp32 grads, bf16 fused frozen."""
+    m = _model(impl).to(torch.bfloat16)
+    with torch.no_grad():
+        base = m(IDS).logits
+    sel = apply_esft(m, CFG, master_dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(m(IDS).logits, base)
+    m(IDS, labels=IDS).loss.backward()
+    for s in sel.values():
+        assert s.gate_up_proj.dtype == torch.float32 and s.gate_up_proj.grad.dtype == torch.float32
+        assert s.gate_up_proj.grad.abs().sum() > 0
+    assert moe_layout(m).experts[1].gate_up_proj.dtype == torch.bfloat16
+    torch.optim.AdamW(trainable_parameters(m), lr=1e-2).step()  # masters move: the cached bf16 copies must follow
+    with torch.no_grad():
+        tuned = m(IDS).logits
+        assert not torch.equal(tuned, base)
+        merge_selected(m)  # writes round(master -> bf16) into the fused rows
+        assert torch.equal(m(IDS).logits, tuned)
+
+
+def test_batched_mm_gradients_match_the_fused_rows():
+    ref = _model("batched_mm")
+    ref.requires_grad_(False)
+    layout = moe_layout(ref)
+    layout.experts[1].gate_up_proj.requires_grad_(True)
+    ref(IDS, labels=IDS).loss.backward()
+    m = _model("batched_mm")
+    sel = apply_esft(m, CFG)
+    m(IDS, labels=IDS).loss.backward()
+    torch.testing.assert_close(sel[1].gate_up_proj.grad, layout.experts[1].gate_up_proj.grad[CFG.experts[1]])
+
+
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm", "batched_mm"])
+def test_gpt_oss_layout_transposed_with_biases(impl):
+    """GPT-OSS experts: transposed fused tensors (E, H, 2I) with per-expert biases and their own gate: exact logits,
+    gradients reach the selected rows and biases only."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("gpt_oss", vocab_size=256, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=8,
+                               num_experts_per_tok=2, max_position_embeddings=128,
+                               layer_types=["full_attention"] * 2)
+    torch.manual_seed(0)
+    m = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "bias" in n or "router" in n:
+                p.normal_(0, 0.5)
+    m.set_experts_implementation(impl)
+    with torch.no_grad():
+        base = m(IDS).logits
+    sel = apply_esft(m, ExpertConfig({0: [1, 3], 1: [2]}))
+    with torch.no_grad():
+        assert torch.equal(m(IDS).logits, base)
+    assert set(sel[0].names) == {"gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"}
+    m(IDS, labels=IDS).loss.backward()
+    assert sel[0].gate_up_proj_bias.grad.abs().sum() > 0 and sel[0].gate_up_proj.grad.shape == (2, 32, 64)
+    assert all(p.grad is None for p in m.model.layers[0].mlp.experts.parameters(recurse=False))

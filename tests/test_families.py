@@ -189,6 +189,8 @@ def test_loader_falls_back_to_config_architectures(tmp_path, run_esft):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "config.json").write_text('{"model_type": "mistral4", "architectures": ["NoSuchClass"], "hidden_size": 7}')
+    (bad / "model.safetensors").write_bytes(b"")  # past the pre-flight file checks: the loader itself must fail
+    tiny_tokenizer().save_pretrained(bad)
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "hello"}\n')
     r = run_esft("record", "--model", bad, "--data", data, "--task", "t", "--db", tmp_path / "t.duckdb")

@@ -1,6 +1,7 @@
 """The training recipe (esft_core/train.py) on a real tiny DeepSeek-V2 directory; kill -9 and torchrun for real."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -194,20 +195,61 @@ def test_kill_9_then_resume_finishes_like_an_uninterrupted_run(env, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_torchrun_two_processes(env, tmp_path):
-    out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-           "esft_core.cli", "train", "--model", env["model"], "--data", env["data"], "--experts", env["experts"],
-           "--out", str(out), "--steps", "3", "--seq-len", "96", "--batch-size", "1", "--lr", "0.01",
-           "--no-progress"]
-    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=240)
+def _torchrun(env, out, *extra):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+            "esft_core.cli", "train", "--model", env["model"], "--data", env["data"], "--experts", env["experts"],
+            "--out", str(out), "--seq-len", "96", "--batch-size", "1", "--lr", "0.01", "--no-progress", *extra]
+
+
+def test_fsdp2_two_ranks_match_one_process_and_resume_after_kill_9(env, tmp_path):
+    """torchrun with 2 CPU ranks (gloo, FSDP2): killed with -9 after a sharded checkpoint, resumed; the loss curve
+    matches one process with the same global batch (batch 1 x 2 ranks == batch 1 x grad-accum 2), frozen weights
+    stay bit-identical, and the adapter is written once."""
+    out = tmp_path / "fsdp"
+    args = _torchrun(env, out, "--steps", "6", "--save-every", "2")
+    proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (out / "checkpoints" / "step_000002" / "state.json").is_file():
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+    proc.wait()
+    assert (out / "checkpoints" / "step_000002" / ".metadata").is_file()  # DCP: sharded files, no optimizer.pt
+    assert sorted(p.name for p in (out / "checkpoints" / "step_000002").iterdir() if p.suffix == ".distcp") == [
+        "__0_0.distcp", "__1_0.distcp"]
+    assert json.loads((out / "run.json").read_text())["status"] == "running"
+    res = subprocess.run([*args, "--resume"], env=ENV, capture_output=True, text=True, timeout=240)
     assert res.returncode == 0, res.stderr[-2000:]
     run = json.loads((out / "run.json").read_text())
-    assert run["status"] == "complete" and run["world_size"] == 2
-    assert len(run["rank_digests"]) == 2 and run["rank_digests"][0] == run["rank_digests"][1]
-    adapters = [p for p in tmp_path.rglob("*.safetensors")]
-    assert adapters == [out / "adapter" / "adapter.safetensors"]
-    assert [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert run["status"] == "complete" and run["world_size"] == 2 and run["frozen_unchanged"] is True
+    assert len(run["rank_digests"]) == 2
+    assert [p for p in tmp_path.rglob("*.safetensors")] == [out / "adapter" / "adapter.safetensors"]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref = run_training(cfg_for(env, tmp_path / "one", steps=6, batch_size=1, grad_accum=2), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert ref["frozen_unchanged"] is True
+    two = [json.loads(x)["loss"] for x in metrics.read_text().splitlines()]
+    one = [json.loads(x)["loss"] for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert len(two) == len(one) == 6
+    assert max(abs(a - b) for a, b in zip(one, two, strict=True)) < 1e-4, (one, two)
+    a = load_file(out / "adapter" / "adapter.safetensors")
+    b = load_file(tmp_path / "one" / "adapter" / "adapter.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_global_batch_not_divisible_by_world_size(env, tmp_path):
+    out = tmp_path / "bad"
+    res = subprocess.run(_torchrun(env, out, "--steps", "1", "--global-batch", "3"), env=ENV, capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode != 0
+    assert "--global-batch 3 is not divisible by world size 2 x --grad-accum 1" in res.stderr
+    assert not out.exists()
 
 
 def test_sigterm_marks_the_run_failed_with_the_reason(env, tmp_path):
@@ -230,3 +272,53 @@ def test_sigterm_marks_the_run_failed_with_the_reason(env, tmp_path):
     run = json.loads((out / "run.json").read_text())
     assert run["status"] == "failed" and run["error"] == "terminated by SIGTERM" and run["step_failed"] >= 1
     assert signal.getsignal(signal.SIGTERM) is before  # the caller's handler is back
+
+
+@pytest.mark.parametrize("flags, err", [
+    (["--device", "cuda"], "--device cuda: CUDA is not available"),
+    (["--device", "tpu"], "--device tpu: unknown device"),
+    (["--dtype", "float16"], "--dtype float16 is not supported on the CPU"),
+])
+def test_bad_device_or_dtype_is_one_line_exit_2_nothing_written(env, tmp_path, flags, err):
+    out = tmp_path / "r"
+    res = subprocess.run(_cli("train", "--model", env["model"], "--data", env["data"], "--experts", env["experts"],
+                              "--out", str(out), "--steps", "1", "--no-progress", *flags),
+                         env=ENV, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and err in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not out.exists()
+
+
+def test_bf16_training_keeps_fp32_masters_and_writes_bf16_adapter(env, tmp_path):
+    run = run_training(cfg_for(env, tmp_path / "bf16", steps=2, dtype="bfloat16"), progress=False)
+    assert run["status"] == "complete" and run["frozen_unchanged"] is True
+    tensors = load_file(tmp_path / "bf16" / "adapter" / "adapter.safetensors")
+    assert tensors["model.layers.1.mlp.experts.esft.gate_up_proj"].dtype == torch.bfloat16
+    lines = [json.loads(x) for x in (tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(m["loss"]) for m in lines)
+    run = run_training(cfg_for(env, tmp_path / "f32", steps=1, dtype="bfloat16", adapter_dtype="float32"),
+                       progress=False)
+    assert load_file(tmp_path / "f32" / "adapter" / "adapter.safetensors")[
+        "model.layers.1.mlp.experts.esft.gate_up_proj"].dtype == torch.float32
+
+
+def test_grad_checkpointing_gives_the_same_loss_and_gradients_with_esft():
+    from esft_core.esft import ExpertConfig, apply_esft, trainable_parameters
+    from esft_core.models import tiny_moe
+
+    ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+    results = []
+    for ckpt in (False, True):
+        m = tiny_moe("deepseek_v2", seed=0)
+        m.set_experts_implementation("grouped_mm")
+        if ckpt:
+            m.config.use_cache = False
+            m.activation_checkpointing_enable({"use_reentrant": False})
+        apply_esft(m, ExpertConfig({1: [0, 3, 5], 2: [7]}, shared_experts=True))
+        m.train()
+        loss = m(ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in trainable_parameters(m)]))
+    assert torch.equal(results[0][0], results[1][0])
+    assert len(results[0][1]) == len(results[1][1]) > 4
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

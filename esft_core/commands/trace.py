@@ -77,9 +77,10 @@ def cmd_record(args) -> int:
     if not args.ingest_wait >= 0:
         raise EsftError(f"--ingest-wait must be >= 0 seconds, got {args.ingest_wait}")
     parse_routes(args.routes)
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if args.dtype not in dtypes:
-        raise EsftError(f"--dtype: unknown dtype '{args.dtype}'; choose float32, bfloat16 or float16")
+    from esft_core.devices import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)  # bad --device / --dtype fail before anything loads
+    dtype = resolve_dtype(args.dtype, device, args.model)
     from esft_core import validate
 
     validate.db_path(args.db)
@@ -94,13 +95,10 @@ def cmd_record(args) -> int:
     from esft_core.train import quiet_transformers
 
     quiet_transformers()  # no "Loading weights" bar: stderr is for our progress bar and one-line errors
-    model, tok = load_model(args.model, dtype=dtypes[args.dtype])
+    if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one GPU per rank
+        device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+    model, tok = load_model(args.model, dtype=dtype, device=device)
     moe_layout(model)  # a dense model fails here, before anything is written
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one GPU per rank
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    if device != "cpu":
-        model.to(device)
     bar = None
     if not args.quiet:
         from tqdm import tqdm
@@ -378,12 +376,13 @@ def register(sub) -> None:
                    help="truncate samples to this many tokens (default: 2048, at most the model's positions)")
     p.add_argument("--batch-size", type=int, default=8, help="samples per forward pass")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample order")
-    p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    from esft_core.devices import add_device_flags
+
+    add_device_flags(p)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("--routes", default="all",
                    help="all (default), none (aggregate-only: scores/selection/expert views, no token routes), or "
                         "sample:N (routes of the first N samples of the seeded order)")
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16 model weights")
     p.add_argument("--progressive-ingest", action="store_true",
                    help="insert rows into the DB while recording (short locks per ~4M rows; the end is quick)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

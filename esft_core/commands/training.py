@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from dataclasses import fields
 from pathlib import Path
 
+from esft_core.devices import DTYPE_CHOICES, add_device_flags
 from esft_core.errors import EsftError
 
 
@@ -31,11 +33,16 @@ def register(sub) -> None:
     for name, typ in [("steps", int), ("lr", float), ("batch_size", int), ("grad_accum", int), ("seq_len", int),
                       ("weight_decay", float), ("beta1", float), ("beta2", float), ("clip", float),
                       ("warmup", int), ("seed", int), ("save_every", int), ("lora_r", int), ("lora_alpha", int),
-                      ("eval_limit", int)]:
+                      ("eval_limit", int), ("global_batch", int)]:
         p.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None, help=_help(name))
     p.add_argument("--schedule", choices=["constant", "cosine"], default=None, help=_help("schedule"))
     p.add_argument("--experts-impl", choices=["eager", "grouped_mm", "batched_mm"], default=None,
                    help="experts implementation of transformers (default: the model's)")
+    add_device_flags(p, _help("dtype"))
+    p.add_argument("--fp32-master", action=argparse.BooleanOptionalAction, default=None, help=_help("fp32_master"))
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help=_help("grad_checkpointing"))
+    p.add_argument("--adapter-dtype", choices=DTYPE_CHOICES, default=None, help=_help("adapter_dtype"))
     p.add_argument("--resume", action="store_true", help="continue the run in DIR from its last checkpoint")
     p.add_argument("--eval-data", nargs="+", default=None, metavar="FILE",
                    help="evaluate after training on these files (task eval sets, general held-out corpus)")
@@ -63,6 +70,7 @@ def register(sub) -> None:
                    help="optional LLM judge: base URL of an OpenAI-compatible endpoint (e.g. http://host:8000/v1); "
                         "grades answers of the authors' eval files 0-10 (key: ESFT_JUDGE_API_KEY)")
     p.add_argument("--judge-model", default=None, metavar="NAME", help="model name the judge endpoint serves")
+    add_device_flags(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("merge", help="merge an ESFT adapter into its base: a plain transformers checkpoint",
@@ -70,6 +78,8 @@ def register(sub) -> None:
     p.add_argument("--model", default="demo", help="base model the adapter was trained on")
     p.add_argument("--adapter", required=True, metavar="DIR", help="ESFT adapter directory (or run directory)")
     p.add_argument("--out", required=True, metavar="DIR", help="new checkpoint directory (must not exist)")
+    add_device_flags(p, "dtype of the merge and of the written checkpoint (auto: the checkpoint's; float32 for the "
+                     "CPU demo)")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("import-adapter", help="convert an authors' per-expert ESFT adapter to this format",
@@ -78,6 +88,7 @@ def register(sub) -> None:
     p.add_argument("src", metavar="SRC", help="the authors' adapter directory (or one .safetensors file)")
     p.add_argument("--model", default="demo", help="base model (DeepSeek-V2 layout) the adapter belongs to")
     p.add_argument("--out", required=True, metavar="DIR", help="new adapter directory (must not exist)")
+    add_device_flags(p, "dtype of the written adapter (auto: the base checkpoint's; float32 for the CPU demo)")
     p.set_defaults(func=cmd_import_adapter)
 
 
@@ -156,7 +167,8 @@ def cmd_eval(args) -> int:
         args.seq_len = min(512, validate.max_positions(config) or 512)
     validate.seq_len(args.seq_len, "--seq-len", config)
     validate.memory(config, args.batch_size, args.seq_len, training=False, flags="--batch-size/--seq-len")
-    model, tok, kind = load_for_eval(args.model, args.adapter)
+    device, dtype = _device_dtype(args)
+    model, tok, kind = load_for_eval(args.model, args.adapter, device=device, dtype=dtype)
     result = evaluate_files(model, tok, args.data, limit=args.limit, seq_len=args.seq_len,
                             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, metric=args.metric,
                             judge=judge)
@@ -178,7 +190,8 @@ def cmd_merge(args) -> int:
 
     out = _fresh_out(args.out)
     adapter = _adapter_dir(args.adapter)
-    model, tok = load_model(args.model)
+    device, dtype = _device_dtype(args)
+    model, tok = load_model(args.model, dtype=dtype, device=device)
     merge_adapter(model, adapter, out, tokenizer=tok)
     print(json.dumps({"merged": str(out), "adapter": str(adapter), "model": args.model}))
     return 0
@@ -190,10 +203,18 @@ def cmd_import_adapter(args) -> int:
     from esft_core.models import load_model
 
     out = _fresh_out(args.out)
-    model, _ = load_model(args.model)
+    device, dtype = _device_dtype(args)
+    model, _ = load_model(args.model, dtype=dtype, device=device)
     cfg = import_official_adapter(args.src, model, out)
     print(json.dumps({"adapter": str(out), "layers": len(cfg.experts), "experts": cfg.n_selected}))
     return 0
+
+
+def _device_dtype(args):
+    from esft_core.devices import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    return device, resolve_dtype(args.dtype, device, args.model)
 
 
 def _quiet() -> None:

@@ -1,0 +1,154 @@
+"""Distributed training on FSDP2 (`torch.distributed.fsdp.fully_shard`) and sharded checkpoints (DCP).
+
+Under `torchrun --nproc-per-node N` every rank loads the model, `shard_model` shards each decoder layer and then the
+root (parameters, gradients and AdamW state live 1/N per rank; frozen experts are sharded too and never get a
+gradient), with a MixedPrecisionPolicy: parameters all-gathered in the compute dtype (bfloat16 on a bf16 model),
+gradients reduce-scattered in float32. NCCL on CUDA, gloo on the CPU; nothing else differs.
+
+Checkpoints go through `torch.distributed.checkpoint` (DCP): each rank writes its own shards of the trainable
+parameters and of the optimizer state (no full optimizer file on rank 0), and `--resume` reads them back into the
+sharded model, on any number of ranks (DCP reshards). The final adapter is gathered once (`gather_trainable`: one
+parameter at a time, CPU copies on rank 0) and written by rank 0.
+
+Expert parallelism (EP) would plug in at `shard_model`: transformers 5.x ships `DistributedConfig(enable_expert_
+parallel=True)` and a `tp_plan`/EP plan that places whole experts on ranks (the experts' forward then receives EP
+sentinels for tokens routed elsewhere, which `esft._split_forward` already maps to "frozen, not here"). A 2D mesh
+(`init_device_mesh(device, (dp, ep), mesh_dim_names=("dp", "ep"))`) would give the EP plan the "ep" dimension and
+`fully_shard` the "dp" one. ESFT needs no EP to fit: frozen experts are bf16 and sharded, and only the selected experts
+carry gradients and optimizer state. Not built here because it cannot be tested on CPU/gloo in CI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+
+import torch
+from torch import nn
+
+from esft_core.errors import EsftError
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(device: torch.device) -> tuple[int, int, torch.device]:
+    """(rank, world_size, this rank's device); initialises NCCL (CUDA) or gloo (CPU) when launched by torchrun."""
+    world = world_size()
+    if world == 1:
+        return 0, 1, device
+    import torch.distributed as dist
+
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def is_sharded() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def decoder_layer_list(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers, also under a peft wrapper (`base_model.model.model.layers`)."""
+    found = [m for n, m in model.named_modules() if n.endswith("model.layers") and isinstance(m, nn.ModuleList)]
+    if not found:
+        raise EsftError(f"{type(model).__name__}: no decoder layers (…model.layers) to shard")
+    return found[0]
+
+
+def shard_model(model: nn.Module, device: torch.device, compute_dtype: torch.dtype) -> nn.Module:
+    """fully_shard every decoder layer, then the root, with bf16/fp32 mixed precision as described above."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    for layer in decoder_layer_list(model):
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """Reduce-scatter only on the last micro-batch of a step (gradient accumulation without extra traffic)."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(enabled)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a (possibly DTensor) parameter."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def gather_trainable(named: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """Full CPU copies of the trainable tensors on rank 0 (every rank must call; one parameter in flight at a time)."""
+    out = {}
+    for name, p in named.items():
+        full = p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()
+        if rank == 0:
+            out[name] = full.cpu().contiguous().clone()
+        del full
+    return out
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns that it 'assumes the intent is to save in a single process' without a process group: it is."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def save_checkpoint(model: nn.Module, opt: torch.optim.Optimizer, names: set[str], path) -> None:
+    """DCP save of the trainable parameters and the optimizer state, sharded by rank (collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    model_sd = {n: p for n, p in model.named_parameters() if n in names}
+    with _single_process_quiet():
+        dcp.save({"model": model_sd, "optim": get_optimizer_state_dict(model, opt)}, checkpoint_id=str(path))
+
+
+def load_checkpoint(model: nn.Module, opt: torch.optim.Optimizer, names: set[str], path) -> None:
+    """DCP load into the (sharded) model and optimizer, in place (collective)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model_sd = {n: p.detach() for n, p in model.named_parameters() if n in names}
+    state = {"model": model_sd, "optim": get_optimizer_state_dict(model, opt)}
+    with _single_process_quiet():
+        dcp.load(state, checkpoint_id=str(path))
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for n, t in state["model"].items():
+            if t.data_ptr() != params[n].data_ptr():
+                params[n].copy_(t)
+    set_optimizer_state_dict(model, opt, state["optim"], options=StateDictOptions(strict=False))
+
+
+def frozen_checksum(model: nn.Module) -> torch.Tensor:
+    """(2 * n_frozen,) float64 on the CPU: sum and sum of squares of every frozen parameter's local shard.
+
+    Computed on the device without copying weights; any change to a frozen element changes it (used to assert at the
+    end of a run that frozen experts and other frozen weights are untouched, `run.json: frozen_unchanged`)."""
+    sums = []
+    for p in model.parameters():
+        if p.requires_grad:
+            continue
+        acc = torch.zeros(2, dtype=torch.float64, device=p.device)
+        for chunk in local(p.detach()).reshape(-1).split(1 << 22):  # fp64 temporaries of 32 MiB at most
+            c = chunk.double()
+            acc += torch.stack([c.sum(), (c * c).sum()])
+        sums.append(acc)
+    return torch.cat(sums).cpu() if sums else torch.zeros(0, dtype=torch.float64)
