@@ -26,7 +26,7 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from esft_core import store  # noqa: E402
+from esft_core import staging, store  # noqa: E402
 
 
 def synthetic(n_tokens: int, layers: int, k: int, experts: int, batch: int = 4096, seq: int = 512, seed: int = 0):
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
             con.close()
 
             db = Path(tmp) / f"staged{i}.duckdb"
-            run = store.StagedRun(db, "bench", "synthetic", args.experts, args.top_k,
+            run = staging.StagedRun(db, "bench", "synthetic", args.experts, args.top_k,
                                   list(range(1, args.layers + 1)), {})
             t = time.perf_counter()
             step = 4_000_000  # the recorder's default flush size

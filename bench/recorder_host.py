@@ -5,7 +5,7 @@ log-uniform over a 32k vocabulary (Zipf-like, as in text). Each batch's
 routing is written into the tap exactly as the experts' pre-hooks would (record.RouterTap.captured), then the
 recorder's own code runs: RouterTap.take (drop padding, sort by weight), record.device_sums and LayerScale (the
 per-(sample, layer, expert) sums, on the model's device: the CPU here), the copy to host, and the writer's host work
-(record.Writer running record._builder: Arrow tables, per-(layer, expert, token) sums; store.StagedRun.stage:
+(record.Writer running record._builder: Arrow tables, per-(layer, expert, token) sums; staging.StagedRun.stage:
 Parquet parts), then StagedRun.commit (DuckDB ingest +
 aggregates) once at the end. Measured side by side in one run:
 
@@ -37,7 +37,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from esft_core import record, store  # noqa: E402
+from esft_core import record, staging  # noqa: E402
 from esft_core.models import MoeLayout  # noqa: E402
 
 N_LAYERS, TOP_K, N_EXPERTS, BATCH, SEQ = 26, 6, 64, 8, 512
@@ -103,7 +103,7 @@ def to_host(lens, ids, valid, dev, routes: bool):
 def serial(lay, batches, db, routes: bool, texts) -> dict:
     """Every step in the main thread (the writer runs inline), timed per stage."""
     t = dict.fromkeys(("device", "copy", "writer", "ingest"), 0.0)
-    staged = store.StagedRun(db, "bench", "synthetic", N_EXPERTS, TOP_K, lay.layers, {"routes": "all"})
+    staged = staging.StagedRun(db, "bench", "synthetic", N_EXPERTS, TOP_K, lay.layers, {"routes": "all"})
     scale = record.LayerScale(N_LAYERS, "cpu")
     writer = record.Writer(staged, 4_000_000, texts.t, threaded=False)
     per_batch = []
@@ -137,7 +137,7 @@ def overlapped(lay, batches, db, fwd_s: float, texts, progressive: bool = False,
         time.sleep(fwd_s)  # the plain forward
     plain = time.perf_counter() - t0
     t0 = time.perf_counter()
-    staged = store.StagedRun(db, "bench", "synthetic", N_EXPERTS, TOP_K, lay.layers, {"routes": "all"})
+    staged = staging.StagedRun(db, "bench", "synthetic", N_EXPERTS, TOP_K, lay.layers, {"routes": "all"})
     scale = record.LayerScale(N_LAYERS, "cpu")
     writer = record.Writer(staged, flush_rows, texts.t, progressive=progressive)
     for bi, (lens, ids, captured) in enumerate(batches):

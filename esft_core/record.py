@@ -22,7 +22,7 @@ Under `torchrun` (WORLD_SIZE > 1) rank r records samples r, r+W, ... of the same
 sample ids into its own staged parts of one run; rank 0 ingests all parts once every rank is done, so the result
 equals a single-process recording row for row.
 
-The run is staged as Parquet parts while the model runs and ingested in one transaction at the end (store.StagedRun),
+The run is staged as Parquet parts while the model runs and ingested in one transaction at the end (staging.StagedRun),
 so the DB file stays free for readers, and a killed recording leaves only a 'running' row that scores ignore.
 """
 
@@ -40,7 +40,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from esft_core import store
+from esft_core import staging
 from esft_core.data import IGNORE_INDEX, encode_record
 from esft_core.errors import EsftError
 from esft_core.models import MoeLayout, moe_layout
@@ -369,10 +369,10 @@ class Writer:
     `expert_tokens` partial sums are not staged per flush: they are merged into one running per-(layer, expert,
     token) table, staged once at close() sorted and with token texts, so the final ingest is a plain INSERT.
     threaded=False runs every build inline (benchmarks, to time the host work serially). progressive=True inserts
-    each flushed part into the DB right away (store.StagedRun.ingest_parts), so the final commit is short.
+    each flushed part into the DB right away (staging.StagedRun.ingest_parts), so the final commit is short.
     """
 
-    def __init__(self, staged: store.StagedRun, flush_rows: int, texts: TokenTexts | None = None, depth: int = 2,
+    def __init__(self, staged: staging.StagedRun, flush_rows: int, texts: TokenTexts | None = None, depth: int = 2,
                  threaded: bool = True, progressive: bool = False):
         self.staged, self.flush_rows, self.texts, self.progressive = staged, flush_rows, texts, progressive
         self.q: queue.Queue = queue.Queue(maxsize=depth)
@@ -481,7 +481,7 @@ def record(model, tok, records: Sequence[dict], db, task: str, *, max_tokens: in
     """Record the routing of `records` through `model` as a new complete run of `task` in `db`; return its run_id.
 
     progress(done_tokens, total_tokens) is called after every batch. routes: 'all', 'none' or 'sample:N'.
-    progressive: insert the rows into the DB while recording (single process; see store.StagedRun.ingest_parts).
+    progressive: insert the rows into the DB while recording (single process; see staging.StagedRun.ingest_parts).
     """
     if not task:
         raise EsftError("--task must be a non-empty name")
@@ -522,7 +522,7 @@ def record_sequences(model, tok, seqs: list[list[int]], db, task: str, *, batch_
         run_params["layer_top_k"] = {str(k): v for k, v in lay.layer_top_k.items()}
     staged = None
     if rank == 0:
-        staged = store.StagedRun(db, task, name, lay.num_experts, lay.top_k, lay.layers, run_params,
+        staged = staging.StagedRun(db, task, name, lay.num_experts, lay.top_k, lay.layers, run_params,
                                  ingest_wait=ingest_wait)
     if world > 1:
         import torch.distributed as dist
@@ -530,7 +530,7 @@ def record_sequences(model, tok, seqs: list[list[int]], db, task: str, *, batch_
         box = [staged.run_id if staged else None]
         dist.broadcast_object_list(box, src=0)
         if staged is None:
-            staged = store.StagedRun.attach(db, box[0], part_prefix=f"r{rank:04d}-")
+            staged = staging.StagedRun.attach(db, box[0], part_prefix=f"r{rank:04d}-")
         else:
             staged.part_prefix = "r0000-"
     mine = list(range(rank, len(seqs), world))

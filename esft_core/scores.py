@@ -131,6 +131,8 @@ tot AS (SELECT (SELECT count(*) FROM ans)::DOUBLE AS n_tokens, (SELECT count(*) 
 agg AS (SELECT layer, expert, sum(n_sel) AS n_selected, sum(g) AS gate_sum, sum(n_sel / lens.n) AS sample_token_sum,
                sum(g / lens.n) AS sample_gate_sum
         FROM per JOIN lens ON per.run_id = lens.run_id AND per.sample_id = lens.sample_id GROUP BY layer, expert),
+norm AS (SELECT NULL::SMALLINT AS layer, NULL::SMALLINT AS expert, NULL::DOUBLE AS norm_gate_sum,
+                NULL::DOUBLE AS sample_norm_gate_sum WHERE false),
 """
 
 
@@ -177,6 +179,8 @@ def compute_scores(con, task: str, metric: str = "token", normalize: str = "toke
     fn.sql(normalize)  # validates normalize
     if tokens not in TOKEN_SETS:
         raise EsftError(f"unknown --tokens '{tokens}'; choose one of {', '.join(TOKEN_SETS)}")
+    if tokens == "answer" and metric == "gate_norm":
+        raise EsftError("--metric gate_norm is computed over all tokens only; use --tokens all, or --metric gate/token")
     runs = store.complete_runs(con, task, run_ids, model, pool_models)
     ids = [r[0] for r in runs]
     if tokens == "answer":

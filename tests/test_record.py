@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from esft_core import record, store
+from esft_core import record, staging, store
 from esft_core.errors import EsftError
 from esft_core.models import TINY_FAMILIES, moe_layout, save_tiny, tiny_moe, tiny_tokenizer
 from esft_core.scores import load_scores
@@ -117,7 +117,7 @@ def test_sigkill_mid_run_leaves_db_consistent(tmp_path, tok, tmp_db):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen([sys.executable, "-c", RECORDER, str(model_dir), str(tmp_db)], env=env,
                             stderr=subprocess.PIPE)
-    staging = store.staging_root(tmp_db) / f"run-{first + 1}"
+    stage_dir = staging.staging_root(tmp_db) / f"run-{first + 1}"
     reads_while_running = 0
     try:
         deadline = time.monotonic() + 90
@@ -125,7 +125,7 @@ def test_sigkill_mid_run_leaves_db_consistent(tmp_path, tok, tmp_db):
             with store.reader(tmp_db) as con:  # the explorer can read while the recording runs
                 running = con.execute("SELECT count(*) FROM runs WHERE status = 'running'").fetchone()[0]
                 reads_while_running += running
-            if running and staging.exists() and any(p.suffix == ".parquet" for p in staging.iterdir()):
+            if running and stage_dir.exists() and any(p.suffix == ".parquet" for p in stage_dir.iterdir()):
                 break
             time.sleep(0.2)
         assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
@@ -148,4 +148,4 @@ def test_sigkill_mid_run_leaves_db_consistent(tmp_path, tok, tmp_db):
     record.record(model, tok, RECORDS, tmp_db, "next", max_tokens=50, seq_len=32)
     with store.reader(tmp_db) as con:
         assert con.execute("SELECT status FROM runs WHERE run_id = ?", [first + 1]).fetchone()[0] == "failed"
-    assert not staging.exists()
+    assert not stage_dir.exists()

@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from esft_core import store
+from esft_core import staging, store
 from esft_core.errors import EsftError
 from esft_core.expert_config import ExpertConfig
 from esft_core.scores import SCORES, compute_scores, get_score, load_scores, score_sql
@@ -73,7 +73,7 @@ def test_registry_and_formulas(tmp_db):
 def test_runs_pool_and_failed_runs_are_ignored(tmp_db):
     add_run(tmp_db, "t", ROUTING)
     add_run(tmp_db, "t", [[[(3, 1.0), (2, 0.0)]]] * 4)
-    run = store.StagedRun(tmp_db, "t", "m", 4, 2, [1], {})  # a 'running' run with rows staged: ignored
+    run = staging.StagedRun(tmp_db, "t", "m", 4, 2, [1], {})  # a 'running' run with rows staged: ignored
     run.stage(run_tables([[[(0, 1.0), (1, 0.0)]]]))
     s = load_scores(tmp_db, "t", "token", "token")
     assert s.run_ids == [1, 2]

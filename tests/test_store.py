@@ -8,7 +8,7 @@ import time
 import pyarrow as pa
 import pytest
 
-from esft_core import store
+from esft_core import exchange, staging, store
 from esft_core.errors import EsftError
 
 CONTRACT = {
@@ -109,7 +109,7 @@ def test_reader_waits_for_a_writer_in_another_process(tmp_db):
 
 def test_staged_run_lifecycle_and_stale_reaping(tmp_db):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    run = store.StagedRun(tmp_db, "t", "m", 4, 2, [1], {})
+    run = staging.StagedRun(tmp_db, "t", "m", 4, 2, [1], {})
     with store.reader(tmp_db) as con:  # the DB is free while the run records
         assert con.execute("SELECT status FROM runs").fetchall() == [("running",)]
     # pretend the writer died: point its pid at a finished process
@@ -119,7 +119,7 @@ def test_staged_run_lifecycle_and_stale_reaping(tmp_db):
     run.stage({k: v for k, v in small_run().items()})
     assert sorted(p.name for p in run.dir.iterdir()) == ["routes-000000.parquet", "samples-000000.parquet",
                                                           "tokens-000000.parquet"]
-    second = store.StagedRun(tmp_db, "t", "m", 4, 2, [1], {})
+    second = staging.StagedRun(tmp_db, "t", "m", 4, 2, [1], {})
     assert second.run_id == 2
     assert not run.dir.exists()  # the dead run's staging folder is gone
     second.stage(small_run())
@@ -129,7 +129,7 @@ def test_staged_run_lifecycle_and_stale_reaping(tmp_db):
                                                                                       (2, "complete")]
         assert con.execute("SELECT DISTINCT run_id FROM routes").fetchall() == [(2,)]
     assert not second.dir.exists()
-    third = store.StagedRun(tmp_db, "t", "m", 4, 2, [1], {})
+    third = staging.StagedRun(tmp_db, "t", "m", 4, 2, [1], {})
     third.stage(small_run())
     third.fail("RuntimeError: out of memory")
     with store.reader(tmp_db) as con:
@@ -142,12 +142,12 @@ def test_staged_run_lifecycle_and_stale_reaping(tmp_db):
 def test_export_import_roundtrip_and_merge(tmp_path, tmp_db):
     store.ingest_arrow(tmp_db, META, small_run())
     store.ingest_arrow(tmp_db, {**META, "task": "other"}, small_run())
-    counts = store.export_runs(tmp_db, [1], tmp_path / "exp")
+    counts = exchange.export_runs(tmp_db, [1], tmp_path / "exp")
     assert counts == {"runs": 1, "samples": 2, "tokens": 3, "routes": 6, "expert_stats": 4, "expert_tokens": 5,
                       "sample_expert_stats": 5, "layer_stats": 1, "expert_norm_stats": 4}
     other = tmp_path / "other.duckdb"
-    assert store.import_runs(other, tmp_path / "exp") == [1]
-    assert store.import_runs(other, tmp_path / "exp", task="renamed") == [2]
+    assert exchange.import_runs(other, tmp_path / "exp") == [1]
+    assert exchange.import_runs(other, tmp_path / "exp", task="renamed") == [2]
     with store.reader(other) as con:
         assert con.execute("SELECT run_id, task, source, status FROM runs ORDER BY 1").fetchall() == [
             (1, "t", "import", "complete"), (2, "renamed", "import", "complete")]
@@ -160,7 +160,7 @@ def test_export_import_roundtrip_and_merge(tmp_path, tmp_db):
                            [str(tmp_path / "exp" / "routes.parquet")]).fetchone()[0] == 6
     assert a == b == orig
     with pytest.raises(EsftError, match="not an exported trace folder"):
-        store.import_runs(other, tmp_path)
+        exchange.import_runs(other, tmp_path)
 
 
 def test_complete_runs_errors(tmp_db):

@@ -305,31 +305,31 @@ def cmd_sql(args) -> int:
 
 # -- runs -----------------------------------------------------------------------------------------------------
 def cmd_runs(args) -> int:
-    from esft_core import store
+    from esft_core import exchange, staging, store
 
     if args.ingest or args.prune:
-        ids = store.settle_staged(args.db)
+        ids = staging.settle_staged(args.db)
         if ids:
             print(f"ingested staged run(s) {', '.join(map(str, ids))}", file=sys.stderr)
     if args.prune:
         size = Path(args.db).stat().st_size
-        dropped = store.prune_runs(args.db)
+        dropped = exchange.prune_runs(args.db)
         print(f"pruned {len(dropped)} failed run(s){': ' + ', '.join(map(str, dropped)) if dropped else ''}; "
               f"{size / 1e6:.1f} MB → {Path(args.db).stat().st_size / 1e6:.1f} MB", file=sys.stderr)
-    staged = store.staging_root(args.db)
+    staged = staging.staging_root(args.db)
     with store.reader(args.db) as con:
         rows = con.execute("SELECT run_id, task, model, source, status, n_samples, n_tokens, created_at FROM runs "
                            "ORDER BY run_id").fetchall()
     cols = ["run_id", "task", "model", "source", "status", "n_samples", "n_tokens", "created_at"]
     rows = [(*r[:4], f"{r[4]} (staged, waiting for ingest)" if r[4] == "running" and
-             (staged / f"run-{r[0]}" / store.READY).is_file() else r[4], *r[5:]) for r in rows]
+             (staged / f"run-{r[0]}" / staging.READY).is_file() else r[4], *r[5:]) for r in rows]
     print(format_table(cols, rows))
     return 0
 
 
 # -- export / import ------------------------------------------------------------------------------------------
 def cmd_export(args) -> int:
-    from esft_core import store
+    from esft_core import exchange, store
 
     if not args.run and not args.task:
         raise EsftError("give --run ID (repeatable) or --task NAME")
@@ -342,16 +342,16 @@ def cmd_export(args) -> int:
     missing = sorted(set(ids) - found)
     if missing:
         raise EsftError(f"run {missing[0]} is not a complete run in {args.db}")
-    counts = store.export_runs(args.db, ids, args.out, force=args.force)
+    counts = exchange.export_runs(args.db, ids, args.out, force=args.force)
     print(f"exported run(s) {', '.join(map(str, ids))} to {args.out}: "
           + ", ".join(f"{n} {t}" for t, n in counts.items()))
     return 0
 
 
 def cmd_import(args) -> int:
-    from esft_core import store
+    from esft_core import exchange
 
-    ids = store.import_runs(args.db, args.src, args.task)
+    ids = exchange.import_runs(args.db, args.src, args.task)
     for run_id in ids:
         _print_run(args.db, run_id)
     return 0

@@ -1,0 +1,261 @@
+"""Staged runs: how a recording reaches the trace store without holding the DuckDB lock while the model runs.
+
+The recorder inserts a 'running' `runs` row (one short transaction), stages its Arrow batches as Parquet parts in
+`<db>.staging/run-<id>/` (`StagedRun.stage`), marks the folder READY when every part is written, and ingests it in
+one transaction that also writes the aggregates and flips the status to 'complete' (`StagedRun.commit`, retried while
+a long reader holds the lock; a recording that outlasts the wait stays staged and is ingested by the next writer or
+`esft runs --ingest`). A `kill -9` leaves at most a 'running' row and a staging folder; the next writer settles both
+(`reap_stale_runs`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from esft_core import settings, store
+from esft_core.errors import EsftError
+from esft_core.procs import pid_alive
+
+
+def staging_root(db: str | Path) -> Path:
+    return Path(f"{db}.staging")
+
+
+READY = "READY.json"  # marker in a run's staging folder: every part is written, the ingest may run from any process
+
+
+def staged_parts(run_dir: Path) -> dict[str, list[str]]:
+    """The Parquet parts of a staged run by table name, in write order; part names are
+    '<rank prefix><table>-<part>.parquet' (prefix '' or 'r0001-' for torchrun ranks)."""
+    files: dict[str, list[str]] = {}
+    for f in sorted(Path(run_dir).glob("*.parquet")):
+        files.setdefault(f.stem.rsplit("-", 1)[0].rsplit("-", 1)[-1], []).append(str(f))
+    return files
+
+
+def ingest_staged(con, run_id: int, run_dir: Path) -> tuple[int, int]:
+    """Ingest a staged run's parts inside the caller's transaction, write its aggregates and mark it complete;
+    return (n_samples, n_tokens).
+
+    The parts are read through Arrow datasets registered with DuckDB, so no path is ever pasted into SQL (a DB path
+    with `'` or glob characters such as `t[1].duckdb` works)."""
+    import pyarrow.dataset as ds
+
+    files = staged_parts(run_dir)
+    views: dict[str, str] = {}
+    for name, paths in files.items():
+        views[name] = f"staged_{name}_{int(run_id)}"
+        con.register(views[name], ds.dataset(paths, format="parquet"))
+    try:
+        for name in ("samples", "tokens"):
+            if name in views:
+                con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM {views[name]}")
+        if "routes" in views:
+            cols = ", ".join(store.ARROW_SCHEMAS["routes"].names)
+            con.execute(f"INSERT INTO routes SELECT {cols} FROM {views['routes']}")
+        has_ids = "routes" in views and any(d[0] == "token_id" for d in con.execute(
+            f"SELECT * FROM {views['routes']} LIMIT 0").description)
+        stats = views.get("sample_expert_stats")  # the recorder's device-side sums
+        if "layer_stats" in views:  # one part per rank: combine
+            con.execute(f"""INSERT INTO layer_stats SELECT ?, layer, sum(n_tokens), sum(weight_sum),
+                            min(weight_sum_min), max(weight_sum_max), sum(n_dropped) FROM {views['layer_stats']}
+                            GROUP BY layer ORDER BY layer""", [run_id])
+        routes_rel = (views["routes"] if has_ids else "routes") if "routes" in views else None
+        if "expert_tokens" in views:  # summed by the recorder: one sorted part per rank
+            routes_rel = None
+            one = len(files["expert_tokens"]) == 1
+            con.execute(f"""INSERT INTO expert_tokens SELECT ?, layer, expert, token_id, token_text, n, gate_sum
+                            FROM {views['expert_tokens']}""" if one else f"""
+                            INSERT INTO expert_tokens SELECT ?, layer, expert, token_id, any_value(token_text),
+                            sum(n), sum(gate_sum) FROM {views['expert_tokens']} GROUP BY layer, expert, token_id
+                            ORDER BY layer, expert""", [run_id])
+        store.write_aggregates(con, run_id, routes_rel, with_token_ids=has_ids, stats_rel=stats)
+        return store.complete_run(con, run_id)
+    finally:
+        for view in views.values():
+            con.unregister(view)
+
+
+def reap_stale_runs(con, db: str | Path) -> list[int]:
+    """Settle 'running' runs of dead local writer processes: a run whose parts were all staged (READY marker; its
+    recorder gave up waiting for the DB lock) is ingested now; any other is marked 'failed' and its staging folder
+    dropped. Returns the ids of the failed runs; ingested runs' folders are removed by `drop_ingested`."""
+    host = socket.gethostname()
+    stale = []
+    for run_id, params in con.execute("SELECT run_id, params FROM runs WHERE status = 'running'").fetchall():
+        p = json.loads(params or "{}")
+        if p.get("host") == host and p.get("pid") and not pid_alive(int(p["pid"])):
+            run_dir = staging_root(db) / f"run-{run_id}"
+            if (run_dir / READY).is_file():
+                ingest_staged(con, run_id, run_dir)
+                continue
+            stale.append(run_id)
+            con.execute("UPDATE runs SET status = 'failed', finished_at = now() WHERE run_id = ?", [run_id])
+            for name in store.PROGRESSIVE_TABLES:  # rows a progressive ingest had already written
+                con.execute(f"DELETE FROM {name} WHERE run_id = ?", [run_id])
+            shutil.rmtree(run_dir, ignore_errors=True)
+    return stale
+
+
+def drop_ingested(con, db: str | Path) -> None:
+    """Remove staging folders of runs that are no longer 'running' (ingested or failed), and the root when empty."""
+    root = staging_root(db)
+    if not root.is_dir():
+        return
+    running = {r for (r,) in con.execute("SELECT run_id FROM runs WHERE status = 'running'").fetchall()}
+    for d in root.glob("run-*"):
+        if d.name[4:].isdigit() and int(d.name[4:]) not in running:
+            shutil.rmtree(d, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        root.rmdir()  # only when empty
+
+
+def settle_staged(db: str | Path, timeout: float = 60.0) -> list[int]:
+    """Ingest queued recordings and fail dead ones now (`esft runs --ingest`); return the ids ingested."""
+    with store.transaction(db, timeout=timeout) as con:
+        before = {r for (r,) in con.execute("SELECT run_id FROM runs WHERE status = 'complete'").fetchall()}
+        reap_stale_runs(con, db)
+        after = {r for (r,) in con.execute("SELECT run_id FROM runs WHERE status = 'complete'").fetchall()}
+    with store.reader(db) as con:
+        drop_ingested(con, db)
+    return sorted(after - before)
+
+
+def _write_marker(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+class StagedRun:
+    """A run being recorded: 'running' row now, Parquet parts while recording, one ingest transaction at the end.
+
+    When a long reader holds the DB at the end, the ingest waits (`ingest_wait` s, saying so through `notify`);
+    if the lock is still held then, the parts stay staged with a READY marker and the next writer (or
+    `esft runs --ingest`) ingests them: a finished recording is never thrown away."""
+
+    def __init__(self, db: str | Path, task: str, model: str, num_experts: int, top_k: int, layers: list[int],
+                 params: dict, source: str = "record", ingest_wait: float | None = None, notify=None):
+        self.db = Path(db)
+        self.ingest_wait = float(settings.get("ESFT_INGEST_WAIT")) if ingest_wait is None else ingest_wait
+        self.notify = notify or (lambda msg: print(f"esft: {msg}", file=sys.stderr, flush=True))
+        self.queued = False
+        params = {**params, "pid": os.getpid(), "host": socket.gethostname()}
+        with store.transaction(self.db) as con:
+            reap_stale_runs(con, self.db)
+            self.run_id = store.next_run_id(con)
+            store.insert_run(con, self.run_id, task, model, source, "running", num_experts, top_k, layers, params)
+        with contextlib.suppress(EsftError), store.reader(self.db, timeout=1.0) as con:
+            drop_ingested(con, self.db)
+        self.dir = staging_root(self.db) / f"run-{self.run_id}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.n_parts = 0
+        self.n_rows = {name: 0 for name in store.ARROW_SCHEMAS}
+        self.part_prefix = ""  # torchrun ranks stage under r<rank>- so their part names never collide
+        self.n_ingested = 0  # sample parts already inserted by ingest_parts
+
+    @classmethod
+    def attach(cls, db: str | Path, run_id: int, part_prefix: str) -> StagedRun:
+        """Another process's handle on a 'running' run (a torchrun rank > 0): stages parts only; rank 0 commits."""
+        self = cls.__new__(cls)
+        self.db, self.run_id, self.part_prefix = Path(db), run_id, part_prefix
+        self.dir = staging_root(self.db) / f"run-{run_id}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.n_parts = 0
+        self.n_rows = {name: 0 for name in store.ARROW_SCHEMAS}
+        self.n_ingested = 0
+        return self
+
+    def stage(self, tables: dict[str, pa.Table], part_prefix: str | None = None) -> None:
+        """Write one Parquet part per table (a few MB each); the DB file is not touched."""
+        prefix = self.part_prefix if part_prefix is None else part_prefix
+        for name, t in tables.items():
+            if t.num_rows == 0:
+                continue
+            path = self.dir / f"{prefix}{name}-{self.n_parts:06d}.parquet"
+            t = t.set_column(0, "run_id", pa.repeat(pa.scalar(self.run_id, pa.int32()), t.num_rows))
+            schema = store.ARROW_SCHEMAS[name]
+            if name == "routes" and "token_id" in t.column_names:  # staging only: lets expert_tokens skip a join
+                schema = schema.append(pa.field("token_id", pa.int32()))
+            if name == "tokens" and "loss" in t.column_names:  # optional: the recorder's loss flags
+                schema = schema.append(pa.field("loss", pa.bool_()))
+            # dictionary encoding and statistics halve the write speed and buy nothing for a file read once
+            pq.write_table(t.select(schema.names).cast(schema), path.with_suffix(".tmp"), compression="lz4",
+                           use_dictionary=["token_text"], write_statistics=False)
+            os.replace(path.with_suffix(".tmp"), path)  # a part is either whole or absent
+            self.n_rows[name] += t.num_rows
+        self.n_parts += 1
+
+    def ingest_parts(self) -> None:
+        """Progressive ingest (opt-in, single process): insert the staged samples/tokens/routes parts now, in one
+        short transaction, and delete them; the commit then only writes the aggregates. The run stays 'running'
+        (scores and selection ignore it); its rows are deleted if it fails or its process dies (reap_stale_runs)."""
+        parts = {n: sorted(self.dir.glob(f"{self.part_prefix}{n}-*.parquet")) for n in store.PROGRESSIVE_TABLES}
+        if not any(parts.values()):
+            return
+        with store.transaction(self.db) as con:
+            for name, files in parts.items():
+                if files:  # BY NAME: optional staged columns (tokens.loss); routes' staging-only token_id left out
+                    cols = ", ".join(store.ARROW_SCHEMAS[name].names) if name == "routes" else "*"
+                    con.execute(f"INSERT INTO {name} BY NAME SELECT {cols} FROM read_parquet(?)",
+                                [[str(f) for f in files]])
+        for files in parts.values():
+            for f in files:
+                f.unlink()
+        self.n_ingested += len(parts["samples"])
+
+    def commit(self) -> tuple[int, int]:
+        """Ingest the staged parts, write the aggregates and mark the run complete, all in one transaction."""
+        if not any(self.dir.glob("*samples-*.parquet")) and not self.n_ingested:
+            self.fail("no samples were recorded")
+            raise EsftError("no tokens were recorded (empty data or --max-tokens 0)")
+        _write_marker(self.dir / READY, {"run_id": self.run_id, "rows": self.n_rows, "pid": os.getpid()})
+        deadline = time.monotonic() + self.ingest_wait
+        told = False
+        while True:
+            try:  # the first try does not wait, so a wait is announced before it starts
+                wait = min(5.0, max(0.0, deadline - time.monotonic())) if told else 0.0
+                with store.transaction(self.db, timeout=wait) as con:
+                    counts = ingest_staged(con, self.run_id, self.dir)
+                break
+            except EsftError as e:
+                if "locked by another process" not in str(e):
+                    raise
+                if time.monotonic() >= deadline:
+                    self.queued = True
+                    raise EsftError(
+                        f"trace database {self.db} stayed locked by another process for {self.ingest_wait:g} s; "
+                        f"run {self.run_id} is kept staged in {self.dir} and is ingested by the next writer or "
+                        f"`esft runs --db {self.db} --ingest`") from None
+                if not told:
+                    self.notify(f"trace database {self.db} is locked by another process (a long query?); run "
+                                f"{self.run_id} is staged in {self.dir}; retrying the ingest for up to "
+                                f"{self.ingest_wait:g} s")
+                    told = True
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return counts
+
+    def fail(self, error: str) -> None:
+        """Mark the run failed (its staged rows are discarded, nothing else is written); a queued run is kept."""
+        if self.queued:
+            return
+        shutil.rmtree(self.dir, ignore_errors=True)
+        with contextlib.suppress(EsftError), store.transaction(self.db) as con:
+            con.execute("UPDATE runs SET status = 'failed', finished_at = now(), "
+                        "params = json_merge_patch(params, ?) WHERE run_id = ?",
+                        [json.dumps({"error": error[:500]}), self.run_id])
+            if self.n_ingested:
+                for name in store.PROGRESSIVE_TABLES:
+                    con.execute(f"DELETE FROM {name} WHERE run_id = ?", [self.run_id])
+
+
