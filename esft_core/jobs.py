@@ -401,7 +401,7 @@ def train_argv(cfg, resume: bool = False) -> list[str]:
 
 
 def start_training(workdir: str | Path, cfg, task: str, expert_cfg=None,
-                   eval_baseline: bool = True) -> tuple[Job, Path]:
+                   eval_baseline: bool = True, selection: dict | None = None) -> tuple[Job, Path]:
     """Launch `esft train` for `cfg` (a TrainConfig) in a new run directory (esft_core/runs.py layout); with eval data
     and `eval_baseline`, the untuned model is evaluated on the same files first unless cached. Returns (job, run
     dir). `cfg.out` and (with an expert config) `cfg.experts` are set to paths inside the run directory."""
@@ -421,7 +421,7 @@ def start_training(workdir: str | Path, cfg, task: str, expert_cfg=None,
                          str(cfg.eval_limit), "--seq-len", str(cfg.seq_len), "--out", str(base)])
     import dataclasses
 
-    runs.write_launch(run_dir, dataclasses.asdict(cfg), task, expert_cfg, base)
+    runs.write_launch(run_dir, dataclasses.asdict(cfg), task, expert_cfg, base, selection=selection)
     meta = {"out": cfg.out, "run": str(run_dir), "steps": cfg.steps, "task": task, "method": cfg.method,
             "model": cfg.model, "baseline": str(base) if base else None}
     job = start_job(workdir, "train", cmds, title=f"{cfg.method} on {task} ({cfg.steps} steps)", meta=meta)

@@ -134,15 +134,43 @@ def top_tokens_chart(df: pl.DataFrame) -> alt.Chart:
     ).properties(height=max(120, 18 * d.height))
 
 
-def loss_chart(metrics: pl.DataFrame, color: str = "run") -> alt.Chart:
-    """Training loss vs step (one line per run), with a hover rule showing values."""
-    hover = alt.selection_point(name="step_hover", fields=["step"], nearest=True, on="pointerover", empty=False)
+def loss_chart(metrics: pl.DataFrame, color: str = "run", x: str = "step") -> alt.Chart:
+    """Training loss vs `x` (step, or elapsed seconds) one line per run, with hover points showing values; the
+    legend keeps full run labels."""
+    hover = alt.selection_point(name="step_hover", fields=[x], nearest=True, on="pointerover", empty=False)
+    title = {"step": "step", "elapsed": "seconds"}.get(x, x)
     line = alt.Chart(metrics).mark_line().encode(
-        x=alt.X("step:Q"), y=alt.Y("loss:Q", scale=alt.Scale(zero=False)), color=f"{color}:N")
+        x=alt.X(f"{x}:Q", title=title), y=alt.Y("loss:Q", scale=alt.Scale(zero=False)),
+        color=alt.Color(f"{color}:N", legend=alt.Legend(labelLimit=400, orient="bottom", columns=2)))
     pts = line.mark_point().encode(
         opacity=alt.condition(hover, alt.value(1), alt.value(0)),
-        tooltip=[f"{color}:N", "step:Q", alt.Tooltip("loss:Q", format=".4f")]).add_params(hover)
+        tooltip=[f"{color}:N", f"{x}:Q", alt.Tooltip("loss:Q", format=".4f")]).add_params(hover)
     return alt.layer(line, pts).properties(height=260)
+
+
+METHOD_COLORS = {"ESFT-Token": "#1f77b4", "ESFT-Gate": "#17becf", "ESFT": "#2ca02c", "FFT": "#d62728",
+                 "LoRA": "#9467bd", "random experts": "#7f7f7f"}
+
+
+def tradeoff_chart(points: pl.DataFrame, y: str = "task score") -> alt.LayerChart:
+    """The paper's trade-off: `y` (task score or task loss) against the rise of the general held-out loss, one point
+    per run coloured by method, the Pareto front (best score for its forgetting) drawn as a step line."""
+    methods = points["method"].unique().to_list()
+    dom = [m for m in METHOD_COLORS if m in methods] + sorted(m for m in methods if m not in METHOD_COLORS)
+    rng = [METHOD_COLORS.get(m, "#bcbd22") for m in dom]
+    color = alt.Color("method:N", scale=alt.Scale(domain=dom, range=rng), legend=alt.Legend(labelLimit=300))
+    tip = ["label:N", "method:N", "task:N", alt.Tooltip(f"{y}:Q", format=".4f"),
+           alt.Tooltip("general loss rise:Q", format="+.4f"), "lr:Q", "steps:Q"]
+    base = alt.Chart(points).encode(x=alt.X("general loss rise:Q", title="general held-out loss rise (lower = "
+                                            "less forgetting)", scale=alt.Scale(zero=False)),
+                                    y=alt.Y(f"{y}:Q", scale=alt.Scale(zero=False)))
+    dots = base.mark_point(filled=True, size=110).encode(color=color, tooltip=tip)
+    layers = [dots]
+    if y == "task score" and "pareto" in points.columns:
+        front = points.filter(pl.col("pareto"))
+        layers.insert(0, alt.Chart(front).mark_line(interpolate="step-after", color="#444", strokeDash=[5, 3])
+                      .encode(x="general loss rise:Q", y=f"{y}:Q"))
+    return alt.layer(*layers).properties(height=320, title=f"{y} vs general-loss rise")
 
 
 def convergence_chart(curve: pl.DataFrame) -> alt.Chart:

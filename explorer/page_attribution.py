@@ -29,10 +29,13 @@ if not ready:
     st.stop()
 
 c1, c2, c3, c4 = st.columns([1, 2, 1, 1])
-task = c1.selectbox("Task", tasks, key="att_task")
+task = state.pick_task(c1, tasks, "att_task")
 run_id = state.query(queries.latest_run, model_name, task)
+if not state.query(queries.run_detail, run_id)["tokens"]:
+    state.no_token_note(model_name, task)
+    st.stop()
 samples = state.query(queries.list_samples, run_id, 200)
-labels = {r["sample_id"]: f"#{r['sample_id']} ({r['n_tokens']} tok) {r['preview'][:50]}"
+labels = {r["sample_id"]: f"#{r['sample_id']} ({r['n_tokens']} tok) {(r['preview'] or '(no text)')[:50]}"
           for r in samples.iter_rows(named=True)}
 sid = c2.selectbox("Sample", list(labels), format_func=labels.get, key=f"att_sample_{run_id}")
 layer = c3.selectbox("Layer", lay["layers"], key="att_layer")

@@ -18,23 +18,52 @@ work = state.workdir()
 files = state.task_files()
 jobs.ensure_standby(work)  # a warm runner makes Train → first loss point several seconds faster
 
-task = st.selectbox("Task to tune", tasks, index=0, key="sel_task")
+task = state.pick_task(st, tasks, "sel_task", "Task to tune")
 metric, norm, p = state.score_controls("sel", default_metric="token")
 sc = state.scores(model, tasks, metric, norm)
 
 tab_sel, tab_con, tab_stab = st.tabs(["Top-p selection", "Contrast", "Stability"])
+# Clicked cells toggle experts on top of the automatic selection: {(layer, expert)} per selection parameters.
+tog_key = f"sel_toggles_{task}_{metric}_{norm}_{p}"
+toggles: set = st.session_state.setdefault(tog_key, set())
+n_clicks = st.session_state.setdefault("sel_clicks", 0)
+
+
+def toggled(sel: pl.DataFrame) -> pl.DataFrame:
+    """`sel` with the clicked cells flipped in its `selected` column."""
+    if not toggles:
+        return sel
+    flip = pl.DataFrame([{"layer": a, "expert": b} for a, b in toggles],
+                        schema={"layer": sel.schema["layer"], "expert": sel.schema["expert"]}).with_columns(
+        _flip=pl.lit(True))
+    return sel.join(flip, on=["layer", "expert"], how="left").with_columns(
+        selected=pl.col("selected") ^ pl.col("_flip").fill_null(False)).drop("_flip")
+
+
 with tab_sel:
-    base_sel = queries.select_top_p(sc.filter(pl.col("task") == task), p)
-    state.chart(charts.score_heatmap(base_sel, title=f"{task}: {metric} score, outlined = selected (p = {p:g})",
-                                     selected=base_sel.filter(pl.col("selected")).select("layer", "expert")))
+    base_sel = toggled(queries.select_top_p(sc.filter(pl.col("task") == task), p))
+    ev = state.chart(charts.score_heatmap(base_sel, title=f"{task}: {metric} score, outlined = selected (p = {p:g})",
+                                          selected=base_sel.filter(pl.col("selected")).select("layer", "expert")),
+                     key=f"sel_heat_{n_clicks}", on_select="rerun")
+    cell = state.clicked_cell(ev)
+    if cell:  # toggle, then redraw the chart under a new key so the same cell can be clicked again
+        toggles ^= {cell}
+        st.session_state["sel_clicks"] = n_clicks + 1
+        st.rerun()
+    st.caption("Click a cell to add or remove that expert from the selection (outlined = selected)."
+               + (f" {len(toggles)} cell(s) changed by hand." if toggles else ""))
+    if toggles and st.button("Undo clicked changes", key="sel_untoggle"):
+        toggles.clear()
+        st.rerun()
 with tab_con:
     others = [t for t in tasks if t != task]
-    against = st.multiselect("Contrast against", others, default=others, key="sel_against",
+    against = st.multiselect("Contrast against", others, default=others, key=f"sel_against_{task}",
                              help="Prefer experts this task uses more than the contrast tasks do")
     lam = st.number_input("Contrast weight λ", 0.0, 10.0, 1.0, 0.1, key="sel_lambda",
                           help="c = max(0, s_task − λ·s_contrast), renormalised per layer (esft select "
                                "--contrast-weight)")
-    con_sel = state.query(queries.contrast_selection, model, task, tuple(against), metric, norm, p, float(lam))
+    con_sel = toggled(state.query(queries.contrast_selection, model, task, tuple(against), metric, norm, p,
+                                  float(lam)))
     state.chart(charts.score_heatmap(con_sel, title="contrast score max(0, s_task − s_contrast), per-layer share",
                                      selected=con_sel.filter(pl.col("selected")).select("layer", "expert"),
                                      scheme="magma", name="contrast_cell"))
@@ -58,10 +87,10 @@ with tab_stab:
 chosen_sel = (con_sel if use_contrast and against else base_sel)
 selection = queries.selection_dict(chosen_sel.with_columns(task=pl.lit(task)), task, by_rank=True)
 st.subheader("Experts to train")
-edit_df = pl.DataFrame({"layer": list(selection), "experts": [", ".join(map(str, v)) for v in selection.values()],
-                        "count": [len(v) for v in selection.values()]})
-ed_key = f"sel_editor_{task}_{metric}_{norm}_{p}_{bool(use_contrast)}_{len(against)}_{lam}"
-edited = st.data_editor(edit_df, key=ed_key, hide_index=True, width="stretch", disabled=["layer", "count"],
+edit_df = pl.DataFrame({"layer": list(selection), "experts": [", ".join(map(str, v)) for v in selection.values()]})
+ed_key = (f"sel_editor_{task}_{metric}_{norm}_{p}_{bool(use_contrast)}_{'-'.join(against)}_{lam}_"
+          f"{hash(frozenset(toggles))}")
+edited = st.data_editor(edit_df, key=ed_key, hide_index=True, width="stretch", disabled=["layer"],
                         column_config={"experts": st.column_config.TextColumn(
                             "experts (comma-separated ids, editable)", width="large")})
 final: dict[int, list[int]] = {}
@@ -71,13 +100,20 @@ for row in edited.iter_rows(named=True) if isinstance(edited, pl.DataFrame) else
         final[int(row["layer"])] = ExpertConfig.parse_ids(str(row["experts"] or ""), lay["num_experts"])
     except EsftError as e:
         bad.append(f"layer {row['layer']}: {e}")
+        continue
+    typed = str(row["experts"] or "").replace(",", " ").split()
+    if len(typed) != len(final[int(row["layer"])]):
+        st.warning(f"Layer {row['layer']}: duplicate expert ids were merged ({', '.join(typed)} → "
+                   f"{', '.join(map(str, final[int(row['layer'])]))}).")
 for b in bad:
     st.error(b)
+if final:  # counts recomputed from the edited cells (the editor itself only holds text)
+    st.caption("Experts per layer: " + " · ".join(f"L{k}: {len(v)}" for k, v in final.items()))
 expert_cfg = ExpertConfig(final)
 facts = results.model_facts(model)
 n_sel = sum(len(v) for v in final.values())
 m1, m2, m3, m4 = st.columns(4)
-m1.metric("Selected experts", f"{n_sel}", f"{n_sel / max(len(final), 1):.1f} per layer", delta_color="off")
+m1.metric("Selected experts", f"{n_sel}", help=f"{n_sel / max(len(final), 1):.1f} per layer on average")
 m2.metric("Of all routed experts", f"{n_sel / max(len(final) * lay['num_experts'], 1):.1%}")
 if facts.get("per_expert"):
     trainable = n_sel * facts["per_expert"]
@@ -127,7 +163,10 @@ if go:
                            experts=runs.EXPERT_CFG if method in ("esft", "random") else None, steps=int(steps),
                            lr=float(lr), batch_size=int(batch), seq_len=int(seq_len), eval_data=eval_files,
                            eval_limit=int(eval_limit), save_every=max(1, int(steps) // 5))
-        job, run_dir = jobs.start_training(work, tcfg, task, expert_cfg if method in ("esft", "random") else None)
+        how = {"metric": metric, "normalize": norm, "p": p, "edited": bool(toggles) or final != selection,
+               "contrast": list(against) if use_contrast and against else []} if method in ("esft", "random") else {}
+        job, run_dir = jobs.start_training(work, tcfg, task, expert_cfg if method in ("esft", "random") else None,
+                                           selection=how)
         st.session_state["train_job"] = str(job.dir)
         st.session_state["train_started"] = time.time()
 

@@ -110,6 +110,29 @@ def latest_run(con: duckdb.DuckDBPyConnection, model: str, task: str) -> int | N
     return None if row is None or row[0] is None else int(row[0])
 
 
+def run_detail(con: duckdb.DuckDBPyConnection, run_id: int | None) -> dict:
+    """What a run holds beyond its aggregates: {'tokens': per-token rows exist, 'text': sample text exists}. The
+    authors' imported logs and aggregate-only recordings have neither, so token-level views explain instead."""
+    if run_id is None or not has_table(con, "tokens"):
+        return {"tokens": False, "text": False}
+    tok = _q(con, "SELECT EXISTS (SELECT 1 FROM tokens WHERE run_id = ?)", [run_id]).fetchone()[0]
+    txt = _q(con, "SELECT EXISTS (SELECT 1 FROM samples WHERE run_id = ? AND text IS NOT NULL)", [run_id]).fetchone()[0]
+    return {"tokens": bool(tok), "text": bool(txt)}
+
+
+def models_with_tokens(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """Models whose complete runs include per-token rows (the useful default model of a new session)."""
+    if not has_table(con, "tokens"):
+        return []
+    runs = complete_runs(con)
+    if runs.height == 0:
+        return []
+    ids = _q(con, "SELECT DISTINCT run_id FROM tokens").fetchall()
+    have = {int(r[0]) for r in ids}
+    return runs.filter(pl.col("run_id").is_in(list(have))).sort("run_id", descending=True)["model"].unique(
+        maintain_order=True).to_list()
+
+
 def db_summary(con: duckdb.DuckDBPyConnection) -> dict:
     """Row counts of the contract tables that exist."""
     out = {}

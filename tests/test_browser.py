@@ -133,6 +133,13 @@ def no_exception(page, name: str):
     assert dialogs.count() == 0, f"{name}: {dialogs.first.inner_text()}"
 
 
+def pick_model(page, name: str):
+    """Choose the sidebar model whose label contains `name`."""
+    click(page, page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').first, "model-picker")
+    click(page, page.get_by_role("option").filter(has_text=name).first, "model-option")
+    wait_idle(page)
+
+
 def test_first_start_pages_and_training_in_a_real_browser(server, page):
     # First start: no DB → the demo tasks are recorded in the background, with progress on the Runs page.
     open_page(page, server, "", "Runs")  # the default page lives at /
@@ -146,6 +153,13 @@ def test_first_start_pages_and_training_in_a_real_browser(server, page):
     page.get_by_text("Runs in this database").wait_for()
     page.locator('[data-testid="stMetricValue"]', has_text="2").first.wait_for()
     no_exception(page, "runs")
+    # Defect 13: /runs is the Runs page too (not "Page not found").
+    open_page(page, server, "runs", "Runs")
+    no_exception(page, "runs-url")
+    # Defect 1: the authors' routing logs (no token text) imported as the newest model must not crash any page.
+    subprocess.run([sys.executable, "-m", "esft_core.cli", "import-official",
+                    str(REPO / "tests" / "fixtures" / "esft-official" / "expert_scores" / "law"), "--task", "law",
+                    "--db", str(server["tmp"] / "traces.duckdb")], check=True, capture_output=True, timeout=120)
     # Uploads are validated: a malformed record is rejected with its line number.
     bad = server["tmp"] / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"oops": 1}\n', encoding="utf-8")
@@ -174,6 +188,21 @@ def test_first_start_pages_and_training_in_a_real_browser(server, page):
             assert page.locator(".esft-tokens .tok").count() > 10
             title = page.locator(".esft-tokens .tok").first.get_attribute("title")
             assert title.startswith("e") and "|" in title  # hover shows the K experts and weights
+
+    # Defect 1 + 2: the imported model, picked once, stays picked across pages; views without token text say so.
+    open_page(page, server, "tokens", "Tokens")
+    pick_model(page, "ESFT-vanilla-lite")
+    wait_text(page, "no token text", "tokens-imported")
+    no_exception(page, "tokens-imported")
+    for path, heading in (("attribution", "Attribution"), ("specialization", "Specialization"),
+                          ("overlap", "Overlap")):
+        open_page(page, server, path, heading)
+        model_box = page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').first
+        assert "ESFT-vanilla-lite" in model_box.inner_text(), f"{path}: model reset to {model_box.inner_text()}"
+        no_exception(page, f"{path}-imported")
+    open_page(page, server, "tokens", "Tokens")
+    pick_model(page, "tiny-moe")  # back to the recorded model for training
+    page.get_by_text("What one expert does").first.wait_for()
 
     # Train from the button: a short ESFT job with live loss, then evaluation vs the untuned model.
     open_page(page, server, "select-train", "Select & Train")
