@@ -325,11 +325,17 @@ def progress(job: Job) -> tuple[float | None, str]:
         total = int(job.meta.get("steps") or 0)
         if rows and total:
             s = int(rows[-1].get("step", len(rows)))
-            return min(s / total, 1.0), f"step {s}/{total} · loss {rows[-1].get('loss', float('nan')):.4f}"
+            label = f"step {s}/{total} · loss {rows[-1].get('loss', float('nan')):.4f}"
+            elapsed = rows[-1].get("elapsed")
+            if elapsed and 0 < s < total:  # ETA from the mean step time so far (evaluation afterwards not included)
+                label += f" · ETA {elapsed / s * (total - s):.0f} s"
+            return min(s / total, 1.0), label
         if step > 0:
             return None, f"evaluating ({step}/{n_cmd - 1})"
         return 0.0, "starting"
-    found = list(_TQDM.finditer(log_tail(job, 600)))
+    # transformers' "Loading weights: 100%" bar is not the job's work: only the bars after it count
+    tail = "\n".join(ln for ln in log_tail(job, 600).replace("\r", "\n").splitlines() if "Loading weights" not in ln)
+    found = list(_TQDM.finditer(tail))
     m = found[-1] if found else None
     frac_cmd = (int(m.group(1)) / max(int(m.group(2)), 1)) if m else 0.0
     what = job.commands[step][1] if step < len(job.commands) and len(job.commands[step]) > 1 else job.kind

@@ -111,8 +111,9 @@ def delete_run(run_dir: str | Path) -> None:
     info = read_run(run_dir)
     if not (info.dir / LAUNCH).is_file():
         raise EsftError(f"{info.dir} is not a training run directory (no {LAUNCH})")
-    if info.status in ("running", "queued"):
-        raise EsftError(f"run {info.name} is {info.status}; stop it before deleting it")
+    job_state = jobs.job_status(info.job).get("state") if info.job else None
+    if job_state in ("running", "queued"):  # only a live job blocks; a launch without a job can go
+        raise EsftError(f"run {info.name} is {job_state}; stop it before deleting it")
     shutil.rmtree(info.dir)
 
 

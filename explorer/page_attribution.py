@@ -78,7 +78,13 @@ if saved and saved[:5] == (run_id, sid, layer, int(expert), target):
     m1, m2, m3 = st.columns(3)
     m1.metric("Router logit", f"{res.logit:.3f}")
     m2.metric("Baseline logit", f"{res.baseline_logit:.3f}")
-    m3.metric("Completeness error δ", f"{res.delta:.4f}", help="|Σ attributions − (logit − baseline)|")
+    change = abs(res.logit - res.baseline_logit)
+    rel = res.delta / change if change > 1e-9 else 0.0
+    m3.metric("Completeness error δ", f"{res.delta:.4f}", f"{rel:.1%} of the logit change", delta_color="off",
+              help="|Σ attributions − (logit − baseline)|; integrated gradients are trusted below 5 %")
+    if rel > 0.05:
+        st.warning(f"δ is {rel:.1%} of the logit change, above the 5 % at which the attributions are trusted: "
+                   "raise the integration steps.")
     st.html(charts.attribution_html(res.tokens, res.scores, res.target))
     df = pl.DataFrame({"position": list(range(len(res.tokens))),
                        "token": [charts.visible_token(t) for t in res.tokens], "attribution": res.scores})

@@ -24,7 +24,7 @@ sc = state.scores(model, tasks, metric, norm)
 
 tab_sel, tab_con, tab_stab = st.tabs(["Top-p selection", "Contrast", "Stability"])
 # Clicked cells toggle experts on top of the automatic selection: {(layer, expert)} per selection parameters.
-tog_key = f"sel_toggles_{task}_{metric}_{norm}_{p}"
+tog_key = f"sel_toggles_{task}"  # shared with the Specialization page's "toggle in the selection" button
 toggles: set = st.session_state.setdefault(tog_key, set())
 n_clicks = st.session_state.setdefault("sel_clicks", 0)
 
@@ -186,8 +186,7 @@ if job_dir:
                 df = pl.DataFrame(rows).with_columns(run=pl.lit(job.meta.get("method", "run")))
                 state.chart(charts.loss_chart(df.select("step", "loss", "run")))
                 last = rows[-1]
-                st.caption(f"step {last['step']}/{job.meta.get('steps')} · loss {last['loss']:.4f} · "
-                           f"{last.get('tokens_per_s', 0):,.0f} tokens/s · {last.get('elapsed', 0):.1f} s")
+                st.caption(f"{last.get('tokens_per_s', 0):,.0f} tokens/s · {last.get('elapsed', 0):.1f} s elapsed")
             elif not job.done:
                 st.caption("Loading the model and packing the data…")
             if not job.done and st.button("Stop training", key=f"stop_{job.id}"):

@@ -19,7 +19,7 @@ sc = state.scores(model, chosen, metric, norm)
 
 # --------------------------------------------------------------------------------------------------------- heatmap
 st.subheader("Score per layer and expert")
-focus = st.selectbox("Heatmap task", chosen, key="spec_focus")
+focus = state.pick_task(st, chosen, "spec_focus", "Heatmap task")
 sel = queries.select_top_p(sc, p)
 one = sel.filter(pl.col("task") == focus)
 picked = one.filter(pl.col("selected")).select("layer", "expert")
@@ -33,7 +33,17 @@ if cell:
     row = one.filter((pl.col("layer") == layer) & (pl.col("expert") == expert))
     c1, c2 = st.columns([1, 2])
     c1.metric(f"Layer {layer}, expert {expert}", f"{row['score'][0]:.4f}", help="score of the clicked cell")
-    c1.caption(f"rank {row['rank'][0]} in its layer; {'selected' if row['selected'][0] else 'not selected'}")
+    c1.caption(f"rank {row['rank'][0]} in its layer; {'selected' if row['selected'][0] else 'not selected'} "
+               f"at p = {p:g}")
+    toggles: set = st.session_state.setdefault(f"sel_toggles_{focus}", set())
+    flipped = (layer, expert) in toggles
+    if c1.button("Undo the change to the training selection" if flipped else
+                 ("Remove from" if row["selected"][0] else "Add to") + " the training selection",
+                 key=f"spec_toggle_{layer}_{expert}"):
+        toggles ^= {(layer, expert)}
+        st.rerun()
+    if toggles:
+        c1.caption(f"{len(toggles)} expert(s) of {focus} changed by hand; see **Select & Train**.")
     run_ids = [state.query(queries.latest_run, model, t) for t in chosen]
     tt = state.query(queries.top_tokens, [r for r in run_ids if r is not None], layer, expert, 8)
     names = {r: t for r, t in zip(run_ids, chosen, strict=True)}

@@ -192,6 +192,17 @@ def clicked_cell(state) -> tuple[int, int] | None:
     return None
 
 
+def clicked(state, name: str, fields: tuple[str, ...]) -> tuple | None:
+    """The clicked point of selection parameter `name` as a tuple of `fields` (None when nothing is clicked)."""
+    try:
+        v = state.selection.get(name)
+    except AttributeError:
+        return None
+    if isinstance(v, list) and v and all(f in v[0] for f in fields):
+        return tuple(v[0][f] for f in fields)
+    return None
+
+
 # -------------------------------------------------------------------------------------------------------- jobs & IO
 def task_files(data_dir: Path | None = None) -> dict[str, dict[str, Path]]:
     """Shipped tasks: {task: {'train': path, 'eval': path}} from ESFT_DATA_DIR/tasks/."""

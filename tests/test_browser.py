@@ -133,6 +133,37 @@ def no_exception(page, name: str):
     assert dialogs.count() == 0, f"{name}: {dialogs.first.inner_text()}"
 
 
+def click_chart(page, index: int, expect: str, name: str, skip: int = 0):
+    """Click points of the index-th chart (centre first, then a grid; `skip` of them left out) until `expect` (a
+    regex) shows up."""
+    chart = page.locator(".vega-embed").nth(index)
+    chart.scroll_into_view_if_needed()
+    box = chart.bounding_box()
+    for fx, fy in ((0.45, 0.55), (0.3, 0.4), (0.3, 0.7), (0.6, 0.4), (0.6, 0.7), (0.2, 0.55), (0.5, 0.3))[skip:]:
+        wait_idle(page)
+        page.mouse.click(box["x"] + fx * box["width"], box["y"] + fy * box["height"])
+        try:
+            page.get_by_text(re.compile(expect)).first.wait_for(timeout=4000)
+            wait_idle(page)
+            return
+        except Exception:
+            continue
+    page.screenshot(path=str(SHOTS / f"FAILED-{name}.png"), full_page=True)
+    raise AssertionError(f"{name}: clicking the chart never showed {expect!r}")
+
+
+def nav(page, title: str):
+    """Open a page through the sidebar navigation (keeps the browser session)."""
+    click(page, page.locator('[data-testid="stSidebarNav"]').get_by_role("link", name=title, exact=True), "nav")
+    page.get_by_role("heading", name=title).first.wait_for()
+    wait_idle(page)
+
+
+def sidebar_model(page) -> str:
+    return page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').first.evaluate(
+        "el => (el.querySelector('input') && el.querySelector('input').value) || el.innerText")
+
+
 def pick_model(page, name: str):
     """Choose the sidebar model whose label contains `name`."""
     click(page, page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').first, "model-picker")
@@ -196,13 +227,36 @@ def test_first_start_pages_and_training_in_a_real_browser(server, page):
     no_exception(page, "tokens-imported")
     for path, heading in (("attribution", "Attribution"), ("specialization", "Specialization"),
                           ("overlap", "Overlap")):
-        open_page(page, server, path, heading)
-        model_box = page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').first
-        assert "ESFT-vanilla-lite" in model_box.inner_text(), f"{path}: model reset to {model_box.inner_text()}"
+        nav(page, heading)  # through the sidebar: the same session (page.goto would start a new one)
+        assert "ESFT-vanilla-lite" in sidebar_model(page), f"{path}: model reset to {sidebar_model(page)}"
         no_exception(page, f"{path}-imported")
-    open_page(page, server, "tokens", "Tokens")
+    nav(page, "Tokens")
     pick_model(page, "tiny-moe")  # back to the recorded model for training
     page.get_by_text("What one expert does").first.wait_for()
+
+    # Linked views. Specialization: a clicked heatmap cell can be toggled in the training selection.
+    open_page(page, server, "specialization", "Specialization")
+    click_chart(page, 0, "Add to the training selection|Remove from the training selection", "spec-click")
+    click(page, page.get_by_role("button", name=re.compile("the training selection")).first, "spec-toggle")
+    wait_text(page, "changed by hand", "spec-toggled")
+    no_exception(page, "specialization-linked")
+    # Overlap: a clicked matrix cell lists the shared experts and opens one on the Tokens page.
+    nav(page, "Overlap")
+    click_chart(page, 0, r"shared top-\d+ experts", "overlap-click")
+    click(page, page.get_by_role("button", name="Open on the Tokens page"), "overlap-open")
+    page.get_by_role("heading", name="Tokens").first.wait_for()
+    wait_idle(page)
+    no_exception(page, "tokens-from-overlap")
+    # Tokens: from a token to its experts.
+    click(page, page.get_by_text("A token's experts"), "token-experts")
+    click(page, page.get_by_role("button", name=re.compile(r"expert \d+ · gate")).first, "token-expert-open")
+    wait_idle(page)
+    no_exception(page, "tokens-expert")
+    # Select & Train: the toggle made on Specialization is there; clicking a cell toggles one more.
+    nav(page, "Select & Train")
+    wait_text(page, "1 cell(s) changed by hand", "sel-toggles")
+    click_chart(page, 0, r"2 cell\(s\) changed by hand", "sel-click", skip=1)  # a cell other than the first
+    no_exception(page, "select-train-linked")
 
     # Train from the button: a short ESFT job with live loss, then evaluation vs the untuned model.
     open_page(page, server, "select-train", "Select & Train")
@@ -229,8 +283,29 @@ def test_first_start_pages_and_training_in_a_real_browser(server, page):
     print(f"Train button → first loss point: {first_loss_s:.2f} s")
     assert first_loss_s < 30
 
+    # Stop a longer run: it reads stopped (not failed), keeps its checkpoint, and Results resumes it.
+    open_page(page, server, "select-train", "Select & Train")
+    page.get_by_label("Steps").fill("40")
+    page.get_by_label("Eval examples per file").fill("2")
+    page.get_by_label("Sequence length").fill("128")
+    click(page, page.get_by_role("button", name="Train", exact=True), "train-2")
+    wait_text(page, re.compile(r"step \d+/40 · loss"), "second-loss")
+    click(page, page.get_by_role("button", name="Stop training"), "stop")
+    wait_text(page, "stopped", "stopped")
+    assert page.get_by_text("Job failed").count() == 0
+    no_exception(page, "train-stopped")
+    open_page(page, server, "results", "Results")
+    click(page, page.get_by_role("button", name=re.compile("^Resume ")).first, "resume")
+    second = next(d for d in work.iterdir() if d != runs[0])
+    deadline = time.monotonic() + 120
+    while json.loads((second / "train" / "run.json").read_text()).get("status") != "complete":
+        assert time.monotonic() < deadline, "the resumed run did not finish"
+        time.sleep(1)
     open_page(page, server, "results", "Results")
     page.get_by_text(runs[0].name).first.wait_for()
+    page.get_by_text("Trade-off: task gain against forgetting").wait_for()
+    page.get_by_text("task score vs general-loss rise").first.wait_for()  # chart title (svg text)
+    no_exception(page, "results-compare")
     click(page, page.get_by_role("button", name="Compute routing shift"), "routing-shift")
     page.get_by_text("weight on trained experts").first.wait_for(timeout=60_000)
     no_exception(page, "results")
