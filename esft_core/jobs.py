@@ -110,6 +110,25 @@ def start_job(workdir: str | Path, kind: str, commands: list[list[str]], title: 
     return load_job(d)
 
 
+def _wait_for_queue(d: Path, spec: dict) -> None:
+    """A job with meta['queue'] stays `queued` while an earlier job of the same queue (same workdir) is unfinished,
+    so heavy jobs (training, routing shift) run one after another instead of fighting for the CPU/GPU."""
+    queue = (spec.get("meta") or {}).get("queue")
+    if not queue:
+        return
+    mine = (spec.get("created") or 0, d.name)
+    while True:
+        ahead = [j for j in list_jobs(d.parent.parent) if j.dir != d and j.meta.get("queue") == queue
+                 and (_read_json(j.dir / "job.json").get("created") or 0, j.dir.name) < mine and not j.done]
+        if not ahead:
+            return
+        st = _read_json(d / "status.json")
+        if st.get("waiting_for") != ahead[0].id:
+            st["waiting_for"] = ahead[0].id
+            _write_json(d / "status.json", st)
+        time.sleep(0.5)
+
+
 def _env(extra: dict | None = None) -> dict:
     e = {**os.environ, **(extra or {}), "PYTHONUNBUFFERED": "1"}
     e.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -320,6 +339,8 @@ def progress(job: Job) -> tuple[float | None, str]:
     step = int(job.status.get("step", 0) or 0)
     if job.state == "complete":
         return 1.0, "done"
+    if job.state == "queued" and job.status.get("waiting_for"):
+        return 0.0, f"queued behind job {job.status['waiting_for']}"
     if job.kind == "train" and job.meta.get("out"):
         rows = read_metrics(job.meta["out"])
         total = int(job.meta.get("steps") or 0)
@@ -429,7 +450,7 @@ def start_training(workdir: str | Path, cfg, task: str, expert_cfg=None,
 
     runs.write_launch(run_dir, dataclasses.asdict(cfg), task, expert_cfg, base, selection=selection)
     meta = {"out": cfg.out, "run": str(run_dir), "steps": cfg.steps, "task": task, "method": cfg.method,
-            "model": cfg.model, "baseline": str(base) if base else None}
+            "model": cfg.model, "baseline": str(base) if base else None, "queue": "compute"}
     job = start_job(workdir, "train", cmds, title=f"{cfg.method} on {task} ({cfg.steps} steps)", meta=meta)
     runs.set_job(run_dir, job)
     return job, run_dir
@@ -452,7 +473,7 @@ def resume_training(workdir: str | Path, run_dir: str | Path, steps: int | None 
     job = start_job(workdir, "train", [argv], title=f"resume {info.name}",
                     meta={"out": str(info.train_dir), "run": str(info.dir), "steps": config.get("steps"),
                           "task": info.task, "method": config.get("method"), "model": config.get("model"),
-                          "baseline": info.launch.get("baseline")})
+                          "baseline": info.launch.get("baseline"), "queue": "compute"})
     runs.set_job(Path(run_dir), job)
     return job
 
@@ -462,15 +483,14 @@ def start_routing_shift(workdir: str | Path, run_dir: str | Path, n_prompts: int
     the run directory (runs.RunInfo.routing_shift)."""
     return start_job(workdir, "shift", [[sys.executable, "-m", "esft_core.runs", "routing-shift", str(run_dir),
                                          str(int(n_prompts))]],
-                     title=f"Routing shift of {Path(run_dir).name}", meta={"run": str(run_dir), "n": int(n_prompts)})
+                     title=f"Routing shift of {Path(run_dir).name}",
+                     meta={"run": str(run_dir), "n": int(n_prompts), "queue": "compute"})
 
 
 # ------------------------------------------------------------------------------------------------------- the runner
 def _run(d: Path) -> int:
     spec = _read_json(d / "job.json")
     st = _read_json(d / "status.json")
-    st.update(state="running", pid=os.getpid(), started=time.time(), step=0)
-    _write_json(d / "status.json", st)
 
     def on_term(signum, frame):  # let the running command unwind (KeyboardInterrupt → the CLI returns 130)
         st.update(state="stopped", error="stopped by the user", finished=time.time())
@@ -480,6 +500,9 @@ def _run(d: Path) -> int:
     signal.signal(signal.SIGTERM, on_term)
     rc = 0
     try:
+        _wait_for_queue(d, spec)
+        st.update(state="running", pid=os.getpid(), started=time.time(), step=0)
+        _write_json(d / "status.json", st)
         for i, cmd in enumerate(spec.get("commands", [])):
             st["step"] = i
             _write_json(d / "status.json", st)

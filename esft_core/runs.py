@@ -209,7 +209,7 @@ def read_run(run_dir: str | Path) -> RunInfo:
     elif jst.get("state") == "failed" and status != "complete":
         status, error = "failed", error or jst.get("error")
     elif jst.get("state") in ("queued", "running") and status != "complete":
-        status = "running"
+        status = jst["state"]  # queued: waiting behind another job of its queue
     elif not jst and status == "running":  # no job to ask (launched elsewhere): trust run.json
         pass
     ev = _read(d / TRAIN / "eval.json") or run.get("eval") or {}

@@ -140,9 +140,10 @@ with st.form("train_form"):
     eval_limit = c6.number_input("Eval examples per file", 1, 10000, 16, key="tr_eval_limit")
     default_data = str(files[task]["train"]) if task in files else ""
     data = c7.text_input("Training data (chat JSONL/Parquet)", value=default_data, key=f"tr_data_{task}")
-    go = st.form_submit_button("Train", type="primary", disabled=bool(bad) or bool(active_train))
+    go = st.form_submit_button("Train", type="primary", disabled=bool(bad))
 if active_train:
-    st.caption("A training job is running; one at a time keeps this machine responsive.")
+    st.caption(f"{len(active_train)} training job(s) running or queued; a new one waits in the queue (one runs at a "
+               "time, so this machine stays responsive).")
 if go:
     from pathlib import Path
 
