@@ -18,7 +18,7 @@ work = state.workdir()
 files = state.task_files()
 jobs.ensure_standby(work)  # a warm runner makes Train → first loss point several seconds faster
 
-task = state.pick_task(st, tasks, "sel_task", "Task to tune")
+task = state.pick_task(st, tasks, "sel_task", "Task to tune", prefer="law")  # the demo task where ESFT shows fastest
 metric, norm, p = state.score_controls("sel", default_metric="token")
 sc = state.scores(model, tasks, metric, norm)
 
@@ -131,9 +131,12 @@ with st.form("train_form"):
     method = c1.selectbox("Method", ["esft", "fft", "lora", "random"], key="tr_method",
                           help="esft: only the experts above; fft: everything; lora: peft LoRA; random: as many "
                                "experts per layer as above, chosen at random (the paper's ablation)")
-    steps = c2.number_input("Steps", 1, 100000, 30, key="tr_steps")
-    lr = c3.number_input("Learning rate", 1e-6, 1.0, 1e-3, format="%.5f", key="tr_lr",
-                         help="1e-3 suits ESFT/LoRA on the demo; full fine-tuning (fft) usually wants ~1e-4")
+    # defaults measured on the demo (law, token score p = 0.2, batch 4, 16 eval examples): 40 steps at 5e-3 take
+    # exact match 0 → 0.56 (30 steps at 1e-3 left it at 0 while the loss fell)
+    steps = c2.number_input("Steps", 1, 100000, 40, key="tr_steps")
+    lr = c3.number_input("Learning rate", 1e-6, 1.0, 5e-3, format="%.5f", key="tr_lr",
+                         help="5e-3 makes ESFT visibly work on the demo in 40 steps; full fine-tuning (fft) usually "
+                              "wants ~1e-4 and LoRA ~1e-3")
     batch = c4.number_input("Batch size", 1, 256, 4, key="tr_batch")
     c5, c6, c7 = st.columns([1, 1, 2])
     seq_len = c5.number_input("Sequence length", 32, 8192, 256, step=32, key="tr_seq")

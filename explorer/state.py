@@ -132,15 +132,16 @@ def pick_model() -> str | None:
                                 help="Traces are compared within one model. The choice holds on every page.")
 
 
-def pick_task(container, tasks: list[str], key: str, label: str = "Task") -> str | None:
-    """A task picker that follows the session's task (`ctx_task`) and sets it."""
+def pick_task(container, tasks: list[str], key: str, label: str = "Task", prefer: str | None = None) -> str | None:
+    """A task picker that follows the session's task (`ctx_task`) and sets it; `prefer` is the first choice of a
+    session that has not picked a task yet."""
     if not tasks:
         return None
     ctx = st.session_state.get("ctx_task")
     if ctx in tasks:
         st.session_state[key] = ctx
     elif st.session_state.get(key) not in tasks:
-        st.session_state[key] = tasks[0]
+        st.session_state[key] = prefer if prefer in tasks else tasks[0]
     task = container.selectbox(label, tasks, key=key)
     st.session_state["ctx_task"] = task
     return task
