@@ -100,9 +100,11 @@ def start_job(workdir: str | Path, kind: str, commands: list[list[str]], title: 
     pid = _hand_to_standby(workdir, d) if env is None else None
     if pid is None:
         with open(d / "log.txt", "ab") as log:
-            pid = subprocess.Popen([sys.executable, "-m", "esft_core.jobs", "run", str(d)], stdout=log,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                                   env=_env(env), cwd=str(Path(__file__).resolve().parent.parent)).pid
+            proc = subprocess.Popen([sys.executable, "-m", "esft_core.jobs", "run", str(d)], stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                    env=_env(env), cwd=str(Path(__file__).resolve().parent.parent))
+            _reap(proc)
+            pid = proc.pid
     st = _read_json(d / "status.json")
     if st.get("state") == "queued":
         st["pid"] = pid
@@ -173,8 +175,17 @@ def ensure_standby(workdir: str | Path) -> int | None:
     proc = subprocess.Popen([sys.executable, "-m", "esft_core.jobs", "standby", str(workdir), str(os.getpid())],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
                             start_new_session=True, env=_env(), cwd=str(Path(__file__).resolve().parent.parent))
+    _reap(proc)
     (sd / f"starting-{proc.pid}").touch()
     return proc.pid
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    """Wait for a detached child in a daemon thread, so a long-lived parent (the Streamlit server) keeps no defunct
+    (zombie) entry once the runner exits."""
+    import threading
+
+    threading.Thread(target=proc.wait, daemon=True, name=f"reap-{proc.pid}").start()
 
 
 def _hand_to_standby(workdir: str | Path, d: Path) -> int | None:
