@@ -22,13 +22,13 @@ c1, c2 = st.columns(2)
 with c1:
     shared = queries.shared_topk(sc, k)
     ev = state.chart(charts.task_matrix(shared, "shared", f"Shared top-{k} experts (mean over layers)", fmt=".2f"),
-                     key="ov_shared", on_select="rerun")
+                     key="ov_shared", on_select="rerun", export=f"overlap-shared-top{k}")
     st.caption(f"Diagonal = {k}. Off-diagonal values near {k} mean two tasks use the same experts. "
                "Click a cell to list the shared experts.")
 with c2:
     wov = queries.weighted_overlap(sc)
     state.chart(charts.task_matrix(wov, "overlap", "Gate-weighted overlap Σ min(ŝa, ŝb)", fmt=".2f",
-                                   scheme="purples"))
+                                   scheme="purples"), export="overlap-gate-weighted")
     st.caption("Per layer, overlap of the two tasks' score distributions (1 = identical routing), averaged.")
 
 pair = state.clicked(ev, "pair", ("task_a", "task_b"))
@@ -48,7 +48,7 @@ if pair:
 st.subheader(f"Jaccard of selected sets per layer (top-p, p = {p:g})")
 sel = queries.select_top_p(sc, p)
 jac = queries.jaccard_by_layer(sel)
-state.chart(charts.jaccard_chart(jac))
+state.chart(charts.jaccard_chart(jac), export=f"overlap-jaccard-p{p:g}")
 mean_j = jac.group_by(["task_a", "task_b"]).agg(mean_jaccard=pl.col("jaccard").mean().round(4)).sort("mean_jaccard",
                                                                                                     descending=True)
 st.dataframe(mean_j, hide_index=True)

@@ -65,9 +65,9 @@ pts = results.tradeoff(table)
 if pts.height:
     c1, c2 = st.columns(2)
     with c1:
-        state.chart(charts.tradeoff_chart(pts, "task score"))
+        state.chart(charts.tradeoff_chart(pts, "task score"), export="tradeoff-task-score")
     with c2:
-        state.chart(charts.tradeoff_chart(pts, "task loss"))
+        state.chart(charts.tradeoff_chart(pts, "task loss"), export="tradeoff-task-loss")
     st.caption("One point per run; x = rise of the general held-out loss over the untuned model (the paper's "
                "'general ability' cost), dashed = Pareto front (no other run scores higher for less forgetting). "
                "Chart menu (⋯): save as SVG/PNG.")
@@ -86,7 +86,7 @@ if curves:
     df = pl.concat(curves, how="diagonal_relaxed")
     if x == "elapsed" and "elapsed" not in df.columns:
         x = "step"
-    state.chart(charts.loss_chart(results.smooth(df, alpha), x=x))
+    state.chart(charts.loss_chart(results.smooth(df, alpha), x=x), export=f"training-loss-{x}")
 
 # ----------------------------------------------------------------------------------------------- manage the runs
 with st.expander("Rename, tag, annotate or delete a run"):
@@ -146,7 +146,7 @@ def shift_panel():
         st.rerun(scope="app")  # stop polling
     st.caption(f"Same {shift['n']} prompts through the untuned model and the tuned one: `{shift['data']}`")
     df = pl.DataFrame(shift["rows"])
-    state.chart(charts.shift_chart(df))
+    state.chart(charts.shift_chart(df), export=f"routing-shift-{pick}")
     if shift.get("trained") is not None:
         st.caption("ESFT freezes the routers, so routing only moves where tuned experts upstream change the hidden "
                    "states. 'weight on trained experts' = share of routed gate weight landing on the tuned experts.")

@@ -44,7 +44,7 @@ with tab_sel:
     base_sel = toggled(queries.select_top_p(sc.filter(pl.col("task") == task), p))
     ev = state.chart(charts.score_heatmap(base_sel, title=f"{task}: {metric} score, outlined = selected (p = {p:g})",
                                           selected=base_sel.filter(pl.col("selected")).select("layer", "expert")),
-                     key=f"sel_heat_{n_clicks}", on_select="rerun")
+                     key=f"sel_heat_{n_clicks}", on_select="rerun", export=f"{task}-selection-{metric}-p{p:g}")
     cell = state.clicked_cell(ev)
     if cell:  # toggle, then redraw the chart under a new key so the same cell can be clicked again
         toggles ^= {cell}
@@ -66,7 +66,7 @@ with tab_con:
                                   float(lam)))
     state.chart(charts.score_heatmap(con_sel, title="contrast score max(0, s_task − s_contrast), per-layer share",
                                      selected=con_sel.filter(pl.col("selected")).select("layer", "expert"),
-                                     scheme="magma", name="contrast_cell"))
+                                     scheme="magma", name="contrast_cell"), export=f"{task}-contrast-{metric}-p{p:g}")
     use_contrast = st.checkbox("Use the contrast selection for training", key="sel_use_contrast",
                                disabled=not against)
 with tab_stab:
@@ -76,9 +76,9 @@ with tab_stab:
     with c1:
         state.chart(charts.score_heatmap(prob, value="prob", title="P(selected) over bootstrap resamples of samples",
                                          selected=prob.filter(pl.col("selected")).select("layer", "expert"),
-                                         scheme="greens", name="stab_cell"))
+                                         scheme="greens", name="stab_cell"), export=f"{task}-stability-{metric}-p{p:g}")
     with c2:
-        state.chart(charts.convergence_chart(curve))
+        state.chart(charts.convergence_chart(curve), export=f"{task}-convergence")
         unstable = prob.filter((pl.col("prob") > 0.05) & (pl.col("prob") < 0.95)).height
         st.caption(f"{unstable} (layer, expert) pairs are selected in between 5 % and 95 % of resamples. The curve: "
                    "how close the selection made from the first N tokens is to the final one.")
@@ -188,7 +188,7 @@ if job_dir:
             rows = jobs.read_metrics(job.meta["out"])
             if rows:
                 df = pl.DataFrame(rows).with_columns(run=pl.lit(job.meta.get("method", "run")))
-                state.chart(charts.loss_chart(df.select("step", "loss", "run")))
+                state.chart(charts.loss_chart(df.select("step", "loss", "run")), export=f"loss-{job.id}")
                 last = rows[-1]
                 st.caption(f"{last.get('tokens_per_s', 0):,.0f} tokens/s · {last.get('elapsed', 0):.1f} s elapsed")
             elif not job.done:

@@ -25,7 +25,7 @@ one = sel.filter(pl.col("task") == focus)
 picked = one.filter(pl.col("selected")).select("layer", "expert")
 event = state.chart(charts.score_heatmap(one, title=f"{focus}: {metric} score ({norm}-normalised); "
                                          f"outlined = selected at p = {p:g}", selected=picked),
-                    key="spec_heatmap", on_select="rerun")
+                    key="spec_heatmap", on_select="rerun", export=f"{focus}-{metric}-heatmap")
 cell = state.clicked_cell(event)
 if cell:
     layer, expert = cell
@@ -61,14 +61,14 @@ st.subheader("Concentration: cumulative score of the top experts")
 conc = queries.concentration(sc)
 spread = queries.concentration_spread(conc)
 max_n = st.slider("Show top n experts", 2, max(lay["num_experts"], 2), min(lay["num_experts"], 24), key="spec_maxn")
-state.chart(charts.concentration_chart(conc, spread, p, max_n))
+state.chart(charts.concentration_chart(conc, spread, p, max_n), export=f"concentration-{metric}")
 st.caption("Thin lines: one per layer (hover to highlight); band: 25–75 % of layers; thick: mean over layers; "
            "dashed: p. A curve that rises steeply means a few experts carry the task in that layer.")
 
 # --------------------------------------------------------------------------------------------------- experts needed
 st.subheader(f"Experts needed to reach p = {p:g}")
 need = queries.experts_needed(sc, p)
-state.chart(charts.experts_needed_chart(need, p))
+state.chart(charts.experts_needed_chart(need, p), export=f"experts-needed-p{p:g}")
 summary = need.group_by("task").agg(mean=pl.col("n_experts").mean().round(2), min=pl.col("n_experts").min(),
                                     max=pl.col("n_experts").max(), total=pl.col("n_experts").sum()).sort("task")
 st.dataframe(summary.with_columns(share=(pl.col("total") / (len(lay["layers"]) * max(lay["num_experts"], 1)))

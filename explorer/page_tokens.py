@@ -76,7 +76,7 @@ if tt is None or tt.height == 0:
 else:
     names = {r: t for t, r in run_ids.items()}
     tt = tt.with_columns(label=pl.col("run_id").replace_strict(names, default=None))
-    state.chart(charts.top_tokens_chart(tt))
+    state.chart(charts.top_tokens_chart(tt), export=f"top-tokens-L{e_layer}-E{expert}")
     st.caption("Bar colour: share of all uses of that token (at this layer) routed to this expert — 1.0 means the "
                "expert owns the token.")
 for t, r in run_ids.items():

@@ -173,12 +173,36 @@ def scores(model: str, tasks: list[str] | None, metric: str, normalize: str):
     return query(queries.expert_scores, model, None if tasks is None else list(tasks), metric, normalize)
 
 
-def chart(ch, key: str | None = None, on_select: str = "ignore", **kw):
-    """st.altair_chart with the selection API when asked (returns the selection state)."""
+def chart(ch, key: str | None = None, on_select: str = "ignore", export: str | None = None, **kw):
+    """st.altair_chart with the selection API when asked (returns the selection state); `export` (a file stem,
+    unique on the page) adds SVG/PNG downloads rendered on click (Streamlit's chart has no export menu)."""
+    out = None
     if on_select == "rerun":
-        return st.altair_chart(ch, key=key, on_select="rerun", width="stretch", **kw)
-    st.altair_chart(ch, width="stretch", **kw)
-    return None
+        out = st.altair_chart(ch, key=key, on_select="rerun", width="stretch", **kw)
+    else:
+        st.altair_chart(ch, width="stretch", **kw)
+    if export:
+        export_buttons(ch, export)
+    return out
+
+
+def export_buttons(ch, name: str) -> None:
+    """Download the chart as SVG and PNG (vl-convert renders the Vega-Lite spec when the button is clicked)."""
+    import re
+
+    stem = "esft-" + re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")[:80]
+
+    def render(fmt: str):
+        import vl_convert as vlc
+
+        spec = ch.to_json()
+        return vlc.vegalite_to_svg(spec) if fmt == "svg" else vlc.vegalite_to_png(spec, scale=2)
+
+    c1, c2, _ = st.columns([1, 1, 8])
+    c1.download_button("SVG", data=lambda: render("svg"), file_name=f"{stem}.svg", mime="image/svg+xml",
+                       on_click="ignore", icon=":material/download:", type="tertiary")
+    c2.download_button("PNG", data=lambda: render("png"), file_name=f"{stem}.png", mime="image/png",
+                       on_click="ignore", icon=":material/download:", type="tertiary")
 
 
 def clicked_cell(state) -> tuple[int, int] | None:

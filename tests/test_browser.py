@@ -306,6 +306,14 @@ def test_first_start_pages_and_training_in_a_real_browser(server, page):
     page.get_by_text("Trade-off: task gain against forgetting").wait_for()
     page.get_by_text("task score vs general-loss rise").first.wait_for()  # chart title (svg text)
     no_exception(page, "results-compare")
+    with page.expect_download() as dl:  # charts export as SVG/PNG with meaningful names
+        click(page, page.get_by_role("button", name="SVG").first, "export-svg")
+    assert dl.value.suggested_filename == "esft-tradeoff-task-score.svg"
+    assert Path(dl.value.path()).read_text().lstrip().startswith("<svg")
+    with page.expect_download() as dl:
+        click(page, page.get_by_role("button", name="Download table (CSV)"), "export-csv")
+    assert dl.value.suggested_filename == "esft-runs-comparison.csv"
+    assert Path(dl.value.path()).read_text().startswith("label,method,task")
     click(page, page.get_by_role("button", name="Compute routing shift"), "routing-shift")
     page.get_by_text("weight on trained experts").first.wait_for(timeout=60_000)
     no_exception(page, "results")

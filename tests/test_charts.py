@@ -128,6 +128,9 @@ def test_linked_and_comparison_charts():
     assert len(d["layer"]) == 2 and d["layer"][0]["mark"]["interpolate"] == "step-after"  # front + points
     assert d["layer"][1]["encoding"]["color"]["scale"]["domain"] == ["ESFT-Token", "FFT", "random experts"]
     assert len(spec(charts.tradeoff_chart(pts, "task loss"))["layer"]) == 1
+    import vl_convert  # what the pages' SVG/PNG export buttons render with
+
+    assert vl_convert.vegalite_to_svg(charts.tradeoff_chart(pts).to_json()).lstrip().startswith("<svg")
     lc = spec(charts.loss_chart(pl.DataFrame({"step": [1, 2], "loss": [2.0, 1.0], "elapsed": [0.5, 1.0],
                                               "run": ["a long run label"] * 2}), x="elapsed"))
     assert lc["layer"][0]["encoding"]["x"]["field"] == "elapsed"
