@@ -370,7 +370,8 @@ def progress(job: Job) -> tuple[float | None, str]:
     found = list(_TQDM.finditer(tail))
     m = found[-1] if found else None
     frac_cmd = (int(m.group(1)) / max(int(m.group(2)), 1)) if m else 0.0
-    what = job.commands[step][1] if step < len(job.commands) and len(job.commands[step]) > 1 else job.kind
+    cmd = job.commands[step] if step < len(job.commands) else []
+    what = cmd[1] if len(cmd) > 1 and cmd[0] == "esft" else job.kind  # `esft record`, else e.g. "shift"
     label = f"command {step + 1}/{n_cmd} ({what})"
     if m:
         label += f" · {m.group(1)}/{m.group(2)}"

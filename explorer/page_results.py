@@ -53,10 +53,15 @@ if base.height:
 for r in shown:
     if r.status in ("failed", "stopped"):
         box = st.warning if r.status == "stopped" else st.error
-        box(f"{r.label}: **{r.status}** at step {r.run.get('step') or (r.metrics[-1]['step'] if r.metrics else 0)}"
-            f" — {r.error}. The last checkpoint is kept.")
-        if st.button(f"Resume {r.label} from the last checkpoint", key=f"res_resume_{r.name}"):
-            jobs.resume_training(work, r.dir)
+        at_step = int(r.run.get("step") or (r.metrics[-1]["step"] if r.metrics else 0))
+        box(f"{r.label}: **{r.status}** at step {at_step} — {r.error}. The last checkpoint is kept.")
+        c1, c2 = st.columns([1, 3])
+        planned = int(r.config.get("steps") or at_step + 1)
+        total = c1.number_input("Total steps", at_step + 1, 10_000_000, max(planned, at_step + 1),
+                                key=f"res_resume_steps_{r.name}", help="Resume to the planned step count or extend it")
+        c2.write("")
+        if c2.button(f"Resume {r.label} from the last checkpoint", key=f"res_resume_{r.name}"):
+            jobs.resume_training(work, r.dir, steps=int(total) if int(total) != planned else None)
             st.rerun()
 
 # -------------------------------------------------------------------------------------------------- trade-off chart

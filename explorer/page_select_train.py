@@ -22,7 +22,8 @@ task = state.pick_task(st, tasks, "sel_task", "Task to tune", prefer="law")  # t
 metric, norm, p = state.score_controls("sel", default_metric="token")
 sc = state.scores(model, tasks, metric, norm)
 
-tab_sel, tab_con, tab_stab = st.tabs(["Top-p selection", "Contrast", "Stability"])
+# on_change="rerun" tracks the open tab, so the bootstrap of the Stability tab only runs when it is open
+tab_sel, tab_con, tab_stab = st.tabs(["Top-p selection", "Contrast", "Stability"], key="sel_tabs", on_change="rerun")
 # Clicked cells toggle experts on top of the automatic selection: {(layer, expert)} per selection parameters.
 tog_key = f"sel_toggles_{task}"  # shared with the Specialization page's "toggle in the selection" button
 toggles: set = st.session_state.setdefault(tog_key, set())
@@ -70,18 +71,20 @@ with tab_con:
     use_contrast = st.checkbox("Use the contrast selection for training", key="sel_use_contrast",
                                disabled=not against)
 with tab_stab:
-    n_boot = st.slider("Bootstrap resamples", 10, 200, 40, 10, key="sel_boot")
-    prob, curve = state.query(queries.stability_view, model, task, metric, norm, p, n_boot)
-    c1, c2 = st.columns([3, 2])
-    with c1:
-        state.chart(charts.score_heatmap(prob, value="prob", title="P(selected) over bootstrap resamples of samples",
-                                         selected=prob.filter(pl.col("selected")).select("layer", "expert"),
-                                         scheme="greens", name="stab_cell"), export=f"{task}-stability-{metric}-p{p:g}")
-    with c2:
-        state.chart(charts.convergence_chart(curve), export=f"{task}-convergence")
-        unstable = prob.filter((pl.col("prob") > 0.05) & (pl.col("prob") < 0.95)).height
-        st.caption(f"{unstable} (layer, expert) pairs are selected in between 5 % and 95 % of resamples. The curve: "
-                   "how close the selection made from the first N tokens is to the final one.")
+    if tab_stab.open:  # computed only when the tab is opened
+        n_boot = st.slider("Bootstrap resamples", 10, 200, 40, 10, key="sel_boot")
+        prob, curve = state.query(queries.stability_view, model, task, metric, norm, p, n_boot)
+        c1, c2 = st.columns([3, 2])
+        with c1:
+            stab = charts.score_heatmap(prob, value="prob", title="P(selected) over bootstrap resamples of samples",
+                                        selected=prob.filter(pl.col("selected")).select("layer", "expert"),
+                                        scheme="greens", name="stab_cell")
+            state.chart(stab, export=f"{task}-stability-{metric}-p{p:g}")
+        with c2:
+            state.chart(charts.convergence_chart(curve), export=f"{task}-convergence")
+            unstable = prob.filter((pl.col("prob") > 0.05) & (pl.col("prob") < 0.95)).height
+            st.caption(f"{unstable} (layer, expert) pairs are selected in between 5 % and 95 % of resamples. The "
+                       "curve: how close the selection made from the first N tokens is to the final one.")
 
 # ---------------------------------------------------------------------------------------------- editable selection
 chosen_sel = (con_sel if use_contrast and against else base_sel)
@@ -166,7 +169,9 @@ if go:
         tcfg = TrainConfig(data=str(Path(data).expanduser().resolve()), out="", model=model, method=method,
                            experts=runs.EXPERT_CFG if method in ("esft", "random") else None, steps=int(steps),
                            lr=float(lr), batch_size=int(batch), seq_len=int(seq_len), eval_data=eval_files,
-                           eval_limit=int(eval_limit), save_every=max(1, int(steps) // 5))
+                           eval_limit=int(eval_limit),
+                           # a checkpoint at least every 50 steps: a stopped run resumes from close to where it was
+                           save_every=max(1, min(int(steps) // 5, 50)))
         how = {"metric": metric, "normalize": norm, "p": p, "edited": bool(toggles) or final != selection,
                "contrast": list(against) if use_contrast and against else []} if method in ("esft", "random") else {}
         job, run_dir = jobs.start_training(work, tcfg, task, expert_cfg if method in ("esft", "random") else None,

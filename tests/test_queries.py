@@ -283,7 +283,7 @@ def test_selection_editing_config_and_eval_comparison(tmp_path):
     table = results.runs_table(runs)
     row = table.row(0, named=True)
     assert row["adapter MB"] == 1.0 and row["peak RSS MB"] == 2.0 and row["general loss rise"] == 0.5
-    assert row["law score"] == 0.5 and row["final loss"] == 2.0
+    assert row["task score"] == 0.5 and row["task loss"] == 1.0 and row["final loss"] == 2.0
 
 
 def test_shared_experts_list_what_the_matrix_counts(sdb):
