@@ -195,7 +195,10 @@ if job_dir:
                 df = pl.DataFrame(rows).with_columns(run=pl.lit(job.meta.get("method", "run")))
                 state.chart(charts.loss_chart(df.select("step", "loss", "run")), export=f"loss-{job.id}")
                 last = rows[-1]
-                st.caption(f"{last.get('tokens_per_s', 0):,.0f} tokens/s · {last.get('elapsed', 0):.1f} s elapsed")
+                # step and loss are in the progress bar while it runs (one source, so they never disagree)
+                final = f"loss {last['loss']:.4f} at step {last['step']} · " if job.done else ""
+                st.caption(f"{final}{last.get('tokens_per_s', 0):,.0f} tokens/s · {last.get('elapsed', 0):.1f} s "
+                           "elapsed")
             elif not job.done:
                 st.caption("Loading the model and packing the data…")
             if not job.done and st.button("Stop training", key=f"stop_{job.id}"):

@@ -257,6 +257,9 @@ def test_first_start_pages_and_training_in_a_real_browser(server, page):
     wait_text(page, "1 cell(s) changed by hand", "sel-toggles")
     click_chart(page, 0, r"2 cell\(s\) changed by hand", "sel-click", skip=1)  # a cell other than the first
     no_exception(page, "select-train-linked")
+    click(page, page.get_by_role("tab", name="Stability"), "stability-tab")  # computed only once opened
+    wait_text(page, "pairs are selected in between", "stability")
+    no_exception(page, "select-train-stability")
 
     # Train from the button: a short ESFT job with live loss, then evaluation vs the untuned model.
     open_page(page, server, "select-train", "Select & Train")
@@ -265,7 +268,7 @@ def test_first_start_pages_and_training_in_a_real_browser(server, page):
     page.get_by_label("Sequence length").fill("128")
     t0 = time.monotonic()
     click(page, page.get_by_role("button", name="Train", exact=True), "train")
-    wait_text(page, re.compile(r"step \d/4 · loss"), "first-loss")
+    wait_text(page, re.compile(r"step \d/4 · loss|loss [\d.]+ at step \d"), "first-loss")  # running or done
     first_loss_s = time.monotonic() - t0
     no_exception(page, "train-running")
     wait_text(page, "Training finished", "train-finished", 120_000)
@@ -285,18 +288,27 @@ def test_first_start_pages_and_training_in_a_real_browser(server, page):
 
     # Stop a longer run: it reads stopped (not failed), keeps its checkpoint, and Results resumes it.
     open_page(page, server, "select-train", "Select & Train")
-    page.get_by_label("Steps").fill("40")
+    page.get_by_label("Steps").fill("5000")  # long enough to be stopped; resumed below to a few steps more
     page.get_by_label("Eval examples per file").fill("2")
     page.get_by_label("Sequence length").fill("128")
     click(page, page.get_by_role("button", name="Train", exact=True), "train-2")
-    wait_text(page, re.compile(r"step \d+/40 · loss"), "second-loss")
+    wait_text(page, re.compile(r"step \d+/5000 · loss"), "second-loss")
+    second = next(d for d in work.iterdir() if d != runs[0])
+    deadline = time.monotonic() + 120
+    while not list((second / "train" / "checkpoints").glob("step_*[0-9]")):  # the page checkpoints every 50 steps
+        assert time.monotonic() < deadline, "no checkpoint written"
+        time.sleep(0.3)
     click(page, page.get_by_role("button", name="Stop training"), "stop")
     wait_text(page, "stopped", "stopped")
     assert page.get_by_text("Job failed").count() == 0
     no_exception(page, "train-stopped")
+    stopped_at = json.loads((second / "train" / "run.json").read_text())["step"]
+    assert stopped_at >= 50 and json.loads((second / "train" / "run.json").read_text())["status"] != "complete"
     open_page(page, server, "results", "Results")
+    steps_box = page.get_by_role("spinbutton", name="Total steps")
+    steps_box.fill(str(stopped_at + 5))
+    steps_box.press("Enter")
     click(page, page.get_by_role("button", name=re.compile("^Resume ")).first, "resume")
-    second = next(d for d in work.iterdir() if d != runs[0])
     deadline = time.monotonic() + 120
     while json.loads((second / "train" / "run.json").read_text()).get("status") != "complete":
         assert time.monotonic() < deadline, "the resumed run did not finish"
