@@ -11,7 +11,7 @@ def page(name: str, title: str, icon: str, url: str, **kw) -> st.Page:
 
 pages = {
     "Traces": [
-        page("runs", "Runs", "database", "runs", default=True),
+        page("runs", "Runs", "database", "home", default=True),
         page("specialization", "Specialization", "local_fire_department", "specialization"),
         page("overlap", "Overlap", "join_inner", "overlap"),
         page("tokens", "Tokens", "text_fields", "tokens"),
@@ -21,6 +21,8 @@ pages = {
         page("select_train", "Select & Train", "build", "select-train"),
         page("results", "Results", "leaderboard", "results"),
     ],
-    "Tools": [page("sql", "SQL", "terminal", "sql")],
+    "Tools": [page("sql", "SQL", "terminal", "sql"),
+              # the default page is served at /; /runs (a bookmark, a shared link) opens the same page
+              page("runs", "Runs", "database", "runs", visibility="hidden")],
 }
 st.navigation(pages).run()

@@ -100,14 +100,35 @@ def start_job(workdir: str | Path, kind: str, commands: list[list[str]], title: 
     pid = _hand_to_standby(workdir, d) if env is None else None
     if pid is None:
         with open(d / "log.txt", "ab") as log:
-            pid = subprocess.Popen([sys.executable, "-m", "esft_core.jobs", "run", str(d)], stdout=log,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-                                   env=_env(env), cwd=str(Path(__file__).resolve().parent.parent)).pid
+            proc = subprocess.Popen([sys.executable, "-m", "esft_core.jobs", "run", str(d)], stdout=log,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                    env=_env(env), cwd=str(Path(__file__).resolve().parent.parent))
+            _reap(proc)
+            pid = proc.pid
     st = _read_json(d / "status.json")
     if st.get("state") == "queued":
         st["pid"] = pid
         _write_json(d / "status.json", st)
     return load_job(d)
+
+
+def _wait_for_queue(d: Path, spec: dict) -> None:
+    """A job with meta['queue'] stays `queued` while an earlier job of the same queue (same workdir) is unfinished,
+    so heavy jobs (training, routing shift) run one after another instead of fighting for the CPU/GPU."""
+    queue = (spec.get("meta") or {}).get("queue")
+    if not queue:
+        return
+    mine = (spec.get("created") or 0, d.name)
+    while True:
+        ahead = [j for j in list_jobs(d.parent.parent) if j.dir != d and j.meta.get("queue") == queue
+                 and (_read_json(j.dir / "job.json").get("created") or 0, j.dir.name) < mine and not j.done]
+        if not ahead:
+            return
+        st = _read_json(d / "status.json")
+        if st.get("waiting_for") != ahead[0].id:
+            st["waiting_for"] = ahead[0].id
+            _write_json(d / "status.json", st)
+        time.sleep(0.5)
 
 
 def _env(extra: dict | None = None) -> dict:
@@ -154,8 +175,17 @@ def ensure_standby(workdir: str | Path) -> int | None:
     proc = subprocess.Popen([sys.executable, "-m", "esft_core.jobs", "standby", str(workdir), str(os.getpid())],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
                             start_new_session=True, env=_env(), cwd=str(Path(__file__).resolve().parent.parent))
+    _reap(proc)
     (sd / f"starting-{proc.pid}").touch()
     return proc.pid
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    """Wait for a detached child in a daemon thread, so a long-lived parent (the Streamlit server) keeps no defunct
+    (zombie) entry once the runner exits."""
+    import threading
+
+    threading.Thread(target=proc.wait, daemon=True, name=f"reap-{proc.pid}").start()
 
 
 def _hand_to_standby(workdir: str | Path, d: Path) -> int | None:
@@ -320,19 +350,28 @@ def progress(job: Job) -> tuple[float | None, str]:
     step = int(job.status.get("step", 0) or 0)
     if job.state == "complete":
         return 1.0, "done"
+    if job.state == "queued" and job.status.get("waiting_for"):
+        return 0.0, f"queued behind job {job.status['waiting_for']}"
     if job.kind == "train" and job.meta.get("out"):
         rows = read_metrics(job.meta["out"])
         total = int(job.meta.get("steps") or 0)
         if rows and total:
             s = int(rows[-1].get("step", len(rows)))
-            return min(s / total, 1.0), f"step {s}/{total} · loss {rows[-1].get('loss', float('nan')):.4f}"
+            label = f"step {s}/{total} · loss {rows[-1].get('loss', float('nan')):.4f}"
+            elapsed = rows[-1].get("elapsed")
+            if elapsed and 0 < s < total:  # ETA from the mean step time so far (evaluation afterwards not included)
+                label += f" · ETA {elapsed / s * (total - s):.0f} s"
+            return min(s / total, 1.0), label
         if step > 0:
             return None, f"evaluating ({step}/{n_cmd - 1})"
         return 0.0, "starting"
-    found = list(_TQDM.finditer(log_tail(job, 600)))
+    # transformers' "Loading weights: 100%" bar is not the job's work: only the bars after it count
+    tail = "\n".join(ln for ln in log_tail(job, 600).replace("\r", "\n").splitlines() if "Loading weights" not in ln)
+    found = list(_TQDM.finditer(tail))
     m = found[-1] if found else None
     frac_cmd = (int(m.group(1)) / max(int(m.group(2)), 1)) if m else 0.0
-    what = job.commands[step][1] if step < len(job.commands) and len(job.commands[step]) > 1 else job.kind
+    cmd = job.commands[step] if step < len(job.commands) else []
+    what = cmd[1] if len(cmd) > 1 and cmd[0] == "esft" else job.kind  # `esft record`, else e.g. "shift"
     label = f"command {step + 1}/{n_cmd} ({what})"
     if m:
         label += f" · {m.group(1)}/{m.group(2)}"
@@ -404,7 +443,7 @@ def train_argv(cfg, resume: bool = False) -> list[str]:
 
 
 def start_training(workdir: str | Path, cfg, task: str, expert_cfg=None,
-                   eval_baseline: bool = True) -> tuple[Job, Path]:
+                   eval_baseline: bool = True, selection: dict | None = None) -> tuple[Job, Path]:
     """Launch `esft train` for `cfg` (a TrainConfig) in a new run directory (esft_core/runs.py layout); with eval data
     and `eval_baseline`, the untuned model is evaluated on the same files first unless cached. Returns (job, run
     dir). `cfg.out` and (with an expert config) `cfg.experts` are set to paths inside the run directory."""
@@ -424,9 +463,9 @@ def start_training(workdir: str | Path, cfg, task: str, expert_cfg=None,
                          str(cfg.eval_limit), "--seq-len", str(cfg.seq_len), "--out", str(base)])
     import dataclasses
 
-    runs.write_launch(run_dir, dataclasses.asdict(cfg), task, expert_cfg, base)
+    runs.write_launch(run_dir, dataclasses.asdict(cfg), task, expert_cfg, base, selection=selection)
     meta = {"out": cfg.out, "run": str(run_dir), "steps": cfg.steps, "task": task, "method": cfg.method,
-            "model": cfg.model, "baseline": str(base) if base else None}
+            "model": cfg.model, "baseline": str(base) if base else None, "queue": "compute"}
     job = start_job(workdir, "train", cmds, title=f"{cfg.method} on {task} ({cfg.steps} steps)", meta=meta)
     runs.set_job(run_dir, job)
     return job, run_dir
@@ -449,7 +488,7 @@ def resume_training(workdir: str | Path, run_dir: str | Path, steps: int | None 
     job = start_job(workdir, "train", [argv], title=f"resume {info.name}",
                     meta={"out": str(info.train_dir), "run": str(info.dir), "steps": config.get("steps"),
                           "task": info.task, "method": config.get("method"), "model": config.get("model"),
-                          "baseline": info.launch.get("baseline")})
+                          "baseline": info.launch.get("baseline"), "queue": "compute"})
     runs.set_job(Path(run_dir), job)
     return job
 
@@ -459,15 +498,14 @@ def start_routing_shift(workdir: str | Path, run_dir: str | Path, n_prompts: int
     the run directory (runs.RunInfo.routing_shift)."""
     return start_job(workdir, "shift", [[sys.executable, "-m", "esft_core.runs", "routing-shift", str(run_dir),
                                          str(int(n_prompts))]],
-                     title=f"Routing shift of {Path(run_dir).name}", meta={"run": str(run_dir), "n": int(n_prompts)})
+                     title=f"Routing shift of {Path(run_dir).name}",
+                     meta={"run": str(run_dir), "n": int(n_prompts), "queue": "compute"})
 
 
 # ------------------------------------------------------------------------------------------------------- the runner
 def _run(d: Path) -> int:
     spec = _read_json(d / "job.json")
     st = _read_json(d / "status.json")
-    st.update(state="running", pid=os.getpid(), started=time.time(), step=0)
-    _write_json(d / "status.json", st)
 
     def on_term(signum, frame):  # let the running command unwind (KeyboardInterrupt → the CLI returns 130)
         st.update(state="stopped", error="stopped by the user", finished=time.time())
@@ -477,6 +515,9 @@ def _run(d: Path) -> int:
     signal.signal(signal.SIGTERM, on_term)
     rc = 0
     try:
+        _wait_for_queue(d, spec)
+        st.update(state="running", pid=os.getpid(), started=time.time(), step=0)
+        _write_json(d / "status.json", st)
         for i, cmd in enumerate(spec.get("commands", [])):
             st["step"] = i
             _write_json(d / "status.json", st)

@@ -5,6 +5,7 @@
       expert_cfg.json   the expert config trained (esft/random), the authors' format
       train/            the `esft train --out` directory: run.json (status), metrics.jsonl, checkpoints/, adapter/,
                         eval.json (esft_core/train.py owns this layout)
+      notes.json        the user's label, tags and notes (`annotate`); never touched by training
       routing_shift.json  written by the routing-shift job (`python -m esft_core.runs routing-shift RUN_DIR N`)
 
 `read_run` reconciles the recorded status with the job that runs it: a run whose job was stopped reads `stopped`,
@@ -30,6 +31,7 @@ LAUNCH = "launch.json"
 EXPERT_CFG = "expert_cfg.json"
 TRAIN = "train"
 SHIFT = "routing_shift.json"
+NOTES = "notes.json"
 
 
 def runs_root(workdir: str | Path) -> Path:
@@ -70,11 +72,49 @@ def new_run_dir(workdir: str | Path, task: str, method: str) -> Path:
 
 
 def write_launch(run_dir: Path, config: dict, task: str, expert_cfg: ExpertConfig | None, baseline: Path | None,
-                 job_id: str | None = None) -> None:
+                 job_id: str | None = None, selection: dict | None = None) -> None:
+    """`selection`: how the experts were chosen ({'metric', 'normalize', 'p', 'contrast': [tasks], 'edited'}), shown
+    as hyperparameter columns on the Results page; kept when the launch is rewritten (resume with new steps)."""
     if expert_cfg is not None:
         expert_cfg.save(run_dir / EXPERT_CFG)
+    old = _read(run_dir / LAUNCH)
     _write(run_dir / LAUNCH, {"config": config, "task": task, "baseline": str(baseline) if baseline else None,
-                              "job": job_id, "created": time.time()})
+                              "job": job_id, "created": old.get("created") or time.time(),
+                              "selection": selection if selection is not None else old.get("selection")})
+
+
+def annotate(run_dir: str | Path, label: str | None = None, tags: list[str] | None = None,
+             notes: str | None = None) -> dict:
+    """Set a run's display label, tags and notes (None leaves a field as it is); stored in the run's notes.json.
+    A label must be one line of at most 80 characters."""
+    d = Path(run_dir)
+    if not (d / LAUNCH).is_file():
+        raise EsftError(f"{d} is not a training run directory (no {LAUNCH})")
+    cur = _read(d / NOTES)
+    if label is not None:
+        label = label.strip()
+        if "\n" in label or len(label) > 80:
+            raise EsftError(f"run label {label[:40]!r}… must be one line of at most 80 characters")
+        cur["label"] = label
+    if tags is not None:
+        cur["tags"] = sorted({t.strip() for t in tags if t.strip()})
+    if notes is not None:
+        cur["notes"] = notes
+    _write(d / NOTES, cur)
+    return cur
+
+
+def delete_run(run_dir: str | Path) -> None:
+    """Remove a finished run's directory (checkpoints, adapter, notes). A running run is refused: stop it first."""
+    import shutil
+
+    info = read_run(run_dir)
+    if not (info.dir / LAUNCH).is_file():
+        raise EsftError(f"{info.dir} is not a training run directory (no {LAUNCH})")
+    job_state = jobs.job_status(info.job).get("state") if info.job else None
+    if job_state in ("running", "queued"):  # only a live job blocks; a launch without a job can go
+        raise EsftError(f"run {info.name} is {job_state}; stop it before deleting it")
+    shutil.rmtree(info.dir)
 
 
 def set_job(run_dir: Path, job: jobs.Job) -> None:
@@ -132,6 +172,28 @@ class RunInfo:
     def routing_shift(self) -> dict:
         return _read(self.dir / SHIFT)
 
+    @property
+    def notes(self) -> dict:
+        """{'label', 'tags', 'notes'} as the user set them (annotate)."""
+        return _read(self.dir / NOTES)
+
+    @property
+    def label(self) -> str:
+        return self.notes.get("label") or self.name
+
+    @property
+    def selection(self) -> dict:
+        return self.launch.get("selection") or {}
+
+    @property
+    def method_label(self) -> str:
+        """The paper's method names: ESFT-Token / ESFT-Gate (by the selection score), FFT, LoRA, random experts."""
+        m = self.config.get("method") or self.run.get("method") or "?"
+        if m == "esft":
+            metric = self.selection.get("metric")
+            return {"token": "ESFT-Token", "gate": "ESFT-Gate"}.get(metric, "ESFT")
+        return {"fft": "FFT", "lora": "LoRA", "random": "random experts"}.get(m, m)
+
 
 def read_run(run_dir: str | Path) -> RunInfo:
     """The one reader of a run directory. Status: the job's final state wins over a run.json left `running` (a
@@ -147,7 +209,7 @@ def read_run(run_dir: str | Path) -> RunInfo:
     elif jst.get("state") == "failed" and status != "complete":
         status, error = "failed", error or jst.get("error")
     elif jst.get("state") in ("queued", "running") and status != "complete":
-        status = "running"
+        status = jst["state"]  # queued: waiting behind another job of its queue
     elif not jst and status == "running":  # no job to ask (launched elsewhere): trust run.json
         pass
     ev = _read(d / TRAIN / "eval.json") or run.get("eval") or {}

@@ -34,10 +34,10 @@ def score_heatmap(scores: pl.DataFrame, value: str = "score", title: str = "", s
     tooltip = [alt.Tooltip("layer:O"), alt.Tooltip("expert:O"), alt.Tooltip(f"{value}:Q", format=".4f")]
     for extra in ("rank", "cum", "raw", "contrast_mean", "prob"):
         if extra in scores.columns and extra != value:
-            tooltip.append(alt.Tooltip(f"{extra}:Q", format=".4f"))
+            tooltip.append(alt.Tooltip(f"{extra}:Q", format="d" if extra == "rank" else ".4f"))
     base = alt.Chart(scores).mark_rect().encode(
         x=alt.X("expert:O", axis=_expert_axis(n_exp), sort="ascending"),
-        y=alt.Y("layer:O", title="layer", sort="ascending"),
+        y=alt.Y("layer:O", title="layer", sort="ascending", axis=alt.Axis(labelOverlap=False)),
         color=alt.Color(f"{value}:Q", scale=alt.Scale(scheme=scheme), title=value),
         opacity=alt.condition(pick, alt.value(1.0), alt.value(0.55)),
         tooltip=tooltip,
@@ -47,7 +47,8 @@ def score_heatmap(scores: pl.DataFrame, value: str = "score", title: str = "", s
         outline = alt.Chart(selected.select("layer", "expert")).mark_rect(
             fill=None, stroke="white", strokeWidth=1.5).encode(x="expert:O", y="layer:O")
         chart = alt.layer(base, outline)
-    return chart.properties(title=title, height=_layer_height(n_layers))
+    # a fixed step per layer row (not a total height the layout may squeeze): every layer labelled, ≥ CELL_H px
+    return chart.properties(title=title, height=alt.Step(max(CELL_H + 4, 160 // max(n_layers, 1))))
 
 
 def concentration_chart(conc: pl.DataFrame, spread: pl.DataFrame, p: float | None = None,
@@ -61,8 +62,8 @@ def concentration_chart(conc: pl.DataFrame, spread: pl.DataFrame, p: float | Non
     hover = alt.selection_point(name="layer_hover", fields=["layer"], on="pointerover", clear="pointerout")
     lines = alt.Chart(conc).mark_line(strokeWidth=1).encode(
         x=x, y=alt.Y("cum:Q", title="cumulative score"), detail="layer:N",
-        color=alt.Color("task:N"),
-        opacity=alt.condition(hover, alt.value(0.9), alt.value(0.18)),
+        color=alt.Color("task:N", scale=alt.Scale(scheme="dark2"), legend=alt.Legend(labelLimit=300)),
+        opacity=alt.condition(hover, alt.value(0.9), alt.value(0.25)),
         tooltip=["task:N", "layer:O", "n:Q", alt.Tooltip("cum:Q", format=".3f")],
     ).add_params(hover)
     band = alt.Chart(spread).mark_area(opacity=0.25).encode(x=x, y="q25:Q", y2="q75:Q", color="task:N")
@@ -87,7 +88,8 @@ def experts_needed_chart(needed: pl.DataFrame, p: float) -> alt.Chart:
 
 def task_matrix(df: pl.DataFrame, value: str, title: str, fmt: str = ".2f", scheme: str = "blues") -> alt.LayerChart:
     """Task × task matrix with the value printed in each cell (few tasks, so labels stay legible)."""
-    base = alt.Chart(df).encode(x=alt.X("task_b:N", title=None), y=alt.Y("task_a:N", title=None))
+    base = alt.Chart(df).encode(x=alt.X("task_b:N", title=None, axis=alt.Axis(labelOverlap=False, labelAngle=-30)),
+                                y=alt.Y("task_a:N", title=None, axis=alt.Axis(labelOverlap=False)))
     rect = base.mark_rect().encode(color=alt.Color(f"{value}:Q", scale=alt.Scale(scheme=scheme), title=value),
                                    tooltip=["task_a:N", "task_b:N", alt.Tooltip(f"{value}:Q", format=fmt)])
     lo, hi = float(df[value].min() or 0), float(df[value].max() or 0)
@@ -95,15 +97,22 @@ def task_matrix(df: pl.DataFrame, value: str, title: str, fmt: str = ".2f", sche
         text=alt.Text(f"{value}:Q", format=fmt),
         color=alt.condition(f"datum.{value} > {(lo + hi) / 2}", alt.value("white"), alt.value("black")))
     n = max(df["task_a"].n_unique(), 1)
-    return alt.layer(rect, text).properties(title=title, width=max(200, 60 * n), height=max(160, 40 * n))
+    # click a cell: selection parameter `pair` (task_a, task_b) for the linked list of shared experts
+    pick = alt.selection_point(name="pair", fields=["task_a", "task_b"], on="click", clear="dblclick")
+    rect = rect.add_params(pick)
+    return alt.layer(rect, text).properties(title=title, width=max(200, 60 * n), height=alt.Step(max(28, 160 // n)))
 
 
 def jaccard_chart(jac: pl.DataFrame) -> alt.Chart:
     """Per-layer Jaccard of selected sets, one line per task pair; legend click highlights a pair."""
     df = jac.with_columns(pair=pl.col("task_a") + " · " + pl.col("task_b"))
     sel = alt.selection_point(name="pair", fields=["pair"], bind="legend")
+    n_pairs = df["pair"].n_unique()
+    # up to 20 pairs get distinct colours (category20); the legend lists every pair, never truncated
+    color = alt.Color("pair:N", scale=alt.Scale(scheme="category10" if n_pairs <= 10 else "category20"),
+                      legend=alt.Legend(labelLimit=300, symbolLimit=0, columns=1 if n_pairs <= 12 else 2))
     return alt.Chart(df).mark_line(point=True).encode(
-        x=alt.X("layer:O"), y=alt.Y("jaccard:Q", scale=alt.Scale(domain=[0, 1])), color="pair:N",
+        x=alt.X("layer:O"), y=alt.Y("jaccard:Q", scale=alt.Scale(domain=[0, 1])), color=color,
         opacity=alt.condition(sel, alt.value(1.0), alt.value(0.15)),
         tooltip=["pair:N", "layer:O", alt.Tooltip("jaccard:Q", format=".3f")],
     ).add_params(sel).properties(height=260)
@@ -134,15 +143,43 @@ def top_tokens_chart(df: pl.DataFrame) -> alt.Chart:
     ).properties(height=max(120, 18 * d.height))
 
 
-def loss_chart(metrics: pl.DataFrame, color: str = "run") -> alt.Chart:
-    """Training loss vs step (one line per run), with a hover rule showing values."""
-    hover = alt.selection_point(name="step_hover", fields=["step"], nearest=True, on="pointerover", empty=False)
+def loss_chart(metrics: pl.DataFrame, color: str = "run", x: str = "step") -> alt.Chart:
+    """Training loss vs `x` (step, or elapsed seconds) one line per run, with hover points showing values; the
+    legend keeps full run labels."""
+    hover = alt.selection_point(name="step_hover", fields=[x], nearest=True, on="pointerover", empty=False)
+    title = {"step": "step", "elapsed": "seconds"}.get(x, x)
     line = alt.Chart(metrics).mark_line().encode(
-        x=alt.X("step:Q"), y=alt.Y("loss:Q", scale=alt.Scale(zero=False)), color=f"{color}:N")
+        x=alt.X(f"{x}:Q", title=title), y=alt.Y("loss:Q", scale=alt.Scale(zero=False)),
+        color=alt.Color(f"{color}:N", legend=alt.Legend(labelLimit=400, orient="bottom", columns=2)))
     pts = line.mark_point().encode(
         opacity=alt.condition(hover, alt.value(1), alt.value(0)),
-        tooltip=[f"{color}:N", "step:Q", alt.Tooltip("loss:Q", format=".4f")]).add_params(hover)
+        tooltip=[f"{color}:N", f"{x}:Q", alt.Tooltip("loss:Q", format=".4f")]).add_params(hover)
     return alt.layer(line, pts).properties(height=260)
+
+
+METHOD_COLORS = {"ESFT-Token": "#1f77b4", "ESFT-Gate": "#17becf", "ESFT": "#2ca02c", "FFT": "#d62728",
+                 "LoRA": "#9467bd", "random experts": "#7f7f7f"}
+
+
+def tradeoff_chart(points: pl.DataFrame, y: str = "task score") -> alt.LayerChart:
+    """The paper's trade-off: `y` (task score or task loss) against the rise of the general held-out loss, one point
+    per run coloured by method, the Pareto front (best score for its forgetting) drawn as a step line."""
+    methods = points["method"].unique().to_list()
+    dom = [m for m in METHOD_COLORS if m in methods] + sorted(m for m in methods if m not in METHOD_COLORS)
+    rng = [METHOD_COLORS.get(m, "#bcbd22") for m in dom]
+    color = alt.Color("method:N", scale=alt.Scale(domain=dom, range=rng), legend=alt.Legend(labelLimit=300))
+    tip = ["label:N", "method:N", "task:N", alt.Tooltip(f"{y}:Q", format=".4f"),
+           alt.Tooltip("general loss rise:Q", format="+.4f"), "lr:Q", "steps:Q"]
+    base = alt.Chart(points).encode(x=alt.X("general loss rise:Q", title="general held-out loss rise (lower = "
+                                            "less forgetting)", scale=alt.Scale(zero=False)),
+                                    y=alt.Y(f"{y}:Q", scale=alt.Scale(zero=False)))
+    dots = base.mark_point(filled=True, size=110).encode(color=color, tooltip=tip)
+    layers = [dots]
+    if y == "task score" and "pareto" in points.columns:
+        front = points.filter(pl.col("pareto"))
+        layers.insert(0, alt.Chart(front).mark_line(interpolate="step-after", color="#444", strokeDash=[5, 3])
+                      .encode(x="general loss rise:Q", y=f"{y}:Q"))
+    return alt.layer(*layers).properties(height=320, title=f"{y} vs general-loss rise")
 
 
 def convergence_chart(curve: pl.DataFrame) -> alt.Chart:
@@ -155,7 +192,8 @@ def convergence_chart(curve: pl.DataFrame) -> alt.Chart:
 def shift_chart(shift: pl.DataFrame) -> alt.Chart:
     """Routing shift per layer: columns layer, measure, value (e.g. changed top-k share, trained-expert share)."""
     return alt.Chart(shift).mark_bar().encode(
-        x=alt.X("layer:O"), xOffset="measure:N", y=alt.Y("value:Q"), color="measure:N",
+        x=alt.X("layer:O"), xOffset="measure:N", y=alt.Y("value:Q"),
+        color=alt.Color("measure:N", legend=alt.Legend(labelLimit=400, orient="bottom", columns=2)),
         tooltip=["layer:O", "measure:N", alt.Tooltip("value:Q", format=".3f")]).properties(height=240)
 
 
@@ -219,7 +257,9 @@ def legend_html(experts: list[int]) -> str:
 def attribution_html(tokens: list[str], scores: list[float], target: int | None = None) -> str:
     """Tokens highlighted by attribution: green pushes the router logit up, red pushes it down; the target token
     (whose router logit is explained) is underlined. Hover shows the value."""
-    peak = max((abs(s) for s in scores), default=0.0) or 1.0
+    # the target token usually dominates; scale the colours on the context so its tokens stay visible
+    ctx = [abs(s) for i, s in enumerate(scores) if i != target]
+    peak = max(ctx, default=0.0) or max((abs(s) for s in scores), default=0.0) or 1.0
     spans = []
     for i, (t, s) in enumerate(zip(tokens, scores, strict=False)):
         a = min(abs(s) / peak, 1.0)
@@ -229,5 +269,12 @@ def attribution_html(tokens: list[str], scores: list[float], target: int | None 
             style += "border-bottom:3px solid #1d4ed8;"
         text = html.escape(t).replace("\n", "↵<br>") or "∅"
         spans.append(f'<span title="{i}: {s:+.4f}" style="{style}">{text}</span>')
+    legend = ('<div style="font-size:0.8em;margin-top:4px">colour scale (context tokens, target excluded): '
+              '<span style="background:rgba(220,38,38,1.0);padding:0 6px">−' + f"{peak:.3g}" + '</span> '
+              '<span style="background:rgba(220,38,38,0.3);padding:0 6px">−</span> '
+              '<span style="padding:0 6px;border:1px solid #ddd">0</span> '
+              '<span style="background:rgba(22,163,74,0.3);padding:0 6px">+</span> '
+              '<span style="background:rgba(22,163,74,1.0);padding:0 6px">+' + f"{peak:.3g}" + '</span>; '
+              'stronger = larger |attribution|; values beyond the scale are clipped; target underlined</div>')
     return ('<div class="esft-attr" style="font-family:monospace;line-height:1.9;white-space:pre-wrap">'
-            + "".join(spans) + "</div>")
+            + "".join(spans) + "</div>" + legend)

@@ -29,10 +29,13 @@ if not ready:
     st.stop()
 
 c1, c2, c3, c4 = st.columns([1, 2, 1, 1])
-task = c1.selectbox("Task", tasks, key="att_task")
+task = state.pick_task(c1, tasks, "att_task")
 run_id = state.query(queries.latest_run, model_name, task)
+if not state.query(queries.run_detail, run_id)["tokens"]:
+    state.no_token_note(model_name, task)
+    st.stop()
 samples = state.query(queries.list_samples, run_id, 200)
-labels = {r["sample_id"]: f"#{r['sample_id']} ({r['n_tokens']} tok) {r['preview'][:50]}"
+labels = {r["sample_id"]: f"#{r['sample_id']} ({r['n_tokens']} tok) {(r['preview'] or '(no text)')[:50]}"
           for r in samples.iter_rows(named=True)}
 sid = c2.selectbox("Sample", list(labels), format_func=labels.get, key=f"att_sample_{run_id}")
 layer = c3.selectbox("Layer", lay["layers"], key="att_layer")
@@ -75,7 +78,13 @@ if saved and saved[:5] == (run_id, sid, layer, int(expert), target):
     m1, m2, m3 = st.columns(3)
     m1.metric("Router logit", f"{res.logit:.3f}")
     m2.metric("Baseline logit", f"{res.baseline_logit:.3f}")
-    m3.metric("Completeness error δ", f"{res.delta:.4f}", help="|Σ attributions − (logit − baseline)|")
+    change = abs(res.logit - res.baseline_logit)
+    rel = res.delta / change if change > 1e-9 else 0.0
+    m3.metric("Completeness error δ", f"{res.delta:.4f}", f"{rel:.1%} of the logit change", delta_color="off",
+              help="|Σ attributions − (logit − baseline)|; integrated gradients are trusted below 5 %")
+    if rel > 0.05:
+        st.warning(f"δ is {rel:.1%} of the logit change, above the 5 % at which the attributions are trusted: "
+                   "raise the integration steps.")
     st.html(charts.attribution_html(res.tokens, res.scores, res.target))
     df = pl.DataFrame({"position": list(range(len(res.tokens))),
                        "token": [charts.visible_token(t) for t in res.tokens], "attribution": res.scores})

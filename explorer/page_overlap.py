@@ -9,7 +9,7 @@ from explorer import charts, queries, state
 st.title("Overlap")
 model, tasks, lay = state.model_context()
 metric, norm, p = state.score_controls("ov")
-chosen = st.multiselect("Tasks", tasks, default=tasks, key="ov_tasks")
+chosen = st.multiselect("Tasks", tasks, default=tasks, key=f"ov_tasks_{model}")
 if len(chosen) < 2:
     st.info("Pick at least two tasks to compare." if tasks and len(tasks) >= 2 else
             "Overlap needs traces of at least two tasks on this model; record another task on the Runs page.")
@@ -21,18 +21,34 @@ k = st.slider("k (top experts per layer)", 1, max(lay["num_experts"], 1), min(la
 c1, c2 = st.columns(2)
 with c1:
     shared = queries.shared_topk(sc, k)
-    state.chart(charts.task_matrix(shared, "shared", f"Shared top-{k} experts (mean over layers)", fmt=".2f"))
-    st.caption(f"Diagonal = {k}. Off-diagonal values near {k} mean two tasks use the same experts.")
+    ev = state.chart(charts.task_matrix(shared, "shared", f"Shared top-{k} experts (mean over layers)", fmt=".2f"),
+                     key="ov_shared", on_select="rerun", export=f"overlap-shared-top{k}")
+    st.caption(f"Diagonal = {k}. Off-diagonal values near {k} mean two tasks use the same experts. "
+               "Click a cell to list the shared experts.")
 with c2:
     wov = queries.weighted_overlap(sc)
     state.chart(charts.task_matrix(wov, "overlap", "Gate-weighted overlap Σ min(ŝa, ŝb)", fmt=".2f",
-                                   scheme="purples"))
+                                   scheme="purples"), export="overlap-gate-weighted")
     st.caption("Per layer, overlap of the two tasks' score distributions (1 = identical routing), averaged.")
+
+pair = state.clicked(ev, "pair", ("task_a", "task_b"))
+if pair:
+    ta, tb = pair
+    both = queries.shared_experts(sc, ta, tb, k)
+    st.markdown(f"**{ta} × {tb}: {both.height} shared top-{k} experts** over {len(lay['layers'])} layers")
+    if both.height:
+        c1, c2 = st.columns([2, 1])
+        c1.dataframe(both, hide_index=True, height=min(300, 36 + 35 * both.height))
+        opts = [(int(r["layer"]), int(r["expert"])) for r in both.iter_rows(named=True)]
+        pick = c2.selectbox("Expert", opts, format_func=lambda le: f"layer {le[0]}, expert {le[1]}", key="ov_open")
+        if c2.button("Open on the Tokens page", key="ov_open_go", icon=":material/text_fields:"):
+            st.session_state["focus_cell"] = pick
+            st.switch_page("explorer/page_tokens.py")
 
 st.subheader(f"Jaccard of selected sets per layer (top-p, p = {p:g})")
 sel = queries.select_top_p(sc, p)
 jac = queries.jaccard_by_layer(sel)
-state.chart(charts.jaccard_chart(jac))
+state.chart(charts.jaccard_chart(jac), export=f"overlap-jaccard-p{p:g}")
 mean_j = jac.group_by(["task_a", "task_b"]).agg(mean_jaccard=pl.col("jaccard").mean().round(4)).sort("mean_jaccard",
                                                                                                     descending=True)
 st.dataframe(mean_j, hide_index=True)

@@ -6,6 +6,7 @@ import polars as pl
 import streamlit as st
 
 from esft_core import jobs, runs
+from esft_core.errors import EsftError
 from explorer import charts, results, state
 
 st.title("Results")
@@ -16,35 +17,103 @@ if not all_runs:
     st.page_link("explorer/page_select_train.py", label="Go to Select & Train", icon=":material/build:")
     st.stop()
 
-status = st.multiselect("Status", ["complete", "failed", "stopped", "running"], default=["complete"],
-                        key="res_status")
-shown = [r for r in all_runs if r.status in status]
+status = st.multiselect("Status", ["complete", "stopped", "failed", "running"],
+                        default=["complete", "stopped", "failed", "running"], key="res_status")
+candidates = [r for r in all_runs if r.status in status]
+labels = {r.name: f"{r.label} ({r.method_label}, {r.task}, {r.status})" for r in candidates}
+picked = st.multiselect("Runs to compare", list(labels), default=list(labels)[:8], format_func=labels.get,
+                        key="res_runs", help="Newest first; the first 8 are shown by default")
+shown = [r for r in candidates if r.name in picked]
+if not shown:
+    st.info("No runs picked.")
+    st.stop()
 table = results.runs_table(shown)
-if table.height:
-    st.dataframe(table, hide_index=True, width="stretch",
-                 column_config={"adapter MB": st.column_config.NumberColumn(format="%.2f"),
-                                "peak RSS MB": st.column_config.NumberColumn(format="%.0f"),
-                                "s/step": st.column_config.NumberColumn(format="%.3f")})
-    for r in shown:
-        if r.status in ("failed", "stopped"):
-            st.error(f"{r.name}: {r.status} — {r.error}")
-            if st.button("Resume from the last checkpoint", key=f"res_resume_{r.name}"):
-                jobs.resume_training(work, r.dir)
-                st.rerun()
+group = st.toggle("Group by method (mean of the runs)", key="res_group")
+view = table
+if group and table.height:
+    num = [c for c in table.columns if table[c].dtype.is_numeric()]
+    view = table.group_by("method").agg(pl.len().alias("runs"), *[pl.col(c).mean() for c in num]).sort("method")
+st.dataframe(view, hide_index=True, width="stretch",
+             column_config={"label": st.column_config.TextColumn(pinned=True),
+                            "task score": st.column_config.NumberColumn(format="%.4f"),
+                            "task loss": st.column_config.NumberColumn(format="%.4f"),
+                            "general loss": st.column_config.NumberColumn(format="%.4f"),
+                            "general loss rise": st.column_config.NumberColumn(format="%+.4f"),
+                            "lr": st.column_config.NumberColumn(format="%.0e"),
+                            "adapter MB": st.column_config.NumberColumn(format="%.2f"),
+                            "peak RSS MB": st.column_config.NumberColumn(format="%.0f"),
+                            "s/step": st.column_config.NumberColumn(format="%.3f")})
+st.download_button("Download table (CSV)", view.write_csv(), file_name="esft-runs-comparison.csv", mime="text/csv",
+                   key="res_csv")
+base = results.baselines_table(shown)
+if base.height:
+    st.caption("Untuned model on the same eval files (the 'rise' is measured against it):")
+    st.dataframe(base, hide_index=True)
+
+for r in shown:
+    if r.status in ("failed", "stopped"):
+        box = st.warning if r.status == "stopped" else st.error
+        at_step = int(r.run.get("step") or (r.metrics[-1]["step"] if r.metrics else 0))
+        box(f"{r.label}: **{r.status}** at step {at_step} — {r.error}. The last checkpoint is kept.")
+        c1, c2 = st.columns([1, 3])
+        planned = int(r.config.get("steps") or at_step + 1)
+        total = c1.number_input("Total steps", at_step + 1, 10_000_000, max(planned, at_step + 1),
+                                key=f"res_resume_steps_{r.name}", help="Resume to the planned step count or extend it")
+        c2.write("")
+        if c2.button(f"Resume {r.label} from the last checkpoint", key=f"res_resume_{r.name}"):
+            jobs.resume_training(work, r.dir, steps=int(total) if int(total) != planned else None)
+            st.rerun()
+
+# -------------------------------------------------------------------------------------------------- trade-off chart
+st.subheader("Trade-off: task gain against forgetting")
+pts = results.tradeoff(table)
+if pts.height:
+    c1, c2 = st.columns(2)
+    with c1:
+        state.chart(charts.tradeoff_chart(pts, "task score"), export="tradeoff-task-score")
+    with c2:
+        state.chart(charts.tradeoff_chart(pts, "task loss"), export="tradeoff-task-loss")
+    st.caption("One point per run; x = rise of the general held-out loss over the untuned model (the paper's "
+               "'general ability' cost), dashed = Pareto front (no other run scores higher for less forgetting). "
+               "Chart menu (⋯): save as SVG/PNG.")
 else:
-    st.info("No runs with that status.")
+    st.info("The trade-off chart needs runs evaluated with the task's eval data and the general held-out set.")
 
-untuned = {r.name: r.baseline for r in shown if r.baseline}
-if untuned:
-    st.caption("Untuned model on the same eval files: " + "; ".join(
-        f"{k}: " + ", ".join(f"{c} {v:.4f}" for c, v in results.eval_rows(b).items() if v is not None)
-        for k, b in list(untuned.items())[:3]))
-
-curves = [pl.DataFrame(r.metrics).select("step", "loss").with_columns(run=pl.lit(r.name))
-          for r in shown if r.metrics]
+# ---------------------------------------------------------------------------------------------------- loss curves
+curves = [pl.DataFrame(r.metrics).select("step", "loss", *(["elapsed"] if "elapsed" in r.metrics[0] else []))
+          .with_columns(run=pl.lit(r.label)) for r in shown if r.metrics]
 if curves:
     st.subheader("Training loss")
-    state.chart(charts.loss_chart(pl.concat(curves)))
+    c1, c2 = st.columns([1, 2])
+    x = c1.radio("x axis", ["step", "elapsed"], horizontal=True, key="res_x",
+                 format_func={"step": "step", "elapsed": "time (s)"}.get)
+    alpha = c2.slider("Smoothing (exponential moving average)", 0.0, 0.95, 0.0, 0.05, key="res_smooth")
+    df = pl.concat(curves, how="diagonal_relaxed")
+    if x == "elapsed" and "elapsed" not in df.columns:
+        x = "step"
+    state.chart(charts.loss_chart(results.smooth(df, alpha), x=x), export=f"training-loss-{x}")
+
+# ----------------------------------------------------------------------------------------------- manage the runs
+with st.expander("Rename, tag, annotate or delete a run"):
+    target = st.selectbox("Run", [r.name for r in shown], format_func=labels.get, key="res_edit_run")
+    tr = next(r for r in shown if r.name == target)
+    with st.form(f"res_edit_{target}"):
+        label = st.text_input("Label", tr.notes.get("label") or "", max_chars=80, placeholder=tr.name)
+        tags = st.text_input("Tags (comma-separated)", ", ".join(tr.notes.get("tags") or []))
+        notes = st.text_area("Notes", tr.notes.get("notes") or "")
+        if st.form_submit_button("Save"):
+            try:
+                runs.annotate(tr.dir, label=label, tags=tags.split(","), notes=notes)
+                st.rerun()
+            except EsftError as e:
+                st.error(str(e))
+    confirm = st.checkbox(f"I want to delete {tr.label} and its checkpoints", key=f"res_del_ok_{target}")
+    if st.button("Delete run", key=f"res_del_{target}", disabled=not confirm):
+        try:
+            runs.delete_run(tr.dir)
+            st.rerun()
+        except EsftError as e:
+            st.error(str(e))
 
 # ------------------------------------------------------------------------------------------------- routing shift
 st.subheader("Routing shift after tuning")
@@ -52,7 +121,8 @@ done = [r for r in all_runs if r.status == "complete" and r.adapter_dir.is_dir()
 if not done:
     st.info("No completed run with an adapter yet.")
     st.stop()
-pick = st.selectbox("Run", [r.name for r in done], key="res_shift_run")
+pick = st.selectbox("Run", [r.name for r in done], format_func=lambda n: runs.read_run(work / "runs" / n).label,
+                    key="res_shift_run")
 r = next(x for x in done if x.name == pick)
 n_prompts = st.slider("Prompts (first N examples of the task's eval data)", 2, 64, 8, key="res_shift_n")
 shift_jobs = [j for j in jobs.list_jobs(work, "shift") if j.meta.get("run") == str(r.dir)]
@@ -81,7 +151,7 @@ def shift_panel():
         st.rerun(scope="app")  # stop polling
     st.caption(f"Same {shift['n']} prompts through the untuned model and the tuned one: `{shift['data']}`")
     df = pl.DataFrame(shift["rows"])
-    state.chart(charts.shift_chart(df))
+    state.chart(charts.shift_chart(df), export=f"routing-shift-{pick}")
     if shift.get("trained") is not None:
         st.caption("ESFT freezes the routers, so routing only moves where tuned experts upstream change the hidden "
                    "states. 'weight on trained experts' = share of routed gate weight landing on the tuned experts.")

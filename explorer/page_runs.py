@@ -104,8 +104,12 @@ with st.expander("➕ Record a new trace", expanded=not db.exists()):
     source = st.radio("Data", ["Shipped task", "Upload JSONL/Parquet", "File path", "Authors' log folder (import)"],
                       horizontal=True, key="rec_source")
     c1, c2 = st.columns(2)
-    model = c1.text_input("Model: 'demo', a local directory or a hub id", value=cfg.model, key="rec_model",
-                          disabled=source.startswith("Authors"))
+    importing = source.startswith("Authors")
+    model = cfg.model if importing else c1.text_input("Model: 'demo', a local directory or a hub id", value=cfg.model,
+                                                      key="rec_model")
+    if importing:
+        c1.caption("The authors' logs hold expert scores only (no tokens): they are imported as a run of "
+                   "deepseek-ai/ESFT-vanilla-lite, usable by Specialization, Overlap and Select & Train.")
     data_path: Path | None = None
     task_default = ""
     if source == "Shipped task":
@@ -155,11 +159,14 @@ with st.expander("➕ Record a new trace", expanded=not db.exists()):
                 data_path, task_default = pth.resolve(), pth.name
     c3, c4, c5, c6 = st.columns(4)
     task = c3.text_input("Task name", value=task_default, key=f"rec_taskname_{task_default}")
-    max_tokens = c4.number_input("Token budget", 256, 10_000_000, 8192, step=1024, key="rec_tokens",
-                                 help="the authors used 131,072 tokens per task")
-    seq_len = c5.number_input("Sequence length", 16, 32768, 512, step=64, key="rec_seq")
-    batch = c6.number_input("Batch size", 1, 256, 8, key="rec_batch")
-    if st.button("Start recording", type="primary", disabled=data_path is None or not task, key="rec_start"):
+    max_tokens, seq_len, batch = 8192, 512, 8
+    if not importing:  # recording settings mean nothing to an import
+        max_tokens = c4.number_input("Token budget", 256, 10_000_000, 8192, step=1024, key="rec_tokens",
+                                     help="the authors used 131,072 tokens per task")
+        seq_len = c5.number_input("Sequence length", 16, 32768, 512, step=64, key="rec_seq")
+        batch = c6.number_input("Batch size", 1, 256, 8, key="rec_batch")
+    if st.button("Import the logs" if importing else "Start recording", type="primary",
+                 disabled=data_path is None or not task, key="rec_start"):
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", task):
             st.error("Task names use letters, digits, '.', '_' or '-' (at most 64).")
         elif source.startswith("Authors"):

@@ -36,4 +36,4 @@ st.dataframe(res.frame, hide_index=True, width="stretch")
 ch = charts.quick_chart(res.frame)
 if ch is not None:
     with st.expander("Quick chart", expanded=True):
-        state.chart(ch)
+        state.chart(ch, export="sql-quick-chart")

@@ -15,19 +15,23 @@ layers = lay["layers"]
 # ------------------------------------------------------------------------------------------------ a sample's routing
 st.subheader("Routing of one sample")
 c1, c2, c3 = st.columns([1, 2, 1])
-task = c1.selectbox("Task", tasks, key="tok_task")
+task = state.pick_task(c1, tasks, "tok_task")
 run_id = state.query(queries.latest_run, model, task)
+if not state.query(queries.run_detail, run_id)["tokens"]:
+    state.no_token_note(model, task)
+    st.stop()
 samples = state.query(queries.list_samples, run_id, 300)
 if samples is None or samples.height == 0:
     st.info("This run has no samples.")
     st.stop()
-labels = {r["sample_id"]: f"#{r['sample_id']} ({r['n_tokens']} tok) {r['preview'][:60]}"
+labels = {r["sample_id"]: f"#{r['sample_id']} ({r['n_tokens']} tok) {(r['preview'] or '(no text)')[:60]}"
           for r in samples.iter_rows(named=True)}
 sid = c2.selectbox("Sample", list(labels), format_func=labels.get, key=f"tok_sample_{run_id}")
 layer = c3.selectbox("Layer", layers, key="tok_layer")
 routes = state.query(queries.sample_routes, run_id, sid, layer, 1024)
 st.html(charts.token_html(routes))
-top = routes["top_expert"].drop_nulls()
+# position 0 is the BOS token, routed the same way in every sample: it must not pick the default expert
+top = routes.filter(pl.col("position") > 0)["top_expert"].drop_nulls()
 counts = top.value_counts(sort=True).head(12)
 st.caption("Background = the token's top-1 expert at this layer; hover a token for its K experts and gate weights. "
            "Most frequent top experts in this sample:")
@@ -35,13 +39,35 @@ st.html(charts.legend_html([int(e) for e in counts[counts.columns[0]].to_list()]
 if routes.height >= 1024:
     st.caption("Showing the first 1,024 tokens.")
 
+# from a token to its experts: pick a position, open one of its K experts below
+with st.expander("A token's experts", expanded=False):
+    pos_labels = {r["position"]: f"{r['position']}: {charts.visible_token(r['token_text'])}"
+                  for r in routes.iter_rows(named=True)}
+    pos = st.selectbox("Token", list(pos_labels), index=min(1, len(pos_labels) - 1), format_func=pos_labels.get,
+                       key=f"tok_pos_{run_id}_{sid}")
+    row = routes.filter(pl.col("position") == pos).row(0, named=True) if pos is not None else {}
+    cols = st.columns(max(len(row.get("experts") or []), 1))
+    for col, e, w in zip(cols, row.get("experts") or [], row.get("weights") or [], strict=False):
+        if col.button(f"expert {e} · gate {w:.3f}", key=f"tok_open_{pos}_{e}"):
+            st.session_state["focus_cell"] = (layer, int(e))
+            st.rerun()
+
 # ------------------------------------------------------------------------------------------------ one expert's view
 st.subheader("What one expert does")
-default_layer, default_expert = st.session_state.get("focus_cell", (layer, int(top[0]) if len(top) else 0))
+counts_top = top.value_counts(sort=True)
+default_layer, default_expert = st.session_state.get(
+    "focus_cell", (layer, int(counts_top[counts_top.columns[0]][0]) if len(top) else 0))
+if st.session_state.get("tok_focus_applied") != st.session_state.get("focus_cell"):
+    # a click elsewhere (Specialization, Overlap, a token above) sets focus_cell: it overrides the widgets once
+    st.session_state["tok_focus_applied"] = st.session_state.get("focus_cell")
+    if "focus_cell" in st.session_state:
+        st.session_state["tok_e_layer"], st.session_state["tok_expert"] = default_layer, int(default_expert)
+if st.session_state.get("tok_e_layer") not in layers:
+    st.session_state["tok_e_layer"] = default_layer if default_layer in layers else layers[0]
+st.session_state.setdefault("tok_expert", int(default_expert))
 d1, d2, d3 = st.columns([1, 1, 2])
-e_layer = d1.selectbox("Layer ", layers, index=layers.index(default_layer) if default_layer in layers else 0,
-                       key="tok_e_layer")
-expert = d2.number_input("Expert", 0, max(lay["num_experts"] - 1, 0), int(default_expert), key="tok_expert")
+e_layer = d1.selectbox("Layer ", layers, key="tok_e_layer")  # values come from session state (set above)
+expert = d2.number_input("Expert", 0, max(lay["num_experts"] - 1, 0), key="tok_expert")
 which = d3.multiselect("Tasks ", tasks, default=tasks, key="tok_e_tasks")
 run_ids = {t: state.query(queries.latest_run, model, t) for t in which}
 tt = state.query(queries.top_tokens, [r for r in run_ids.values() if r is not None], e_layer, int(expert), 12)
@@ -50,7 +76,7 @@ if tt is None or tt.height == 0:
 else:
     names = {r: t for t, r in run_ids.items()}
     tt = tt.with_columns(label=pl.col("run_id").replace_strict(names, default=None))
-    state.chart(charts.top_tokens_chart(tt))
+    state.chart(charts.top_tokens_chart(tt), export=f"top-tokens-L{e_layer}-E{expert}")
     st.caption("Bar colour: share of all uses of that token (at this layer) routed to this expert — 1.0 means the "
                "expert owns the token.")
 for t, r in run_ids.items():

@@ -110,6 +110,30 @@ def latest_run(con: duckdb.DuckDBPyConnection, model: str, task: str) -> int | N
     return None if row is None or row[0] is None else int(row[0])
 
 
+def run_detail(con: duckdb.DuckDBPyConnection, run_id: int | None) -> dict:
+    """What a run holds beyond its aggregates: {'tokens': per-token rows exist, 'text': sample text exists}. The
+    authors' imported logs and aggregate-only recordings have neither, so token-level views explain instead."""
+    if run_id is None or not has_table(con, "tokens"):
+        return {"tokens": False, "text": False}
+    tok = _q(con, "SELECT EXISTS (SELECT 1 FROM tokens WHERE run_id = ?)", [run_id]).fetchall()[0][0]
+    txt = _q(con, "SELECT EXISTS (SELECT 1 FROM samples WHERE run_id = ? AND text IS NOT NULL)",
+             [run_id]).fetchall()[0][0]
+    return {"tokens": bool(tok), "text": bool(txt)}
+
+
+def models_with_tokens(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """Models whose complete runs include per-token rows (the useful default model of a new session)."""
+    if not has_table(con, "tokens"):
+        return []
+    runs = complete_runs(con)
+    if runs.height == 0:
+        return []
+    ids = _q(con, "SELECT DISTINCT run_id FROM tokens", []).fetchall()
+    have = {int(r[0]) for r in ids}
+    return runs.filter(pl.col("run_id").is_in(list(have))).sort("run_id", descending=True)["model"].unique(
+        maintain_order=True).to_list()
+
+
 def db_summary(con: duckdb.DuckDBPyConnection) -> dict:
     """Row counts of the contract tables that exist."""
     out = {}
@@ -253,6 +277,16 @@ def jaccard_by_layer(selected: pl.DataFrame) -> pl.DataFrame:
     return out.select("layer", "task_a", "task_b", "jaccard").sort(["task_a", "task_b", "layer"])
 
 
+def shared_experts(scores: pl.DataFrame, task_a: str, task_b: str, k: int) -> pl.DataFrame:
+    """The experts in both tasks' top-k of each layer (what a cell of the shared top-k matrix counts). Columns layer,
+    expert, score_a, score_b."""
+    top = scores.filter(pl.col("score") > 0).with_columns(
+        r=pl.col("score").rank("ordinal", descending=True).over(["task", "layer"])).filter(pl.col("r") <= k)
+    a = top.filter(pl.col("task") == task_a).select("layer", "expert", score_a="score")
+    b = top.filter(pl.col("task") == task_b).select("layer", "expert", score_b="score")
+    return a.join(b, on=["layer", "expert"]).sort(["layer", "score_a"], descending=[False, True])
+
+
 def weighted_overlap(scores: pl.DataFrame) -> pl.DataFrame:
     """Gate-weighted overlap: per layer Σ_e min(ŝ_a,e, ŝ_b,e) with ŝ the score normalised to sum 1 in the layer
     (1 = identical routing distributions, 0 = disjoint), averaged over layers. Columns task_a, task_b, overlap."""
@@ -321,7 +355,8 @@ def top_tokens(con: duckdb.DuckDBPyConnection, run_ids: list[int], layer: int, e
 
 def expert_contexts(con: duckdb.DuckDBPyConnection, run_id: int, layer: int, expert: int, n: int = 6,
                     window: int = 8, scan_tokens: int = 8192) -> pl.DataFrame:
-    """Example contexts where (layer, expert) fired with the highest gate weight, looking only at the first
+    """Example contexts where (layer, expert) fired with the highest gate weight (position 0, the BOS token every
+    sample starts with, is skipped: it would fill every list of its expert), looking only at the first
     `scan_tokens` tokens of the run (sample-ordered storage lets DuckDB skip the rest). Columns sample_id, position,
     weight, left, token, right."""
     cap = _q(con, """SELECT coalesce(max(sample_id), 0) FROM (SELECT sample_id,
@@ -329,7 +364,7 @@ def expert_contexts(con: duckdb.DuckDBPyConnection, run_id: int, layer: int, exp
                       [run_id, scan_tokens]).fetchall()[0][0]
     return _pl(con, """
         WITH hits AS (SELECT sample_id, position, weight FROM routes
-                      WHERE run_id = ? AND sample_id <= ? AND layer = ? AND expert = ?
+                      WHERE run_id = ? AND sample_id <= ? AND layer = ? AND expert = ? AND position > 0
                       ORDER BY weight DESC, sample_id, position LIMIT ?),
              ctx AS (SELECT h.sample_id, h.position, h.weight, t.position tp, t.token_text
                      FROM hits h JOIN tokens t ON t.run_id = ? AND t.sample_id = h.sample_id

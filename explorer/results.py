@@ -79,26 +79,78 @@ def compare_eval(tuned: dict, base: dict) -> pl.DataFrame:
         change=pl.col("tuned") - pl.col("untuned"))
 
 
+def _mean_experts(r) -> float | None:
+    ec = r.expert_config
+    if ec is None or not ec.experts:
+        return None
+    return round(sum(len(v) for v in ec.experts.values()) / len(ec.experts), 2)
+
+
 def runs_table(runs: list) -> pl.DataFrame:
-    """Side-by-side table of training runs (esft_core.runs.RunInfo): method, task, status, steps, final loss, time,
-    trainable params, peak memory, adapter size, task scores and general loss (and its rise over the untuned model
-    when its baseline evaluation is known)."""
+    """Side-by-side table of training runs (esft_core.runs.RunInfo), the columns that decide between runs first:
+    label, method, task, task score / loss, general loss and its rise over the untuned model, then the
+    hyperparameters (lr, steps, p, metric, contrast, experts per layer) and the costs (time, memory, adapter size).
+    `run` (the directory name) stays as the key."""
     rows = []
     for r in runs:
-        run, m = r.run, r.metrics
-        row = {"run": r.name, "method": r.config.get("method") or run.get("method"), "task": r.task,
-               "status": r.status, "steps": run.get("step"),
+        run, m, sel = r.run, r.metrics, r.selection
+        ev = eval_rows(r.eval)
+        row = {"label": r.label, "method": r.method_label, "task": r.task, "status": r.status,
+               "task score": ev.get(f"{r.task} score"), "task loss": ev.get(f"{r.task} loss"),
+               "general loss": ev.get("general loss"), "general loss rise": None,
+               "lr": r.config.get("lr"), "steps": run.get("step") or r.config.get("steps"),
+               "p": sel.get("p"), "metric": sel.get("metric"),
+               "contrast": ", ".join(sel.get("contrast") or []) or None,
+               "experts/layer": _mean_experts(r), "tags": ", ".join(r.notes.get("tags") or []) or None,
                "final loss": m[-1]["loss"] if m else None,
                "train time s": m[-1].get("elapsed") if m else None,
                "s/step": (sum(x.get("step_time", 0) for x in m) / len(m)) if m else None,
                "trainable params": run.get("trainable_params"),
                "peak RSS MB": (r.peak_rss or run.get("peak_rss") or 0) / 2**20 or None,
-               "adapter MB": r.adapter_bytes / 2**20}
-        row.update(eval_rows(r.eval))
+               "adapter MB": r.adapter_bytes / 2**20, "run": r.name}
         if r.baseline.get("general_loss") is not None and r.eval.get("general_loss") is not None:
             row["general loss rise"] = r.eval["general_loss"] - r.baseline["general_loss"]
         rows.append(row)
     if not rows:
         return pl.DataFrame()
     cols = list(dict.fromkeys(k for row in rows for k in row))
-    return pl.DataFrame([{c: row.get(c) for c in cols} for row in rows], strict=False)
+    return pl.DataFrame([{c: row.get(c) for c in cols} for row in rows], strict=False, infer_schema_length=None)
+
+
+def baselines_table(runs: list) -> pl.DataFrame:
+    """The untuned model's evaluations the runs compare against, once per distinct baseline (not once per run)."""
+    seen, rows = set(), []
+    for r in runs:
+        key = r.launch.get("baseline")
+        if not r.baseline or key in seen:
+            continue
+        seen.add(key)
+        rows.append({"eval files": ", ".join(Path(f).parent.name if Path(f).name in ("eval.jsonl", "heldout.jsonl")
+                                               else Path(f).name for f in r.config.get("eval_data") or []),
+                     **{k: v for k, v in eval_rows(r.baseline).items() if v is not None}})
+    return pl.DataFrame(rows, strict=False) if rows else pl.DataFrame()
+
+
+def tradeoff(table: pl.DataFrame) -> pl.DataFrame:
+    """One point per run with both a task score and a general-loss rise (the paper's trade-off: specialise without
+    forgetting), and `pareto`: no other run has a higher score at a lower-or-equal rise."""
+    need = {"task score", "general loss rise"}
+    if table.height == 0 or not need <= set(table.columns):
+        return pl.DataFrame()
+    d = table.filter(pl.col("task score").is_not_null() & pl.col("general loss rise").is_not_null())
+    if d.height == 0:
+        return pl.DataFrame()
+    d = d.sort(["general loss rise", "task score"], descending=[False, True])
+    best, front = float("-inf"), []
+    for s in d["task score"].to_list():  # sweep by rising cost: a point is on the front when it beats every cheaper one
+        front.append(s > best)
+        best = max(best, s)
+    return d.with_columns(pareto=pl.Series(front))
+
+
+def smooth(curves: pl.DataFrame, alpha: float) -> pl.DataFrame:
+    """TensorBoard-style exponential moving average of `loss` per run (alpha = smoothing weight in [0, 1))."""
+    if alpha <= 0 or curves.height == 0:
+        return curves
+    return curves.sort(["run", "step"]).with_columns(
+        loss=pl.col("loss").ewm_mean(alpha=1 - alpha, adjust=True).over("run"))

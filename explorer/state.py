@@ -77,6 +77,22 @@ def query(fn, *args):
         st.stop()
 
 
+# ------------------------------------------------------------------------------------------------ session context
+# One context per browser session: model and task live under non-widget keys (`ctx_model`, `ctx_task`) so they
+# survive pages that do not draw their widget (Streamlit deletes a widget's key when a run does not render it).
+# Changing the model drops the page widgets that depend on it, so every page starts from that model's defaults.
+DEPENDENT_PREFIXES = ("tok_", "att_", "spec_", "ov_", "sel_", "tr_data")
+
+
+def _model_changed() -> None:
+    st.session_state["ctx_model"] = st.session_state["_w_model"]
+    st.session_state.pop("ctx_task", None)
+    st.session_state.pop("focus_cell", None)
+    for k in list(st.session_state):
+        if isinstance(k, str) and k.startswith(DEPENDENT_PREFIXES):
+            del st.session_state[k]
+
+
 def model_context() -> tuple[str, list[str], dict]:
     """(model, its tasks, its MoE layout) for pages that need traces; stops the page with an explanation when the
     database has no complete run yet."""
@@ -86,8 +102,20 @@ def model_context() -> tuple[str, list[str], dict]:
     return model, query(queries.tasks, model), query(queries.model_layout, model)
 
 
-def pick_model(key: str = "model") -> str | None:
-    """Sidebar model picker (models with complete runs); None with an explanation when there is no data."""
+def default_model(models: list[str]) -> str:
+    """A new session's model: ESFT_MODEL when it has traces, else the newest model with per-token rows (an imported
+    log has none, so it never becomes a newcomer's first view), else the newest."""
+    want = config().model
+    for m in models:
+        if m == want or Path(m).name == want:
+            return m
+    with_tokens = query(queries.models_with_tokens) or []
+    return next((m for m in with_tokens if m in models), models[0])
+
+
+def pick_model() -> str | None:
+    """Sidebar model picker (models with complete runs), kept in the session context across pages; None with an
+    explanation when there is no data."""
     models = query(queries.models) if db_path().exists() else None
     if not models:
         active = [j for j in jobs.active_jobs(workdir()) if j.kind in ("record", "import")]
@@ -97,9 +125,33 @@ def pick_model(key: str = "model") -> str | None:
             st.info("No complete traces in this database yet. Record one on the **Runs** page.")
         st.page_link("explorer/page_runs.py", label="Go to Runs", icon=":material/database:")
         return None
-    if st.session_state.get(key) not in models:
-        st.session_state[key] = models[0]
-    return st.sidebar.selectbox("Model", models, key=key, help="Traces are compared within one model.")
+    if st.session_state.get("ctx_model") not in models:
+        st.session_state["ctx_model"] = default_model(models)
+    st.session_state["_w_model"] = st.session_state["ctx_model"]
+    return st.sidebar.selectbox("Model", models, key="_w_model", on_change=_model_changed,
+                                help="Traces are compared within one model. The choice holds on every page.")
+
+
+def pick_task(container, tasks: list[str], key: str, label: str = "Task", prefer: str | None = None) -> str | None:
+    """A task picker that follows the session's task (`ctx_task`) and sets it; `prefer` is the first choice of a
+    session that has not picked a task yet."""
+    if not tasks:
+        return None
+    ctx = st.session_state.get("ctx_task")
+    if ctx in tasks:
+        st.session_state[key] = ctx
+    elif st.session_state.get(key) not in tasks:
+        st.session_state[key] = prefer if prefer in tasks else tasks[0]
+    task = container.selectbox(label, tasks, key=key)
+    st.session_state["ctx_task"] = task
+    return task
+
+
+def no_token_note(model: str, task: str) -> None:
+    st.info(f"The latest '{task}' run of {model} has **no token text**: it is an import of the authors' routing logs "
+            "or an aggregate-only recording (`--routes none`), which keep expert scores but not the tokens. "
+            "Scores, Specialization, Overlap and Select & Train work on it; for token views record the task with "
+            "per-token routes on the **Runs** page or pick another model in the sidebar.")
 
 
 def score_controls(prefix: str, default_metric: str = "gate", p: bool = True) -> tuple[str, str, float | None]:
@@ -121,12 +173,36 @@ def scores(model: str, tasks: list[str] | None, metric: str, normalize: str):
     return query(queries.expert_scores, model, None if tasks is None else list(tasks), metric, normalize)
 
 
-def chart(ch, key: str | None = None, on_select: str = "ignore", **kw):
-    """st.altair_chart with the selection API when asked (returns the selection state)."""
+def chart(ch, key: str | None = None, on_select: str = "ignore", export: str | None = None, **kw):
+    """st.altair_chart with the selection API when asked (returns the selection state); `export` (a file stem,
+    unique on the page) adds SVG/PNG downloads rendered on click (Streamlit's chart has no export menu)."""
+    out = None
     if on_select == "rerun":
-        return st.altair_chart(ch, key=key, on_select="rerun", width="stretch", **kw)
-    st.altair_chart(ch, width="stretch", **kw)
-    return None
+        out = st.altair_chart(ch, key=key, on_select="rerun", width="stretch", **kw)
+    else:
+        st.altair_chart(ch, width="stretch", **kw)
+    if export:
+        export_buttons(ch, export)
+    return out
+
+
+def export_buttons(ch, name: str) -> None:
+    """Download the chart as SVG and PNG (vl-convert renders the Vega-Lite spec when the button is clicked)."""
+    import re
+
+    stem = "esft-" + re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-")[:80]
+
+    def render(fmt: str):
+        import vl_convert as vlc
+
+        spec = ch.to_json()
+        return vlc.vegalite_to_svg(spec) if fmt == "svg" else vlc.vegalite_to_png(spec, scale=2)
+
+    c1, c2, _ = st.columns([1, 1, 8])
+    c1.download_button("SVG", data=lambda: render("svg"), file_name=f"{stem}.svg", mime="image/svg+xml",
+                       on_click="ignore", icon=":material/download:", type="tertiary")
+    c2.download_button("PNG", data=lambda: render("png"), file_name=f"{stem}.png", mime="image/png",
+                       on_click="ignore", icon=":material/download:", type="tertiary")
 
 
 def clicked_cell(state) -> tuple[int, int] | None:
@@ -138,6 +214,17 @@ def clicked_cell(state) -> tuple[int, int] | None:
                 return int(v[0]["layer"]), int(v[0]["expert"])
     except AttributeError:
         return None
+    return None
+
+
+def clicked(state, name: str, fields: tuple[str, ...]) -> tuple | None:
+    """The clicked point of selection parameter `name` as a tuple of `fields` (None when nothing is clicked)."""
+    try:
+        v = state.selection.get(name)
+    except AttributeError:
+        return None
+    if isinstance(v, list) and v and all(f in v[0] for f in fields):
+        return tuple(v[0][f] for f in fields)
     return None
 
 

@@ -120,3 +120,27 @@ def test_a_failed_recording_job_shows_its_error_and_keeps_the_data(monkeypatch, 
     errors = [e.value for e in at.error]
     assert any("esft record: error:" in e and "nope.jsonl" in e for e in errors), errors
     assert at.dataframe[0].value.shape[0] == 3  # the earlier runs are all there
+
+
+def test_runs_without_token_text_get_a_note_not_a_crash(monkeypatch, tmp_path, tiny):
+    """Defect 1: the authors' imported logs (no samples' text, no tokens) as the newest model; a new session still
+    opens on a model with tokens, and picking the imported one shows a note on the token pages."""
+    import subprocess
+    import sys
+
+    model, cached = tiny
+    db = tmp_path / "traces.duckdb"
+    shutil.copy(cached, db)
+    subprocess.run([sys.executable, "-m", "esft_core.cli", "import-official",
+                    str(REPO / "tests" / "fixtures" / "esft-official" / "expert_scores" / "law"), "--task", "law",
+                    "--db", str(db)], check=True, capture_output=True, timeout=120)
+    at = app(monkeypatch, tmp_path, db, "not-in-this-db")
+    visit(at, "tokens")
+    assert at.sidebar.selectbox[0].value == str(model)  # the newest model is the import; the default skips it
+    at.session_state["ctx_model"] = "deepseek-ai/ESFT-vanilla-lite"
+    for page in ("tokens", "attribution"):
+        visit(at, page)
+        assert at.sidebar.selectbox[0].value == "deepseek-ai/ESFT-vanilla-lite"
+        assert any("no token text" in i.value for i in at.info), page
+    visit(at, "specialization")
+    assert charts_on(at) == 3

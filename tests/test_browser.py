@@ -133,6 +133,44 @@ def no_exception(page, name: str):
     assert dialogs.count() == 0, f"{name}: {dialogs.first.inner_text()}"
 
 
+def click_chart(page, index: int, expect: str, name: str, skip: int = 0):
+    """Click points of the index-th chart (centre first, then a grid; `skip` of them left out) until `expect` (a
+    regex) shows up."""
+    chart = page.locator(".vega-embed").nth(index)
+    chart.scroll_into_view_if_needed()
+    box = chart.bounding_box()
+    for fx, fy in ((0.45, 0.55), (0.3, 0.4), (0.3, 0.7), (0.6, 0.4), (0.6, 0.7), (0.2, 0.55), (0.5, 0.3))[skip:]:
+        wait_idle(page)
+        page.mouse.click(box["x"] + fx * box["width"], box["y"] + fy * box["height"])
+        try:
+            page.get_by_text(re.compile(expect)).first.wait_for(timeout=4000)
+            wait_idle(page)
+            return
+        except Exception:
+            continue
+    page.screenshot(path=str(SHOTS / f"FAILED-{name}.png"), full_page=True)
+    raise AssertionError(f"{name}: clicking the chart never showed {expect!r}")
+
+
+def nav(page, title: str):
+    """Open a page through the sidebar navigation (keeps the browser session)."""
+    click(page, page.locator('[data-testid="stSidebarNav"]').get_by_role("link", name=title, exact=True), "nav")
+    page.get_by_role("heading", name=title).first.wait_for()
+    wait_idle(page)
+
+
+def sidebar_model(page) -> str:
+    return page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').first.evaluate(
+        "el => (el.querySelector('input') && el.querySelector('input').value) || el.innerText")
+
+
+def pick_model(page, name: str):
+    """Choose the sidebar model whose label contains `name`."""
+    click(page, page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').first, "model-picker")
+    click(page, page.get_by_role("option").filter(has_text=name).first, "model-option")
+    wait_idle(page)
+
+
 def test_first_start_pages_and_training_in_a_real_browser(server, page):
     # First start: no DB → the demo tasks are recorded in the background, with progress on the Runs page.
     open_page(page, server, "", "Runs")  # the default page lives at /
@@ -146,6 +184,13 @@ def test_first_start_pages_and_training_in_a_real_browser(server, page):
     page.get_by_text("Runs in this database").wait_for()
     page.locator('[data-testid="stMetricValue"]', has_text="2").first.wait_for()
     no_exception(page, "runs")
+    # Defect 13: /runs is the Runs page too (not "Page not found").
+    open_page(page, server, "runs", "Runs")
+    no_exception(page, "runs-url")
+    # Defect 1: the authors' routing logs (no token text) imported as the newest model must not crash any page.
+    subprocess.run([sys.executable, "-m", "esft_core.cli", "import-official",
+                    str(REPO / "tests" / "fixtures" / "esft-official" / "expert_scores" / "law"), "--task", "law",
+                    "--db", str(server["tmp"] / "traces.duckdb")], check=True, capture_output=True, timeout=120)
     # Uploads are validated: a malformed record is rejected with its line number.
     bad = server["tmp"] / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"oops": 1}\n', encoding="utf-8")
@@ -175,6 +220,47 @@ def test_first_start_pages_and_training_in_a_real_browser(server, page):
             title = page.locator(".esft-tokens .tok").first.get_attribute("title")
             assert title.startswith("e") and "|" in title  # hover shows the K experts and weights
 
+    # Defect 1 + 2: the imported model, picked once, stays picked across pages; views without token text say so.
+    open_page(page, server, "tokens", "Tokens")
+    pick_model(page, "ESFT-vanilla-lite")
+    wait_text(page, "no token text", "tokens-imported")
+    no_exception(page, "tokens-imported")
+    for path, heading in (("attribution", "Attribution"), ("specialization", "Specialization"),
+                          ("overlap", "Overlap")):
+        nav(page, heading)  # through the sidebar: the same session (page.goto would start a new one)
+        assert "ESFT-vanilla-lite" in sidebar_model(page), f"{path}: model reset to {sidebar_model(page)}"
+        no_exception(page, f"{path}-imported")
+    nav(page, "Tokens")
+    pick_model(page, "tiny-moe")  # back to the recorded model for training
+    page.get_by_text("What one expert does").first.wait_for()
+
+    # Linked views. Specialization: a clicked heatmap cell can be toggled in the training selection.
+    open_page(page, server, "specialization", "Specialization")
+    click_chart(page, 0, "Add to the training selection|Remove from the training selection", "spec-click")
+    click(page, page.get_by_role("button", name=re.compile("the training selection")).first, "spec-toggle")
+    wait_text(page, "changed by hand", "spec-toggled")
+    no_exception(page, "specialization-linked")
+    # Overlap: a clicked matrix cell lists the shared experts and opens one on the Tokens page.
+    nav(page, "Overlap")
+    click_chart(page, 0, r"shared top-\d+ experts", "overlap-click")
+    click(page, page.get_by_role("button", name="Open on the Tokens page"), "overlap-open")
+    page.get_by_role("heading", name="Tokens").first.wait_for()
+    wait_idle(page)
+    no_exception(page, "tokens-from-overlap")
+    # Tokens: from a token to its experts.
+    click(page, page.get_by_text("A token's experts"), "token-experts")
+    click(page, page.get_by_role("button", name=re.compile(r"expert \d+ · gate")).first, "token-expert-open")
+    wait_idle(page)
+    no_exception(page, "tokens-expert")
+    # Select & Train: the toggle made on Specialization is there; clicking a cell toggles one more.
+    nav(page, "Select & Train")
+    wait_text(page, "1 cell(s) changed by hand", "sel-toggles")
+    click_chart(page, 0, r"2 cell\(s\) changed by hand", "sel-click", skip=1)  # a cell other than the first
+    no_exception(page, "select-train-linked")
+    click(page, page.get_by_role("tab", name="Stability"), "stability-tab")  # computed only once opened
+    wait_text(page, "pairs are selected in between", "stability")
+    no_exception(page, "select-train-stability")
+
     # Train from the button: a short ESFT job with live loss, then evaluation vs the untuned model.
     open_page(page, server, "select-train", "Select & Train")
     page.get_by_label("Steps").fill("4")
@@ -182,7 +268,7 @@ def test_first_start_pages_and_training_in_a_real_browser(server, page):
     page.get_by_label("Sequence length").fill("128")
     t0 = time.monotonic()
     click(page, page.get_by_role("button", name="Train", exact=True), "train")
-    wait_text(page, re.compile(r"step \d/4 · loss"), "first-loss")
+    wait_text(page, re.compile(r"step \d/4 · loss|loss [\d.]+ at step \d"), "first-loss")  # running or done
     first_loss_s = time.monotonic() - t0
     no_exception(page, "train-running")
     wait_text(page, "Training finished", "train-finished", 120_000)
@@ -200,8 +286,46 @@ def test_first_start_pages_and_training_in_a_real_browser(server, page):
     print(f"Train button → first loss point: {first_loss_s:.2f} s")
     assert first_loss_s < 30
 
+    # Stop a longer run: it reads stopped (not failed), keeps its checkpoint, and Results resumes it.
+    open_page(page, server, "select-train", "Select & Train")
+    page.get_by_label("Steps").fill("5000")  # long enough to be stopped; resumed below to a few steps more
+    page.get_by_label("Eval examples per file").fill("2")
+    page.get_by_label("Sequence length").fill("128")
+    click(page, page.get_by_role("button", name="Train", exact=True), "train-2")
+    wait_text(page, re.compile(r"step \d+/5000 · loss"), "second-loss")
+    second = next(d for d in work.iterdir() if d != runs[0])
+    deadline = time.monotonic() + 120
+    while not list((second / "train" / "checkpoints").glob("step_*[0-9]")):  # the page checkpoints every 50 steps
+        assert time.monotonic() < deadline, "no checkpoint written"
+        time.sleep(0.3)
+    click(page, page.get_by_role("button", name="Stop training"), "stop")
+    wait_text(page, "stopped", "stopped")
+    assert page.get_by_text("Job failed").count() == 0
+    no_exception(page, "train-stopped")
+    stopped_at = json.loads((second / "train" / "run.json").read_text())["step"]
+    assert stopped_at >= 50 and json.loads((second / "train" / "run.json").read_text())["status"] != "complete"
+    open_page(page, server, "results", "Results")
+    steps_box = page.get_by_role("spinbutton", name="Total steps")
+    steps_box.fill(str(stopped_at + 5))
+    steps_box.press("Enter")
+    click(page, page.get_by_role("button", name=re.compile("^Resume ")).first, "resume")
+    deadline = time.monotonic() + 120
+    while json.loads((second / "train" / "run.json").read_text()).get("status") != "complete":
+        assert time.monotonic() < deadline, "the resumed run did not finish"
+        time.sleep(1)
     open_page(page, server, "results", "Results")
     page.get_by_text(runs[0].name).first.wait_for()
+    page.get_by_text("Trade-off: task gain against forgetting").wait_for()
+    page.get_by_text("task score vs general-loss rise").first.wait_for()  # chart title (svg text)
+    no_exception(page, "results-compare")
+    with page.expect_download() as dl:  # charts export as SVG/PNG with meaningful names
+        click(page, page.get_by_role("button", name="SVG").first, "export-svg")
+    assert dl.value.suggested_filename == "esft-tradeoff-task-score.svg"
+    assert Path(dl.value.path()).read_text().lstrip().startswith("<svg")
+    with page.expect_download() as dl:
+        click(page, page.get_by_role("button", name="Download table (CSV)"), "export-csv")
+    assert dl.value.suggested_filename == "esft-runs-comparison.csv"
+    assert Path(dl.value.path()).read_text().startswith("label,method,task")
     click(page, page.get_by_role("button", name="Compute routing shift"), "routing-shift")
     page.get_by_text("weight on trained experts").first.wait_for(timeout=60_000)
     no_exception(page, "results")

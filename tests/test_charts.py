@@ -44,7 +44,8 @@ def test_heatmap_scales_to_64_experts_26_layers(big_scores):
     sel = q.select_top_p(big_scores.filter(pl.col("task") == "law"), 0.2)
     ch = charts.score_heatmap(sel, title="t", selected=sel.filter(pl.col("selected")).select("layer", "expert"))
     d = spec(ch)
-    assert d["height"] >= 26 * charts.CELL_H
+    assert d["height"]["step"] >= charts.CELL_H  # a fixed px step per layer row: the layout cannot squeeze rows
+    assert next(v["axis"]["labelOverlap"] for v in find(d, "y") if isinstance(v, dict) and "axis" in v) is False
     axis_values = next(v["axis"]["values"] for v in find(d, "x") if isinstance(v, dict) and "axis" in v)
     assert axis_values == list(range(0, 64, 4))  # every 4th expert labelled, not 64 overlapping labels
     assert any(p.get("name") == "cell" and p["select"]["type"] == "point" for p in find(d, "params")
@@ -108,3 +109,34 @@ def test_attribution_html_colours_by_sign():
     h = charts.attribution_html(["a", "<", "c"], [1.0, -0.5, 0.0], target=2)
     assert "rgba(22,163,74,1.00)" in h and "rgba(220,38,38,0.50)" in h
     assert "&lt;" in h and "border-bottom" in h
+
+
+def test_linked_and_comparison_charts():
+    m = pl.DataFrame({"task_a": ["a", "a", "b", "b"], "task_b": ["a", "b", "a", "b"], "shared": [4.0, 1.0, 1.0, 4.0]})
+    d = spec(charts.task_matrix(m, "shared", "t"))
+    assert any(p.get("name") == "pair" for ps in find(d, "params") for p in (ps if isinstance(ps, list) else [ps]))
+    # 21 task pairs: 20 distinct colours, every pair in the legend
+    pairs = pl.DataFrame({"task_a": [f"t{i}" for i in range(21)], "task_b": ["z"] * 21, "layer": [1] * 21,
+                          "jaccard": [0.5] * 21})
+    enc = spec(charts.jaccard_chart(pairs))["encoding"]["color"]
+    assert enc["scale"]["scheme"] == "category20" and enc["legend"]["symbolLimit"] == 0
+    pts = pl.DataFrame({"label": ["r1", "r2", "r3"], "method": ["ESFT-Token", "FFT", "random experts"],
+                        "task": ["law"] * 3, "task score": [0.5, 0.6, 0.2], "task loss": [1.0, 0.9, 2.0],
+                        "general loss rise": [0.1, 0.8, 0.3], "lr": [1e-3] * 3, "steps": [40] * 3,
+                        "pareto": [True, True, False]})
+    d = spec(charts.tradeoff_chart(pts))
+    assert len(d["layer"]) == 2 and d["layer"][0]["mark"]["interpolate"] == "step-after"  # front + points
+    assert d["layer"][1]["encoding"]["color"]["scale"]["domain"] == ["ESFT-Token", "FFT", "random experts"]
+    assert len(spec(charts.tradeoff_chart(pts, "task loss"))["layer"]) == 1
+    import vl_convert  # what the pages' SVG/PNG export buttons render with
+
+    assert vl_convert.vegalite_to_svg(charts.tradeoff_chart(pts).to_json()).lstrip().startswith("<svg")
+    lc = spec(charts.loss_chart(pl.DataFrame({"step": [1, 2], "loss": [2.0, 1.0], "elapsed": [0.5, 1.0],
+                                              "run": ["a long run label"] * 2}), x="elapsed"))
+    assert lc["layer"][0]["encoding"]["x"]["field"] == "elapsed"
+
+
+def test_attribution_scale_ignores_the_target_and_has_a_legend():
+    h = charts.attribution_html(["a", "b", "t"], [0.5, -0.25, 10.0], target=2)
+    assert "rgba(22,163,74,1.00)" in h and "rgba(220,38,38,0.50)" in h  # context scaled on its own peak 0.5
+    assert "colour scale" in h

@@ -125,3 +125,23 @@ def test_bad_job_specs_are_rejected(tmp_path):
     with pytest.raises(ValueError):
         jobs.start_job(tmp_path, "x", [[]])
     assert jobs.list_jobs(tmp_path / "none") == []
+
+
+def test_jobs_of_one_queue_run_one_after_another(tmp_path):
+    first = jobs.start_job(tmp_path, "a", [py("import time; time.sleep(1.5)")], meta={"queue": "compute"})
+    second = jobs.start_job(tmp_path, "b", [py("print('second')")], meta={"queue": "compute"})
+    other = jobs.start_job(tmp_path, "c", [py("print('other')")], meta={"queue": "elsewhere"})
+    assert wait(other).state == "complete"  # another queue does not wait
+    s = wait(second, until=lambda j: j.status.get("waiting_for") or j.done)
+    assert s.state == "queued" and s.status["waiting_for"] == first.id and jobs.progress(s)[1].startswith("queued")
+    done = wait(second)
+    assert done.state == "complete" and done.status["started"] >= jobs.load_job(first.dir).status["finished"] - 0.05
+
+
+def test_a_finished_runner_leaves_no_zombie_in_the_parent(tmp_path):
+    job = wait(jobs.start_job(tmp_path, "z", [py("print('x')")]))
+    pid = int(job.status["pid"])
+    deadline = time.monotonic() + 5
+    while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:  # reaped → the entry disappears
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{pid}"), "the runner is still a defunct child of this process"

@@ -283,4 +283,44 @@ def test_selection_editing_config_and_eval_comparison(tmp_path):
     table = results.runs_table(runs)
     row = table.row(0, named=True)
     assert row["adapter MB"] == 1.0 and row["peak RSS MB"] == 2.0 and row["general loss rise"] == 0.5
-    assert row["law score"] == 0.5 and row["final loss"] == 2.0
+    assert row["task score"] == 0.5 and row["task loss"] == 1.0 and row["final loss"] == 2.0
+
+
+def test_shared_experts_list_what_the_matrix_counts(sdb):
+    with q.reading(sdb) as con:
+        s = q.expert_scores(con, "m", None, "gate", "token")
+        ids = q.complete_runs(con)["run_id"].to_list()
+        assert all(q.run_detail(con, r) == {"tokens": True, "text": True} for r in ids)
+        assert q.run_detail(con, 999) == {"tokens": False, "text": False} and q.models_with_tokens(con) == ["m"]
+    m = {(a, b): v for a, b, v in q.shared_topk(s, 4).iter_rows()}
+    both = q.shared_experts(s, "law", "math", 4)
+    assert both.height / 3 == pytest.approx(m[("law", "math")])  # 3 layers
+    assert q.shared_experts(s, "law", "law", 4).height == 12
+
+
+def test_run_notes_delete_and_tradeoff(tmp_path):
+    from esft_core import runs
+    from esft_core.errors import EsftError
+    from explorer import results
+
+    d = runs.new_run_dir(tmp_path, "law", "esft")
+    runs.write_launch(d, {"method": "esft", "lr": 1e-3, "steps": 4}, "law", None, None,
+                      selection={"metric": "gate", "p": 0.1, "contrast": ["math"]})
+    runs.annotate(d, label="gate p=0.1", tags=["paper", " ", "paper", "a"], notes="first try")
+    info = runs.read_run(d)
+    assert info.label == "gate p=0.1" and info.notes["tags"] == ["a", "paper"] and info.method_label == "ESFT-Gate"
+    with pytest.raises(EsftError, match="one line"):
+        runs.annotate(d, label="x\ny")
+    row = results.runs_table([info]).row(0, named=True)
+    assert (row["label"], row["method"], row["lr"], row["p"], row["contrast"], row["tags"]) == (
+        "gate p=0.1", "ESFT-Gate", 1e-3, 0.1, "math", "a, paper")
+    runs.delete_run(d)
+    assert not d.exists()
+    with pytest.raises(EsftError):
+        runs.annotate(d, label="gone")
+    t = pl.DataFrame({"label": list("abcd"), "task score": [0.5, 0.4, 0.7, 0.6],
+                      "general loss rise": [0.1, 0.2, 0.5, 0.6]})
+    front = dict(zip(*results.tradeoff(t).select("label", "pareto").to_dict(as_series=False).values(), strict=True))
+    assert front == {"a": True, "b": False, "c": True, "d": False}
+    sm = results.smooth(pl.DataFrame({"run": ["r"] * 3, "step": [1, 2, 3], "loss": [3.0, 1.0, 1.0]}), 0.5)
+    assert sm["loss"][0] == 3.0 and 1.0 < sm["loss"][1] < 3.0
