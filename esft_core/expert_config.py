@@ -43,7 +43,7 @@ class ExpertConfig:
     def from_dict(cls, d, where: str = "expert config") -> ExpertConfig:
         if not isinstance(d, dict) or not isinstance(d.get("experts"), dict):
             raise EsftError(f"{where}: expected {{\"experts\": {{\"<layer>\": [expert ids]}}, ...}}")
-        experts = {}
+        experts, keys = {}, {}
         for k, v in d["experts"].items():
             try:
                 layer = int(k)
@@ -51,7 +51,9 @@ class ExpertConfig:
                 raise EsftError(f"{where}: layer key {k!r} is not an integer") from None
             if not isinstance(v, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
                 raise EsftError(f"{where}: layer {k}: expected a list of integer expert ids, got {v!r}")
-            experts[layer] = v
+            if layer in experts:  # "1" and "01" name the same layer: refuse rather than silently keep one
+                raise EsftError(f"{where}: layer {layer} is listed twice (keys {keys[layer]!r} and {k!r})")
+            experts[layer], keys[layer] = v, k
         for flag in ("shared_experts", "non_expert_modules"):
             if not isinstance(d.get(flag, False), bool):
                 raise EsftError(f"{where}: '{flag}' must be true or false")

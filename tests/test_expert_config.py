@@ -49,3 +49,8 @@ def test_esft_reexports_the_same_type():
     from esft_core import esft
 
     assert esft.ExpertConfig is ExpertConfig
+
+
+def test_layer_keys_naming_the_same_layer_are_refused():
+    with pytest.raises(EsftError, match=r"layer 1 is listed twice \(keys '1' and '01'\)"):
+        ExpertConfig.from_dict({"experts": {"1": [2], "01": [3]}})

@@ -206,6 +206,10 @@ def test_sql_console_is_read_only_capped_and_time_limited(sdb):
     with pytest.raises(ValueError, match="time limit"):
         sc.run_sql(sdb, "SELECT count(*) FROM range(1000000000000) a, range(10) b", timeout_s=0.3)
     assert time.perf_counter() - t < 5
+    # the next query after an interrupt runs at once, with no configuration error (the SQL page's defect 4)
+    t = time.perf_counter()
+    assert sc.run_sql(sdb, "SELECT 42 AS x").frame["x"].to_list() == [42]
+    assert time.perf_counter() - t < 3
     for name, sql in sc.EXAMPLE_QUERIES.items():
         assert sc.run_sql(sdb, sql).frame.height > 0, name
 
