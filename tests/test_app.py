@@ -4,11 +4,14 @@ an empty DB file; key content is present; the SQL console reports bad queries as
 from __future__ import annotations
 
 import shutil
+import time
 
 import duckdb
 import pytest
 from explorer_support import REPO, cached_model_and_db
 from streamlit.testing.v1 import AppTest
+
+from esft_core import jobs
 
 PAGES = ["runs", "specialization", "overlap", "tokens", "attribution", "select_train", "results", "sql"]
 
@@ -82,8 +85,15 @@ def test_pages_react_to_controls(monkeypatch, tmp_path, tiny):
         assert con.sql("SELECT count(*) FROM runs").fetchall()[0][0] == 3
     visit(at, "attribution")
     at.button(key="att_go").click().run(timeout=120)
-    assert not at.exception and any(m.label == "Router logit" for m in at.metric)
-    assert "rgba(" in at.get("html")[0].proto.body
+    assert not at.exception and at.get("progress")  # a background job, polled with a progress bar
+    (job,) = jobs.list_jobs(tmp_path / "work", "attribution")
+    t = time.monotonic()
+    while not any(m.label == "Router logit" for m in at.metric) and time.monotonic() - t < 120:
+        time.sleep(0.5)
+        at.run()
+    assert not at.exception and any(m.label == "Router logit" for m in at.metric), jobs.log_tail(job)
+    assert "rgba(" in at.get("html")[0].proto.body and jobs.load_job(job.dir).state == "complete"
+    assert not any(b.key == "att_go" and b.disabled for b in at.button) and not at.get("progress")
 
 
 @pytest.mark.parametrize("kind", ["missing", "empty"])
