@@ -110,6 +110,12 @@ def runs_table(runs: list) -> pl.DataFrame:
                "adapter MB": r.adapter_bytes / 2**20, "run": r.name}
         if r.baseline.get("general_loss") is not None and r.eval.get("general_loss") is not None:
             row["general loss rise"] = r.eval["general_loss"] - r.baseline["general_loss"]
+        extra = r.extra_evals
+        if extra:  # the largest standalone evaluation ("Evaluate on more examples")
+            n, xe = max(extra), eval_rows(extra[max(extra)])
+            row.update({"more-examples n": n, "more-examples task score": xe.get(f"{r.task} score"),
+                        "more-examples task loss": xe.get(f"{r.task} loss"),
+                        "more-examples general loss": xe.get("general loss")})
         rows.append(row)
     if not rows:
         return pl.DataFrame()

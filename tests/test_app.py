@@ -154,3 +154,38 @@ def test_runs_without_token_text_get_a_note_not_a_crash(monkeypatch, tmp_path, t
         assert any("no token text" in i.value for i in at.info), page
     visit(at, "specialization")
     assert charts_on(at) == 3
+
+
+def test_results_page_evaluates_a_finished_run_on_more_examples_in_a_job(monkeypatch, tmp_path, tiny):
+    from esft_core import runs
+    from esft_core.expert_config import ExpertConfig
+    from esft_core.train import TrainConfig
+
+    model, cached = tiny
+    db = tmp_path / "traces.duckdb"
+    shutil.copy(cached, db)
+    work = tmp_path / "work"
+    monkeypatch.setenv("ESFT_STANDBY", "0")
+    cfg = TrainConfig(data=str(REPO / "data/tasks/code/train.jsonl"), out="", model=str(model), method="esft",
+                      experts=runs.EXPERT_CFG, steps=2, lr=1e-3, batch_size=2, seq_len=128, eval_limit=2,
+                      eval_data=[str(REPO / "data/tasks/code/eval.jsonl"), str(REPO / "data/general/heldout.jsonl")])
+    job, run_dir = jobs.start_training(work, cfg, "code", ExpertConfig({1: [3], 2: [5]}), eval_baseline=False)
+    t = time.monotonic()
+    while not jobs.load_job(job.dir).done and time.monotonic() - t < 180:
+        time.sleep(0.3)
+    assert runs.read_run(run_dir).status == "complete", jobs.log_tail(job)
+    at = app(monkeypatch, tmp_path, db, model)
+    visit(at, "results")
+    at.number_input(key=f"res_eval_n_{run_dir.name}").set_value(3)
+    at.button(key="res_eval_go").click().run()
+    assert not at.exception and at.get("progress")  # the job runs in the background, polled with a progress bar
+    (ev_job,) = jobs.list_jobs(work, "eval")
+    t = time.monotonic()
+    while not any("examples per file" in d.value.columns for d in at.dataframe) and time.monotonic() - t < 180:
+        time.sleep(0.5)
+        at.run()
+    assert not at.exception and jobs.load_job(ev_job.dir).state == "complete", jobs.log_tail(ev_job)
+    table = at.dataframe[0].value
+    assert table["more-examples n"].tolist() == [3] and table["more-examples general loss"].iloc[0] > 0
+    extra = next(d.value for d in at.dataframe if "examples per file" in d.value.columns)
+    assert extra["examples per file"].tolist() == [3] and "code score" in extra.columns
