@@ -37,7 +37,7 @@ def safetensors_numel(path: Path) -> int:
 def model_facts(model: str) -> dict:
     """{'total': params, 'per_expert': params of one routed expert, 'num_experts', 'hidden', 'expert_inter'} for a
     local model ('demo' or a directory). Unknown values are None (e.g. a hub id that is not downloaded)."""
-    from esft_core.models import resolve_model_path
+    from esft_core.model_paths import resolve_model_path  # torch-free: this runs on the first page visit
 
     try:
         path = Path(resolve_model_path(model))

@@ -189,3 +189,26 @@ def test_results_page_evaluates_a_finished_run_on_more_examples_in_a_job(monkeyp
     assert table["more-examples n"].tolist() == [3] and table["more-examples general loss"].iloc[0] > 0
     extra = next(d.value for d in at.dataframe if "examples per file" in d.value.columns)
     assert extra["examples per file"].tolist() == [3] and "code score" in extra.columns
+
+
+def test_select_and_train_first_visit_does_not_import_torch(tmp_path, tiny):
+    """Importing torch costs ~1 s of the first visit on a small CPU (model facts used to go through esft_core.models);
+    a fresh process shows whether any page code still pulls it in."""
+    import os
+    import subprocess
+    import sys
+
+    model, cached = tiny
+    db = tmp_path / "traces.duckdb"
+    shutil.copy(cached, db)
+    code = ("import sys\nfrom streamlit.testing.v1 import AppTest\n"
+            f"at = AppTest.from_file({str(REPO / 'app.py')!r}, default_timeout=60).run()\n"
+            "at.switch_page('explorer/page_select_train.py').run()\n"
+            "assert not at.exception, [e.value for e in at.exception]\n"
+            "assert any('Trainable' in m.label for m in at.metric)\n"
+            "print('torch' in sys.modules)")
+    env = {**os.environ, "ESFT_DB": str(db), "ESFT_WORKDIR": str(tmp_path / "work"), "ESFT_MODEL": str(model),
+           "ESFT_AUTO_RECORD": "0", "ESFT_STANDBY": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
