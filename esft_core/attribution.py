@@ -73,7 +73,8 @@ def router_attribution(model: nn.Module, tok, input_ids: list[int], layer: int, 
     t = len(input_ids) - 1 if target is None else int(target)
     if not 0 <= t < len(input_ids):
         raise EsftError(f"target position {t} is outside the sample (0..{len(input_ids) - 1})")
-    ids = torch.tensor([input_ids[: t + 1]], dtype=torch.long)  # causal: later tokens cannot matter
+    dev = model.get_input_embeddings().weight.device
+    ids = torch.tensor([input_ids[: t + 1]], dtype=torch.long, device=dev)  # (1, t+1); causal: later tokens ignored
     pad = baseline_id if baseline_id is not None else (tok.pad_token_id if tok.pad_token_id is not None else 0)
     base = torch.full_like(ids, pad)
     if tok.bos_token_id is not None and int(ids[0, 0]) == tok.bos_token_id:
@@ -140,3 +141,46 @@ def routing_shift(base: nn.Module, tuned: nn.Module, input_ids: list[list[int]],
                 rows.append({"layer": layer, "measure": name,
                              "value": float((w * on).sum() / w.sum().clamp_min(1e-12))})
     return rows
+
+
+def main(argv: list[str]) -> int:
+    """`python -m esft_core.attribution REQUEST.json OUT.json`: the background job of jobs.start_attribution. Stage
+    progress (model loaded, integrated, written) as a tqdm bar in the job log; OUT is written atomically."""
+    import dataclasses
+    import json
+    import os
+    import sys
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from esft_core.models import load_model
+
+    if len(argv) != 2:
+        print("usage: python -m esft_core.attribution REQUEST.json OUT.json", file=sys.stderr)
+        return 2
+    try:
+        req = json.loads(Path(argv[0]).read_text())
+        with tqdm(total=3, desc="attribution", file=sys.stderr, mininterval=0) as bar:  # closed (newline) on errors
+            bar.set_postfix_str("loading the model")
+            model, tok = load_model(req["model"])
+            bar.update()
+            bar.set_postfix_str("integrating gradients")
+            res = router_attribution(model, tok, req["input_ids"], int(req["layer"]), int(req["expert"]),
+                                     target=int(req["target"]), n_steps=int(req["n_steps"]))
+            bar.update()
+            out = Path(argv[1])
+            tmp = out.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({**dataclasses.asdict(res), "request": req}))
+            os.replace(tmp, out)
+            bar.update()
+    except (EsftError, OSError, KeyError, ValueError) as e:
+        print(f"esft attribution: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))

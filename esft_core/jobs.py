@@ -502,6 +502,40 @@ def start_routing_shift(workdir: str | Path, run_dir: str | Path, n_prompts: int
                      meta={"run": str(run_dir), "n": int(n_prompts), "queue": "compute"})
 
 
+@dataclass
+class AttributionRequest:
+    """One router-logit attribution (esft_core/attribution.py) to compute in a background job."""
+
+    model: str = field(metadata={"help": "model whose router is explained: 'demo', a directory or a hub id"})
+    input_ids: list[int] = field(metadata={"help": "token ids of the sample (at least up to the target position)"})
+    layer: int = field(metadata={"help": "MoE layer of the router"})
+    expert: int = field(metadata={"help": "expert whose router logit is explained"})
+    target: int = field(metadata={"help": "position whose router logit is explained"})
+    n_steps: int = field(default=64, metadata={"help": "integration steps (more: smaller completeness error)"})
+
+    def path(self, workdir: str | Path) -> Path:
+        """Where the result lands: WORKDIR/attribution/<hash of the request>.json (same request → same file)."""
+        import dataclasses
+        import hashlib
+
+        key = hashlib.sha1(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        return Path(workdir) / "attribution" / f"{key}.json"
+
+
+def start_attribution(workdir: str | Path, req: AttributionRequest, meta: dict | None = None) -> Job:
+    """Compute `req` in a background job (`python -m esft_core.attribution REQUEST.json OUT.json`); the result JSON
+    (attribution.Attribution's fields) lands at `req.path(workdir)`, meta['out']."""
+    import dataclasses
+
+    out = req.path(workdir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spec = out.with_suffix(".request.json")
+    _write_json(spec, dataclasses.asdict(req))
+    return start_job(workdir, "attribution", [[sys.executable, "-m", "esft_core.attribution", str(spec), str(out)]],
+                     title=f"Attribution of layer {req.layer} expert {req.expert} at position {req.target}",
+                     meta={"out": str(out), "queue": "compute", **(meta or {})})
+
+
 # ------------------------------------------------------------------------------------------------------- the runner
 def _run(d: Path) -> int:
     spec = _read_json(d / "job.json")

@@ -27,9 +27,8 @@ import torch
 from torch import nn
 
 from esft_core.errors import EsftError
+from esft_core.model_paths import DEMO_MODEL, REPO_ROOT, resolve_model_path  # noqa: F401  (re-exported, torch-free)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEMO_MODEL = REPO_ROOT / "data" / "demo-moe"
 ROUTER_NAME = re.compile(r"^(gate|router|gating|wg|classifier|moe_gate|router_gate)$")
 NOT_ROUTER = re.compile(r"(gate_proj|gate_up|shared|norm|expert)")
 EXPERT_COUNT_ATTRS = ("num_experts", "num_routed_experts", "n_routed_experts", "num_local_experts", "moe_num_experts")
@@ -308,20 +307,6 @@ def moe_layout(model: nn.Module) -> MoeLayout:
         router_weights=rweights,
         masked_zero_slots=bool(exc.get("masked_zero_slots")),
     )
-
-
-def resolve_model_path(name_or_path: str | Path | None) -> str:
-    """'demo' or None → the shipped demo model; an existing directory → itself; anything else → a hub id."""
-    if name_or_path in (None, "", "demo"):
-        return str(DEMO_MODEL)
-    p = Path(name_or_path).expanduser()
-    if p.exists():
-        if not (p / "config.json").exists():
-            raise EsftError(f"model directory {p} has no config.json")
-        return str(p)
-    if str(name_or_path).startswith((".", "/", "~")):
-        raise EsftError(f"model directory {name_or_path} does not exist")
-    return str(name_or_path)
 
 
 def _causal_lm_class(path: str, auto_cls):

@@ -7,6 +7,7 @@
                         eval.json (esft_core/train.py owns this layout)
       notes.json        the user's label, tags and notes (`annotate`); never touched by training
       routing_shift.json  written by the routing-shift job (`python -m esft_core.runs routing-shift RUN_DIR N`)
+      evals/eval-<N>.json standalone evaluations of the finished adapter on N examples per file (`start_eval`)
 
 `read_run` reconciles the recorded status with the job that runs it: a run whose job was stopped reads `stopped`,
 and a run whose runner died (kill -9, OOM) does not stay `running` (it reads the job's failed state).
@@ -32,6 +33,7 @@ EXPERT_CFG = "expert_cfg.json"
 TRAIN = "train"
 SHIFT = "routing_shift.json"
 NOTES = "notes.json"
+EVALS = "evals"
 
 
 def runs_root(workdir: str | Path) -> Path:
@@ -173,6 +175,13 @@ class RunInfo:
         return _read(self.dir / SHIFT)
 
     @property
+    def extra_evals(self) -> dict[int, dict]:
+        """{examples per file: eval JSON} of the standalone evaluations (start_eval), fewest examples first."""
+        d = self.dir / EVALS
+        found = {int(p.stem.split("-", 1)[1]): _read(p) for p in d.glob("eval-*.json")} if d.is_dir() else {}
+        return {n: ev for n, ev in sorted(found.items()) if ev}
+
+    @property
     def notes(self) -> dict:
         """{'label', 'tags', 'notes'} as the user set them (annotate)."""
         return _read(self.dir / NOTES)
@@ -223,6 +232,28 @@ def list_runs(workdir: str | Path) -> list[RunInfo]:
     if not root.is_dir():
         return []
     return [read_run(d) for d in sorted(root.iterdir(), reverse=True) if (d / LAUNCH).is_file()]
+
+
+# -- standalone evaluation of a finished run (a background job) ----------------------------------------------------
+def start_eval(workdir: str | Path, run_dir: str | Path, limit: int) -> jobs.Job:
+    """Evaluate the run's finished adapter on its eval files (task eval set, general held-out) with `limit` examples
+    per file, as an `esft eval` job; the result lands in RUN_DIR/evals/eval-<limit>.json (RunInfo.extra_evals)."""
+    info = read_run(run_dir)
+    if info.status != "complete" or not info.adapter_dir.is_dir():
+        raise EsftError(f"run {info.name} has no finished adapter (status {info.status})")
+    files = [str(f) for f in info.config.get("eval_data") or []]
+    if not files:
+        raise EsftError(f"run {info.name} was trained without --eval-data; there is nothing to evaluate it on")
+    if int(limit) <= 0:
+        raise EsftError(f"examples per file must be a positive integer, got {limit}")
+    (info.dir / EVALS).mkdir(exist_ok=True)
+    out = info.dir / EVALS / f"eval-{int(limit)}.json"
+    cmd = ["esft", "eval", "--model", info.config.get("model", "demo"), "--adapter", str(info.train_dir), "--data",
+           *files, "--limit", str(int(limit)), "--out", str(out), "--force"]
+    if info.config.get("seq_len"):
+        cmd += ["--seq-len", str(info.config["seq_len"])]
+    return jobs.start_job(workdir, "eval", [cmd], title=f"Evaluate {info.label} on {int(limit)} examples per file",
+                          meta={"run": str(info.dir), "limit": int(limit), "out": str(out), "queue": "compute"})
 
 
 # -- routing shift (a background job: it loads two models) -----------------------------------------------------

@@ -4,6 +4,7 @@ on the input embeddings), shown as highlighted text."""
 import polars as pl
 import streamlit as st
 
+from esft_core import jobs
 from explorer import charts, queries, state
 
 st.title("Attribution")
@@ -14,15 +15,6 @@ if model_name is None:
     st.stop()
 tasks = state.query(queries.tasks, model_name)
 lay = state.query(queries.model_layout, model_name)
-
-
-@st.cache_resource(show_spinner="Loading the model…", max_entries=2)
-def load(name: str):
-    from esft_core.models import load_model
-
-    return load_model(name)
-
-
 ready, why = state.model_ready(model_name)
 if not ready:
     st.warning(f"The traced model '{model_name}' cannot be loaded here: {why}. Attribution needs the model itself.")
@@ -59,35 +51,48 @@ st.markdown(f"Explaining layer **{layer}**, expert **{expert}** at position **{t
 steps = st.select_slider("Integration steps", [16, 32, 64, 128], 64, key="att_steps",
                          help="More steps → smaller completeness error (δ), slower.")
 
-if st.button("Compute attribution", type="primary", key="att_go"):
-    from esft_core.attribution import router_attribution
-    from esft_core.errors import EsftError
+ids = state.query(queries.sample_token_ids, run_id, sid, target + 1)
+work = state.workdir()
+req = jobs.AttributionRequest(model_name, [int(i) for i in ids], int(layer), int(expert), int(target), int(steps))
+out = req.path(work)
+running = next((j for j in jobs.list_jobs(work, "attribution") if j.meta.get("out") == str(out) and not j.done), None)
+if running is None and st.button("Compute attribution", type="primary", key="att_go"):
+    running = jobs.start_attribution(work, req)
+    st.session_state["att_job"] = str(running.dir)
+last = st.session_state.get("att_job")
+job_dir = running.dir if running is not None else (last if last and jobs.load_job(last).meta.get("out") == str(out)
+                                                   else None)
 
-    ids = state.query(queries.sample_token_ids, run_id, sid, target + 1)
-    try:
-        model, tok = load(model_name)
-        with st.spinner("Integrating gradients…"):
-            res = router_attribution(model, tok, ids, layer, int(expert), target=target, n_steps=int(steps))
-        st.session_state["att_result"] = (run_id, sid, layer, int(expert), target, res)
-    except EsftError as e:
-        st.error(str(e))
 
-saved = st.session_state.get("att_result")
-if saved and saved[:5] == (run_id, sid, layer, int(expert), target):
-    res = saved[5]
+@st.fragment(run_every=1.0 if running is not None else None)
+def result_panel():
+    job = jobs.load_job(job_dir) if job_dir is not None else None
+    if job is not None and not job.done:
+        state.job_box(job, show_log=False)
+        return
+    if job is not None and job.state == "failed":
+        st.error(f"Attribution failed: {job.error}")
+    res = state.read_json(out)
+    if not res:
+        st.info("Press **Compute attribution**: a background job loads the model and integrates the gradients "
+                "(a few seconds on the demo model).")
+        return
+    if running is not None:
+        st.rerun(scope="app")  # finished while polling: rerun once without the timer
     m1, m2, m3 = st.columns(3)
-    m1.metric("Router logit", f"{res.logit:.3f}")
-    m2.metric("Baseline logit", f"{res.baseline_logit:.3f}")
-    change = abs(res.logit - res.baseline_logit)
-    rel = res.delta / change if change > 1e-9 else 0.0
-    m3.metric("Completeness error δ", f"{res.delta:.4f}", f"{rel:.1%} of the logit change", delta_color="off",
+    m1.metric("Router logit", f"{res['logit']:.3f}")
+    m2.metric("Baseline logit", f"{res['baseline_logit']:.3f}")
+    change = abs(res["logit"] - res["baseline_logit"])
+    rel = res["delta"] / change if change > 1e-9 else 0.0
+    m3.metric("Completeness error δ", f"{res['delta']:.4f}", f"{rel:.1%} of the logit change", delta_color="off",
               help="|Σ attributions − (logit − baseline)|; integrated gradients are trusted below 5 %")
     if rel > 0.05:
         st.warning(f"δ is {rel:.1%} of the logit change, above the 5 % at which the attributions are trusted: "
                    "raise the integration steps.")
-    st.html(charts.attribution_html(res.tokens, res.scores, res.target))
-    df = pl.DataFrame({"position": list(range(len(res.tokens))),
-                       "token": [charts.visible_token(t) for t in res.tokens], "attribution": res.scores})
+    st.html(charts.attribution_html(res["tokens"], res["scores"], res["target"]))
+    df = pl.DataFrame({"position": list(range(len(res["tokens"]))),
+                       "token": [charts.visible_token(t) for t in res["tokens"]], "attribution": res["scores"]})
     st.dataframe(df.sort(pl.col("attribution").abs(), descending=True).head(15), hide_index=True)
-else:
-    st.info("Press **Compute attribution** (the model runs on this machine; a few seconds on the demo model).")
+
+
+result_panel()

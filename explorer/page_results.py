@@ -161,3 +161,45 @@ def shift_panel():
 
 
 shift_panel()
+
+# ------------------------------------------------------------------------------------- evaluate on more examples
+st.subheader("Evaluate a finished run on more examples")
+st.caption("Training evaluates on a few examples per file (`eval_limit`); this runs `esft eval` with the run's adapter "
+           "on its eval files in a background job. The largest evaluation shows in the table above as the "
+           "'more-examples' columns.")
+c1, c2, c3 = st.columns([2, 1, 1])
+ev_pick = c1.selectbox("Run", [x.name for x in done], format_func=lambda n: runs.read_run(work / "runs" / n).label,
+                       key="res_eval_run")
+er = next(x for x in done if x.name == ev_pick)
+n_ex = c2.number_input("Examples per eval file", 1, 1_000_000, 4 * int(er.config.get("eval_limit") or 32),
+                       key=f"res_eval_n_{ev_pick}")
+eval_jobs = [j for j in jobs.list_jobs(work, "eval") if j.meta.get("run") == str(er.dir)]
+ev_running = next((j for j in eval_jobs if not j.done), None)
+ev_ready, ev_why = state.model_ready(er.config.get("model", "demo"))
+c3.write("")
+if not ev_ready:
+    st.warning(f"Base model not available: {ev_why}")
+elif ev_running is None and c3.button("Evaluate on more examples", key="res_eval_go"):
+    try:
+        ev_running = runs.start_eval(work, er.dir, int(n_ex))
+    except EsftError as e:
+        st.error(str(e))
+
+
+@st.fragment(run_every=1.0 if ev_running is not None else None)
+def eval_panel():
+    job = jobs.load_job(ev_running.dir) if ev_running is not None else (eval_jobs[0] if eval_jobs else None)
+    if job is not None and not job.done:
+        state.job_box(job, show_log=False)
+        return
+    if job is not None and job.state == "failed":
+        st.error(f"Evaluation failed: {job.error}")
+    if ev_running is not None:
+        st.rerun(scope="app")  # finished while polling: refresh the table, stop the timer
+    extra = runs.read_run(er.dir).extra_evals
+    if extra:
+        st.dataframe(pl.DataFrame([{"examples per file": n, **results.eval_rows(ev)} for n, ev in extra.items()],
+                                  strict=False), hide_index=True)
+
+
+eval_panel()

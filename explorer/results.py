@@ -37,7 +37,7 @@ def safetensors_numel(path: Path) -> int:
 def model_facts(model: str) -> dict:
     """{'total': params, 'per_expert': params of one routed expert, 'num_experts', 'hidden', 'expert_inter'} for a
     local model ('demo' or a directory). Unknown values are None (e.g. a hub id that is not downloaded)."""
-    from esft_core.models import resolve_model_path
+    from esft_core.model_paths import resolve_model_path  # torch-free: this runs on the first page visit
 
     try:
         path = Path(resolve_model_path(model))
@@ -110,6 +110,12 @@ def runs_table(runs: list) -> pl.DataFrame:
                "adapter MB": r.adapter_bytes / 2**20, "run": r.name}
         if r.baseline.get("general_loss") is not None and r.eval.get("general_loss") is not None:
             row["general loss rise"] = r.eval["general_loss"] - r.baseline["general_loss"]
+        extra = r.extra_evals
+        if extra:  # the largest standalone evaluation ("Evaluate on more examples")
+            n, xe = max(extra), eval_rows(extra[max(extra)])
+            row.update({"more-examples n": n, "more-examples task score": xe.get(f"{r.task} score"),
+                        "more-examples task loss": xe.get(f"{r.task} loss"),
+                        "more-examples general loss": xe.get("general loss")})
         rows.append(row)
     if not rows:
         return pl.DataFrame()

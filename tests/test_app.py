@@ -4,11 +4,14 @@ an empty DB file; key content is present; the SQL console reports bad queries as
 from __future__ import annotations
 
 import shutil
+import time
 
 import duckdb
 import pytest
 from explorer_support import REPO, cached_model_and_db
 from streamlit.testing.v1 import AppTest
+
+from esft_core import jobs
 
 PAGES = ["runs", "specialization", "overlap", "tokens", "attribution", "select_train", "results", "sql"]
 
@@ -82,8 +85,15 @@ def test_pages_react_to_controls(monkeypatch, tmp_path, tiny):
         assert con.sql("SELECT count(*) FROM runs").fetchall()[0][0] == 3
     visit(at, "attribution")
     at.button(key="att_go").click().run(timeout=120)
-    assert not at.exception and any(m.label == "Router logit" for m in at.metric)
-    assert "rgba(" in at.get("html")[0].proto.body
+    assert not at.exception and at.get("progress")  # a background job, polled with a progress bar
+    (job,) = jobs.list_jobs(tmp_path / "work", "attribution")
+    t = time.monotonic()
+    while not any(m.label == "Router logit" for m in at.metric) and time.monotonic() - t < 120:
+        time.sleep(0.5)
+        at.run()
+    assert not at.exception and any(m.label == "Router logit" for m in at.metric), jobs.log_tail(job)
+    assert "rgba(" in at.get("html")[0].proto.body and jobs.load_job(job.dir).state == "complete"
+    assert any(b.key == "att_go" for b in at.button) and not at.get("progress")  # polling over, button back
 
 
 @pytest.mark.parametrize("kind", ["missing", "empty"])
@@ -144,3 +154,61 @@ def test_runs_without_token_text_get_a_note_not_a_crash(monkeypatch, tmp_path, t
         assert any("no token text" in i.value for i in at.info), page
     visit(at, "specialization")
     assert charts_on(at) == 3
+
+
+def test_results_page_evaluates_a_finished_run_on_more_examples_in_a_job(monkeypatch, tmp_path, tiny):
+    from esft_core import runs
+    from esft_core.expert_config import ExpertConfig
+    from esft_core.train import TrainConfig
+
+    model, cached = tiny
+    db = tmp_path / "traces.duckdb"
+    shutil.copy(cached, db)
+    work = tmp_path / "work"
+    monkeypatch.setenv("ESFT_STANDBY", "0")
+    cfg = TrainConfig(data=str(REPO / "data/tasks/code/train.jsonl"), out="", model=str(model), method="esft",
+                      experts=runs.EXPERT_CFG, steps=2, lr=1e-3, batch_size=2, seq_len=128, eval_limit=2,
+                      eval_data=[str(REPO / "data/tasks/code/eval.jsonl"), str(REPO / "data/general/heldout.jsonl")])
+    job, run_dir = jobs.start_training(work, cfg, "code", ExpertConfig({1: [3], 2: [5]}), eval_baseline=False)
+    t = time.monotonic()
+    while not jobs.load_job(job.dir).done and time.monotonic() - t < 180:
+        time.sleep(0.3)
+    assert runs.read_run(run_dir).status == "complete", jobs.log_tail(job)
+    at = app(monkeypatch, tmp_path, db, model)
+    visit(at, "results")
+    at.number_input(key=f"res_eval_n_{run_dir.name}").set_value(3)
+    at.button(key="res_eval_go").click().run()
+    assert not at.exception and at.get("progress")  # the job runs in the background, polled with a progress bar
+    (ev_job,) = jobs.list_jobs(work, "eval")
+    t = time.monotonic()
+    while not any("examples per file" in d.value.columns for d in at.dataframe) and time.monotonic() - t < 180:
+        time.sleep(0.5)
+        at.run()
+    assert not at.exception and jobs.load_job(ev_job.dir).state == "complete", jobs.log_tail(ev_job)
+    table = at.dataframe[0].value
+    assert table["more-examples n"].tolist() == [3] and table["more-examples general loss"].iloc[0] > 0
+    extra = next(d.value for d in at.dataframe if "examples per file" in d.value.columns)
+    assert extra["examples per file"].tolist() == [3] and "code score" in extra.columns
+
+
+def test_select_and_train_first_visit_does_not_import_torch(tmp_path, tiny):
+    """Importing torch costs ~1 s of the first visit on a small CPU (model facts used to go through esft_core.models);
+    a fresh process shows whether any page code still pulls it in."""
+    import os
+    import subprocess
+    import sys
+
+    model, cached = tiny
+    db = tmp_path / "traces.duckdb"
+    shutil.copy(cached, db)
+    code = ("import sys\nfrom streamlit.testing.v1 import AppTest\n"
+            f"at = AppTest.from_file({str(REPO / 'app.py')!r}, default_timeout=60).run()\n"
+            "at.switch_page('explorer/page_select_train.py').run()\n"
+            "assert not at.exception, [e.value for e in at.exception]\n"
+            "assert any('Trainable' in m.label for m in at.metric)\n"
+            "print('torch' in sys.modules)")
+    env = {**os.environ, "ESFT_DB": str(db), "ESFT_WORKDIR": str(tmp_path / "work"), "ESFT_MODEL": str(model),
+           "ESFT_AUTO_RECORD": "0", "ESFT_STANDBY": "0"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"

@@ -145,3 +145,25 @@ def test_a_finished_runner_leaves_no_zombie_in_the_parent(tmp_path):
     while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:  # reaped → the entry disappears
         time.sleep(0.1)
     assert not os.path.exists(f"/proc/{pid}"), "the runner is still a defunct child of this process"
+
+
+def test_attribution_job_writes_its_result_and_reports_bad_requests(tmp_path, tiny):
+    import json
+
+    model, _ = tiny
+    req = jobs.AttributionRequest(str(model), [1, 5, 9, 33, 70, 12, 8, 100], layer=1, expert=2, target=5, n_steps=32)
+    assert req.path(tmp_path) == jobs.AttributionRequest(**{**req.__dict__}).path(tmp_path)  # same request, same file
+    bad = jobs.AttributionRequest(str(model), req.input_ids, layer=1, expert=99, target=5)
+    assert bad.path(tmp_path) != req.path(tmp_path)
+    good_job, bad_job = jobs.start_attribution(tmp_path, req), jobs.start_attribution(tmp_path, bad)
+    assert good_job.meta["queue"] == "compute" and good_job.meta["out"] == str(req.path(tmp_path))
+    g = wait(good_job, timeout=180)
+    assert g.state == "complete", jobs.log_tail(g)
+    res = json.loads(req.path(tmp_path).read_text())
+    assert len(res["tokens"]) == len(res["scores"]) == 6 and res["target"] == 5 and res["request"]["expert"] == 2
+    # completeness: the attributions add up to the logit change, up to the reported integration error
+    assert abs(sum(res["scores"]) - (res["logit"] - res["baseline_logit"])) <= res["delta"] + 1e-4
+    assert "3/3" in jobs.log_tail(g) and jobs.progress(g) == (1.0, "done")
+    b = wait(bad_job, timeout=180)
+    assert b.state == "failed" and "expert 99 does not exist" in b.error and b.error.startswith("esft attribution:")
+    assert not bad.path(tmp_path).exists()

@@ -89,3 +89,32 @@ def test_runner_killed_with_sigkill_does_not_stay_running(tmp_path, tiny):
     info = runs.read_run(run_dir)
     assert info.run.get("status") == "running"  # what train.py left behind …
     assert info.status == "failed" and "died" in info.error  # … is reconciled with the dead job
+
+
+def test_standalone_eval_of_a_finished_run_lands_in_the_run_and_the_table(tmp_path, tiny):
+    from esft_core.errors import EsftError
+    from explorer import results
+
+    cfg = _cfg(tiny[0], 2)
+    cfg.eval_data = [str(REPO / "data" / "tasks" / "code" / "eval.jsonl"),
+                     str(REPO / "data" / "general" / "heldout.jsonl")]
+    cfg.eval_limit = 2
+    job, run_dir = jobs.start_training(tmp_path, cfg, "code", ExpertConfig({1: [3], 2: [5]}), eval_baseline=False)
+    with pytest.raises(EsftError, match="no finished adapter"):  # not finished yet (queued or running)
+        runs.start_eval(tmp_path, run_dir, 4)
+    _until(lambda: jobs.load_job(job.dir).done, what="training")
+    assert runs.read_run(run_dir).status == "complete", jobs.log_tail(job)
+    with pytest.raises(EsftError, match="positive integer, got 0"):
+        runs.start_eval(tmp_path, run_dir, 0)
+    ev_job = runs.start_eval(tmp_path, run_dir, 4)
+    assert ev_job.kind == "eval" and ev_job.meta["queue"] == "compute" and "--adapter" in ev_job.commands[0]
+    done = _until(lambda: (j := jobs.load_job(ev_job.dir)).done and j, what="eval")
+    assert done.state == "complete", jobs.log_tail(done)
+    info = runs.read_run(run_dir)
+    ev = info.extra_evals[4]
+    assert set(ev["tasks"]) == {"code"} and ev["general_loss"] > 0 and list(info.extra_evals) == [4]
+    assert ev["tasks"]["code"]["n"] == 4 and info.eval["tasks"]["code"]["n"] == 2  # 4 examples, not the run's 2
+    row = results.runs_table([info]).row(0, named=True)
+    assert row["more-examples n"] == 4 and row["more-examples general loss"] == ev["general_loss"]
+    assert row["more-examples task loss"] == ev["tasks"]["code"]["loss"]
+    assert info.eval and info.eval != ev  # the training-time evaluation (2 examples) is kept beside it
