@@ -89,7 +89,7 @@ def select_worker(out: str) -> dict:
     record.record(model, tok, read_records(ROOT / "data/tasks/law/train.jsonl", limit=64), db, "law",
                   max_tokens=1024, seq_len=SEQ)
     with store.reader(db) as con:
-        cfg = select_for_task(con, "law", "token", "token", k=6).config()
+        cfg = select_for_task(con, "law", "token", "token", k=6).to_dict()
     return cfg
 
 
