@@ -8,6 +8,9 @@ of issue 11 (on an idle machine):
 - routing shift of 32 prompts as the page's background job (jobs.start_routing_shift), start → result (goal ≤ 15 s).
 
     .venv/bin/python bench/explorer_ui_latency.py        # prints one JSON line at the end
+    .venv/bin/python bench/explorer_ui_latency.py --db BIG.duckdb   # an existing trace DB (e.g. the 81.8 M-row one
+        # bench/explorer_queries.py --db keeps): cold loads and warm interactions only (its synthetic model cannot
+        # train or run a routing shift)
 """
 
 from __future__ import annotations
@@ -45,13 +48,24 @@ def median(xs: list[float]) -> float:
 
 
 def main() -> None:
+    import argparse
+
     from playwright.sync_api import sync_playwright
 
     from esft_core import jobs, runs
 
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--db", help="an existing trace DB: measure cold loads and warm interactions on it only")
+    args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="esft-ui-"))
     port = free_port()
     env = {**os.environ, "ESFT_DB": str(tmp / "traces.duckdb"), "ESFT_WORKDIR": str(tmp / "work")}
+    if args.db:
+        import duckdb
+
+        with duckdb.connect(args.db, read_only=True) as con:
+            model = con.execute("SELECT model FROM runs WHERE status = 'complete' LIMIT 1").fetchone()[0]
+        env.update(ESFT_DB=str(Path(args.db).resolve()), ESFT_AUTO_RECORD="0", ESFT_MODEL=model)
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.port",
                              str(port), "--server.headless", "true", "--server.fileWatcherType", "none",
                              "--browser.gatherUsageStats", "false"], cwd=REPO, env=env,
@@ -74,9 +88,12 @@ def main() -> None:
             t0 = time.monotonic()
             page.goto(url + "/")
             page.get_by_text("Runs in this database").wait_for()
-            page.locator('[data-testid="stMetricValue"]', has_text=re.compile(rf"^{n_tasks}$")).nth(1).wait_for()
-            out["first_start_record_s"] = round(time.monotonic() - t0, 1)
-            out["tasks"] = n_tasks
+            if not args.db:
+                page.locator('[data-testid="stMetricValue"]', has_text=re.compile(rf"^{n_tasks}$")).nth(1).wait_for()
+                out["first_start_record_s"] = round(time.monotonic() - t0, 1)
+                out["tasks"] = n_tasks
+            else:
+                out["db"] = str(args.db)
 
             # cold loads: a new session (new browser context) per page; the server's query cache is shared, as it
             # is between real visitors, so the first visit of each page warms it and the second is measured too
@@ -106,6 +123,10 @@ def main() -> None:
                 warm.append(round(time.monotonic() - t, 2))
             out["warm_interaction_s"] = warm
             out["warm_interaction_median_s"] = median(warm)
+            if args.db:
+                browser.close()
+                print(json.dumps(out))
+                return
 
             page.goto(url + "/select-train")
             page.get_by_text("Experts to train").wait_for()
