@@ -21,15 +21,7 @@ if not ready:
     st.stop()
 
 c1, c2, c3, c4 = st.columns([1, 2, 1, 1])
-task = state.pick_task(c1, tasks, "att_task")
-run_id = state.query(queries.latest_run, model_name, task)
-if not state.query(queries.run_detail, run_id)["tokens"]:
-    state.no_token_note(model_name, task)
-    st.stop()
-samples = state.query(queries.list_samples, run_id, 200)
-labels = {r["sample_id"]: f"#{r['sample_id']} ({r['n_tokens']} tok) {(r['preview'] or '(no text)')[:50]}"
-          for r in samples.iter_rows(named=True)}
-sid = c2.selectbox("Sample", list(labels), format_func=labels.get, key=f"att_sample_{run_id}")
+run_id, sid = state.pick_sample(c1, c2, model_name, tasks, "att", 200)
 layer = c3.selectbox("Layer", lay["layers"], key="att_layer")
 routes = state.query(queries.sample_routes, run_id, sid, layer, 256)
 # Default expert: the one that wins most positions of this sample at this layer.

@@ -15,18 +15,7 @@ layers = lay["layers"]
 # ------------------------------------------------------------------------------------------------ a sample's routing
 st.subheader("Routing of one sample")
 c1, c2, c3 = st.columns([1, 2, 1])
-task = state.pick_task(c1, tasks, "tok_task")
-run_id = state.query(queries.latest_run, model, task)
-if not state.query(queries.run_detail, run_id)["tokens"]:
-    state.no_token_note(model, task)
-    st.stop()
-samples = state.query(queries.list_samples, run_id, 300)
-if samples is None or samples.height == 0:
-    st.info("This run has no samples.")
-    st.stop()
-labels = {r["sample_id"]: f"#{r['sample_id']} ({r['n_tokens']} tok) {(r['preview'] or '(no text)')[:60]}"
-          for r in samples.iter_rows(named=True)}
-sid = c2.selectbox("Sample", list(labels), format_func=labels.get, key=f"tok_sample_{run_id}")
+run_id, sid = state.pick_sample(c1, c2, model, tasks, "tok", 300)
 layer = c3.selectbox("Layer", layers, key="tok_layer")
 routes = state.query(queries.sample_routes, run_id, sid, layer, 1024)
 st.html(charts.token_html(routes))

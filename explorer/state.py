@@ -154,6 +154,24 @@ def no_token_note(model: str, task: str) -> None:
             "per-token routes on the **Runs** page or pick another model in the sidebar.")
 
 
+def pick_sample(task_col, sample_col, model: str, tasks: list[str], prefix: str, limit: int) -> tuple[int, int]:
+    """Task + sample pickers of the per-token pages over the task's latest run: (run_id, sample_id). Stops the page
+    with a note when that run has no token text (imported logs, aggregate-only recordings) or no samples."""
+    task = pick_task(task_col, tasks, f"{prefix}_task")
+    run_id = query(queries.latest_run, model, task)
+    if not query(queries.run_detail, run_id)["tokens"]:
+        no_token_note(model, task)
+        st.stop()
+    samples = query(queries.list_samples, run_id, limit)
+    if samples is None or samples.height == 0:
+        st.info("This run has no samples.")
+        st.stop()
+    labels = {r["sample_id"]: f"#{r['sample_id']} ({r['n_tokens']} tok) {(r['preview'] or '(no text)')[:60]}"
+              for r in samples.iter_rows(named=True)}
+    sid = sample_col.selectbox("Sample", list(labels), format_func=labels.get, key=f"{prefix}_sample_{run_id}")
+    return run_id, sid
+
+
 def score_controls(prefix: str, default_metric: str = "gate", p: bool = True) -> tuple[str, str, float | None]:
     """Metric / normalisation / p controls (paper defaults: p = 0.1 for gate, 0.2 for token)."""
     c1, c2, c3 = st.columns([1, 1, 2])
