@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from esft_core.commands import check_out, write_out
 from esft_core.errors import EsftError
 
 
@@ -25,31 +26,6 @@ def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
 
     parser.error = error
     return parser
-
-
-def _check_out(out: str | None, force: bool = False, flag: str = "--out") -> None:
-    """An output file path: not a directory, its directory exists, new unless --force (checked before any work)."""
-    if not out:
-        return
-    path = Path(out)
-    if path.is_dir():
-        raise EsftError(f"{flag} {path} is a directory; give a file path")
-    if path.parent and not path.parent.exists():
-        raise EsftError(f"directory {path.parent} for {flag} does not exist")
-    if path.exists() and not force:
-        raise EsftError(f"{flag} {path} already exists; pass --force to overwrite it")
-
-
-def _write_out(text: str, out: str | None, force: bool = True, flag: str = "--out") -> None:
-    """Write to --out atomically (tmp file + rename), or stdout (with a final newline)."""
-    if not out:
-        sys.stdout.write(text if text.endswith("\n") else text + "\n")
-        return
-    _check_out(out, force, flag)
-    path = Path(out)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)  # as is: JSON outputs are byte-identical to the authors' files
-    os.replace(tmp, path)
 
 
 def _model_args(p) -> None:
@@ -156,9 +132,9 @@ def cmd_scores(args) -> int:
         raise EsftError(f"unknown format '{args.format}'; choose csv, json or esft-summary")
     if args.tokens != "all" and args.format == "esft-summary":
         raise EsftError("--format esft-summary is the authors' all-token file; use --tokens all or another format")
-    _check_out(args.out, args.force)
+    check_out(args.out, args.force)
     if args.format == "esft-summary":
-        _write_out(json.dumps(esft_summary(args.db, args.task, args.normalize, args.run, model=args.model,
+        write_out(json.dumps(esft_summary(args.db, args.task, args.normalize, args.run, model=args.model,
                                             pool_models=args.pool_models)), args.out)
         return 0
     with store.reader(args.db) as con:
@@ -171,7 +147,7 @@ def cmd_scores(args) -> int:
                "n_samples": first.n_samples, "top_k": first.top_k,
                "scores": {m: {str(layer): {str(e): float(v) for e, v in enumerate(s.row(layer))}
                               for layer in s.layers} for m, s in sc.items()}}
-        _write_out(json.dumps(doc), args.out)
+        write_out(json.dumps(doc), args.out)
         return 0
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
@@ -179,7 +155,7 @@ def cmd_scores(args) -> int:
     for li, layer in enumerate(first.layers):
         for e in range(first.num_experts):
             w.writerow([layer, e, *(repr(float(sc[m].values[li, e])) for m in metrics)])
-    _write_out(buf.getvalue(), args.out)
+    write_out(buf.getvalue(), args.out)
     return 0
 
 
@@ -217,8 +193,8 @@ def cmd_select(args) -> int:
         raise EsftError(f"--bootstrap supports --metric gate or token, not '{args.metric}'")
     if args.bootstrap is not None and args.tokens != "all":
         raise EsftError("--bootstrap supports --tokens all only")
-    _check_out(args.out, args.force)
-    _check_out(args.stability_out, args.force, "--stability-out")
+    check_out(args.out, args.force)
+    check_out(args.stability_out, args.force, "--stability-out")
     contrast = [t for spec in (args.contrast or []) for t in spec.split(",") if t]
     with store.reader(args.db) as con:
         sel = select_for_task(con, args.task, args.metric, args.normalize, args.top_p, args.top_k, args.include,
@@ -228,10 +204,10 @@ def cmd_select(args) -> int:
         stab = (stability(con, args.task, args.metric, args.normalize, args.top_p, args.bootstrap, seed=args.seed,
                           run_ids=args.run, model=args.model, pool_models=args.pool_models)
                 if args.bootstrap is not None else None)
-    _write_out(sel.to_json(), args.out)
+    write_out(sel.to_json(), args.out)
     if stab is not None:
         if args.stability_out:
-            _write_out(json.dumps(stab), args.stability_out)
+            write_out(json.dumps(stab), args.stability_out)
         else:
             worst = min(stab["same_selection_rate"].items(), key=lambda kv: kv[1])
             print(f"stability: {args.bootstrap} bootstrap resamples of {stab['n_samples']} samples; least stable "

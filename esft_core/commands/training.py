@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import fields
 from pathlib import Path
 
+from esft_core.commands import check_out, write_out
 from esft_core.devices import DTYPE_CHOICES, add_device_flags
 from esft_core.errors import EsftError
 
@@ -115,18 +115,6 @@ def _adapter_dir(path: str) -> Path:
     return p / "adapter" if (p / "adapter" / "expert_cfg.json").is_file() else p
 
 
-def check_out_file(path: str, force: bool) -> Path:
-    """An output file path: its directory exists, it is not a directory, and it is new unless --force."""
-    out = Path(path)
-    if out.is_dir():
-        raise EsftError(f"--out {out} is a directory; give a file path")
-    if not out.parent.is_dir():
-        raise EsftError(f"directory {out.parent} for --out does not exist")
-    if out.exists() and not force:
-        raise EsftError(f"--out {out} already exists; pass --force to overwrite it")
-    return out
-
-
 def _fresh_out(path: str) -> Path:
     out = Path(path)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -144,7 +132,7 @@ def cmd_eval(args) -> int:
                                                                                   args.max_new_tokens)):
         if v is not None and v <= 0:
             raise EsftError(f"{flag} must be a positive integer, got {v}")
-    out = check_out_file(args.out, args.force) if args.out else None
+    check_out(args.out, args.force)
     for f in args.data:
         if not Path(f).is_file():
             raise EsftError(f"data file {f} does not exist")
@@ -173,13 +161,7 @@ def cmd_eval(args) -> int:
                             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, metric=args.metric,
                             judge=judge)
     result = {"model": args.model, "adapter": args.adapter, "adapter_kind": kind, **result}
-    text = json.dumps(result, indent=2, ensure_ascii=False)
-    if out:
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(text + "\n", encoding="utf-8")
-        tmp.replace(out)
-    else:
-        sys.stdout.write(text + "\n")
+    write_out(json.dumps(result, indent=2, ensure_ascii=False) + "\n", args.out, args.force)
     return 0
 
 
