@@ -1,19 +1,100 @@
 """Results: finished training runs side by side (task score, general retention, time, memory, adapter size), their
 loss curves, and the routing shift before/after tuning on the same prompts (trained vs frozen experts), computed by a
-background job. Everything comes from esft_core.runs (one reader of a run directory)."""
+background job. Everything comes from esft_core.runs (one reader of a run directory). The "Benchmark results" view
+shows a saved bench/compare_methods.py comparison instead (explorer/benchmarks.py shapes it)."""
+
+from pathlib import Path
 
 import polars as pl
 import streamlit as st
 
 from esft_core import jobs, runs
 from esft_core.errors import EsftError
-from explorer import charts, results, state
+from explorer import benchmarks, charts, results, state
 
 st.title("Results")
 work = state.workdir()
 all_runs = runs.list_runs(work)
+view = st.radio("Compare", ["Your runs", "Benchmark results"], horizontal=True, key="res_view",
+                help="Your training runs side by side, or a saved method comparison (bench/compare_methods.py)")
+
+# ---------------------------------------------------------------------------------------------- benchmark results
+if view == "Benchmark results":
+    st.subheader("Benchmark results")
+    st.caption("The method comparison `bench/compare_methods.py` saves (`compare_methods*.json`): every method's lr "
+               "chosen on a validation split, scores on the eval split with two-level bootstrap 95% CIs.")
+    folder = st.text_input("Results folder", str(benchmarks.RESULTS_DIR), key="bench_dir")
+    files = benchmarks.list_files(folder)
+    if not files:
+        st.info(f"No `compare_methods*.json` in `{folder}`. Run `python bench/compare_methods.py --quick`.")
+        st.stop()
+    loaded = {str(f): benchmarks.load(f) for f in files}
+    pick = st.selectbox("Results file (newest first)", list(loaded), key="bench_file",
+                        format_func=lambda f: benchmarks.label(f, loaded[f][0]))
+    data, warning = loaded[pick]
+    if data is None:
+        st.warning(warning)
+        st.stop()
+    for note in benchmarks.notes(data):
+        st.info(note)
+    st.caption(benchmarks.describe(data))
+    b_methods = benchmarks.methods(data)
+    scores = benchmarks.score_table(data)
+    st.markdown("**Task score per method** (at each method's chosen lr, every seed)")
+    if scores.height:
+        state.chart(charts.score_ci_chart(scores, benchmarks.task_order(scores), b_methods),
+                    export=f"bench-scores-{Path(pick).stem}")
+    else:
+        st.info("This file has no per-method scores ('means').")
+
+    st.markdown("**Trade-off: task score vs general-loss rise** (every method × lr × swept setting, first seed)")
+    b_tasks = benchmarks.tasks(data)
+    c1, c2 = st.columns([1, 1])
+    on = c1.selectbox("Task", ["mean over tasks", *b_tasks], key="bench_task")
+    task = None if on == "mean over tasks" else on
+    pts = benchmarks.points(data, task)
+    mine = c2.toggle("Add my runs on this task", key="bench_mine", disabled=task is None or not all_runs,
+                     help="Your finished runs from the Runs list evaluated on this task (their own untuned "
+                          "baseline and eval size, so a rough comparison)")
+    if mine and task is not None:
+        pts = benchmarks.with_user_runs(pts, results.runs_table(all_runs), task)
+    rise = benchmarks.with_rise(pts)
+    if rise.height:
+        state.chart(charts.tradeoff_chart(rise), export=f"bench-tradeoff-{Path(pick).stem}")
+        st.caption("Dashed = Pareto front (no other point scores higher for less forgetting); the rise is over "
+                   f"the untuned model's ('{benchmarks.BASELINE}') general held-out loss.")
+    else:
+        st.info("No trade-off points: the file's rows lack eval scores, general losses or the untuned baseline.")
+
+    pp = benchmarks.params_points(pts)
+    if pp.height:
+        swept = benchmarks.swept(data)
+        state.chart(charts.params_chart(pp, swept), export=f"bench-params-{Path(pick).stem}")
+        st.caption("Dashed = front over trainable parameters (no other point scores higher with fewer)"
+                   + (f"; swept: {', '.join(swept)}" if swept else "") + ".")
+
+    st.markdown("**Learning-rate sweep** (first seed, mean over tasks, validation split; ✔ = the lr chosen)")
+    sweep = benchmarks.lr_sweep(data)
+    if sweep.height:
+        st.dataframe(sweep, hide_index=True, key="bench_sweep", column_config={
+            "lr": st.column_config.NumberColumn(format="%.0e"),
+            "validation score": st.column_config.NumberColumn(format="%.3f"),
+            "validation general loss": st.column_config.NumberColumn(format="%.3f"),
+            "chosen": st.column_config.CheckboxColumn()})
+    else:
+        st.info("No learning-rate sweep in this file (lrs fixed, or an older format).")
+    st.markdown("**Paired comparisons** (bootstrap; p two-sided; significant = p < 0.05)")
+    comp = benchmarks.comparisons(data)
+    if comp.height:
+        st.dataframe(comp, hide_index=True, key="bench_comp", column_config={
+            c: st.column_config.NumberColumn(format="%.4f") for c in ("value", "lo", "hi", "p")})
+    else:
+        st.info("No paired comparisons in this file.")
+    st.stop()
+
 if not all_runs:
-    st.info("No training runs yet. Start one with the **Train** button on the Select & Train page.")
+    st.info("No training runs yet. Start one with the **Train** button on the Select & Train page, or look at "
+            "**Benchmark results** above.")
     st.page_link("explorer/page_select_train.py", label="Go to Select & Train", icon=":material/build:")
     st.stop()
 
