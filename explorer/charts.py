@@ -161,25 +161,28 @@ METHOD_COLORS = {"ESFT-Token": "#1f77b4", "ESFT-Gate": "#17becf", "ESFT": "#2ca0
                  "LoRA": "#9467bd", "random experts": "#7f7f7f"}
 
 
-# colours for methods without a fixed one (benchmark method names, the user's runs): tableau10/20 minus the above
-_SPARE_COLORS = ["#ff7f0e", "#8c564b", "#e377c2", "#bcbd22", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896",
-                 "#c5b0d5", "#c49c94", "#f7b6d2", "#dbdb8d", "#9edae5", "#393b79", "#637939", "#8c6d31"]
+# colours for methods without a fixed one (benchmark method names, the user's runs): tableau10/20 minus the
+# above, strong ones first
+_SPARE_COLORS = ["#ff7f0e", "#8c564b", "#e377c2", "#bcbd22", "#393b79", "#637939", "#8c6d31", "#843c39",
+                 "#7b4173", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#9edae5"]
 
 
-def method_color(methods: list[str]) -> alt.Color:
+def method_color(methods: list[str], order: list[str] | None = None) -> alt.Color:
     """One colour per method: the fixed METHOD_COLORS for the explorer's method labels, distinct spare colours for
-    any other name (in the order given), so a benchmark's methods keep the same colour across its charts."""
-    methods = list(dict.fromkeys(methods))
-    dom = [m for m in METHOD_COLORS if m in methods] + [m for m in methods if m not in METHOD_COLORS]
-    spare = iter(_SPARE_COLORS * (1 + len(dom) // len(_SPARE_COLORS)))
-    rng = [METHOD_COLORS[m] if m in METHOD_COLORS else next(spare) for m in dom]
+    any other name in `order` (then any name not in it), so a benchmark's methods keep one colour across its charts."""
+    present = set(methods)
+    every = list(dict.fromkeys([*(order or []), *methods]))  # colours follow this order; the legend shows `methods`
+    spare = [m for m in every if m not in METHOD_COLORS]
+    dom = [m for m in METHOD_COLORS if m in present] + [m for m in spare if m in present]
+    rng = [METHOD_COLORS.get(m) or _SPARE_COLORS[spare.index(m) % len(_SPARE_COLORS)] for m in dom]
     return alt.Color("method:N", scale=alt.Scale(domain=dom, range=rng), legend=alt.Legend(labelLimit=300))
 
 
-def tradeoff_chart(points: pl.DataFrame, y: str = "task score") -> alt.LayerChart:
+def tradeoff_chart(points: pl.DataFrame, y: str = "task score", order: list[str] | None = None) -> alt.LayerChart:
     """The paper's trade-off: `y` (task score or task loss) against the rise of the general held-out loss, one point
-    per run coloured by method, the Pareto front (best score for its forgetting) drawn as a step line."""
-    color = method_color(sorted(points["method"].unique().to_list()))
+    per run coloured by method, the Pareto front (best score for its forgetting) drawn as a step line. `order`: the
+    methods' colour order (see method_color)."""
+    color = method_color(sorted(points["method"].unique().to_list()), order)
     tip = ["label:N", "method:N", "task:N", alt.Tooltip(f"{y}:Q", format=".4f"),
            alt.Tooltip("general loss rise:Q", format="+.4f"), "lr:Q", "steps:Q"]
     base = alt.Chart(points).encode(x=alt.X("general loss rise:Q", title="general held-out loss rise (lower = "
@@ -197,19 +200,20 @@ def tradeoff_chart(points: pl.DataFrame, y: str = "task score") -> alt.LayerChar
 def score_ci_chart(scores: pl.DataFrame, tasks: list[str], methods: list[str]) -> alt.LayerChart:
     """Task score per method with its 95% CI as an error bar, grouped by task (the mean over tasks last).
     Columns: method, task, score, lo, hi, lr (explorer.benchmarks.score_table)."""
-    methods = [m for m in methods if m in set(scores["method"].to_list())]
+    order, methods = methods, [m for m in methods if m in set(scores["method"].to_list())]
     x = alt.X("task:N", sort=tasks, title=None, axis=alt.Axis(labelAngle=0, labelOverlap=False))
     off = alt.XOffset("method:N", sort=methods)
     tip = ["method:N", "task:N", alt.Tooltip("score:Q", format=".3f"), alt.Tooltip("lo:Q", format=".3f", title="CI lo"),
            alt.Tooltip("hi:Q", format=".3f", title="CI hi"), alt.Tooltip("lr:Q", format="g")]
     base = alt.Chart(scores).encode(x=x, xOffset=off)
     bars = base.mark_bar(opacity=0.85).encode(y=alt.Y("score:Q", title="task score (95% CI)"),
-                                              color=method_color(methods), tooltip=tip)
+                                              color=method_color(methods, order), tooltip=tip)
     err = base.mark_rule(color="black", strokeWidth=1.5).encode(y="lo:Q", y2="hi:Q", tooltip=tip)
     return alt.layer(bars, err).properties(height=300, title="task score per method (95% bootstrap CI)")
 
 
-def params_chart(points: pl.DataFrame, settings: list[str] | None = None) -> alt.LayerChart:
+def params_chart(points: pl.DataFrame, settings: list[str] | None = None,
+                 order: list[str] | None = None) -> alt.LayerChart:
     """Task score against trainable parameters (log x), one point per (method, lr, swept setting), the Pareto front
     (best score for its parameter count) as a dashed step line; the paper's Fig. 5 with parameters as the cost."""
     settings = [s for s in settings or [] if s in points.columns]
@@ -219,7 +223,7 @@ def params_chart(points: pl.DataFrame, settings: list[str] | None = None) -> alt
     x = alt.X("trainable params:Q", scale=alt.Scale(type="log"), title="trainable parameters (log)")
     dots = alt.Chart(points).mark_point(filled=True, size=110).encode(
         x=x, y=alt.Y("task score:Q", scale=alt.Scale(zero=False)),
-        color=method_color(sorted(points["method"].unique().to_list())), tooltip=tip)
+        color=method_color(sorted(points["method"].unique().to_list()), order), tooltip=tip)
     front = alt.Chart(points.filter(pl.col("pareto")).sort("trainable params")).mark_line(
         interpolate="step-after", color="#444", strokeDash=[5, 3]).encode(x=x, y="task score:Q")
     return alt.layer(front, dots).properties(height=320, title="task score vs trainable parameters")

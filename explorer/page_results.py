@@ -60,7 +60,7 @@ if view == "Benchmark results":
         pts = benchmarks.with_user_runs(pts, results.runs_table(all_runs), task)
     rise = benchmarks.with_rise(pts)
     if rise.height:
-        state.chart(charts.tradeoff_chart(rise), export=f"bench-tradeoff-{Path(pick).stem}")
+        state.chart(charts.tradeoff_chart(rise, order=b_methods), export=f"bench-tradeoff-{Path(pick).stem}")
         st.caption("Dashed = Pareto front (no other point scores higher for less forgetting); the rise is over "
                    f"the untuned model's ('{benchmarks.BASELINE}') general held-out loss.")
     else:
@@ -69,7 +69,7 @@ if view == "Benchmark results":
     pp = benchmarks.params_points(pts)
     if pp.height:
         swept = benchmarks.swept(data)
-        state.chart(charts.params_chart(pp, swept), export=f"bench-params-{Path(pick).stem}")
+        state.chart(charts.params_chart(pp, swept, b_methods), export=f"bench-params-{Path(pick).stem}")
         st.caption("Dashed = front over trainable parameters (no other point scores higher with fewer)"
                    + (f"; swept: {', '.join(swept)}" if swept else "") + ".")
 
