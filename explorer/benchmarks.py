@@ -29,11 +29,12 @@ _MEASURE = re.compile(r"(score|loss|bytes|time|rss|hwm|params|example|wall)s?(_s
 
 # --------------------------------------------------------------------------------------------------------- files
 def list_files(folder: Path | str = RESULTS_DIR) -> list[Path]:
-    """compare_methods*.json in `folder`, newest first (modification time, then name)."""
+    """compare_methods*.json in `folder`, newest first; equal times (a fresh checkout) by name, so the untagged main
+    file (compare_methods.json, compare_methods_quick.json) comes before its tagged diagnostics."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted(folder.glob(PATTERN), key=lambda p: (p.stat().st_mtime, p.name), reverse=True)
+    return sorted(folder.glob(PATTERN), key=lambda p: (-int(p.stat().st_mtime), p.name))  # whole seconds: a checkout
 
 
 def load(path: Path | str) -> tuple[dict | None, str | None]:

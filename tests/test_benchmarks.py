@@ -5,6 +5,7 @@ broken JSON; an AppTest of the page picking a file and showing the numbers."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pandas as pd
@@ -130,9 +131,12 @@ def test_broken_files_give_one_line_warnings(tmp_path):
     (tmp_path / "compare_methods_list.json").write_text("[1, 2]")
     (tmp_path / "compare_methods_bin.json").write_bytes(b"\xff\xfe\x00")
     (tmp_path / "other.json").write_text("{}")
-    files = b.list_files(tmp_path)
-    assert sorted(f.name for f in files) == ["compare_methods_bin.json", "compare_methods_broken.json",
-                                             "compare_methods_list.json"]
+    for f in tmp_path.iterdir():
+        os.utime(f, (1e9, 1e9))
+    os.utime(tmp_path / "compare_methods_list.json", (2e9, 2e9))
+    files = b.list_files(tmp_path)  # newest first, then by name
+    assert [f.name for f in files] == ["compare_methods_list.json", "compare_methods_bin.json",
+                                       "compare_methods_broken.json"]
     for f in files:
         data, warn = b.load(f)
         assert data is None and f.name in warn and "\n" not in warn and b.label(f, None).endswith("unreadable")
@@ -177,7 +181,26 @@ def _datasets(at) -> list[list[dict]]:
             for ch in at.get("vega_lite_chart")]
 
 
+def _finished_run(work, task: str, score: float, general: float, base: float) -> None:
+    """A run directory as the Train button leaves it (launch, run.json, eval.json, the untuned baseline), written
+    with esft_core.runs' own writers: the page reads it through esft_core.runs.list_runs."""
+    from esft_core import runs
+
+    d = runs.new_run_dir(work, task, "esft")
+    (d / "train").mkdir()
+    baseline = work / "baselines" / "eval-x.json"
+    baseline.parent.mkdir(parents=True, exist_ok=True)
+    baseline.write_text(json.dumps({"tasks": {task: {"score": 0.0, "loss": 7.0}}, "general_loss": base}))
+    runs.write_launch(d, {"method": "esft", "lr": 3e-3, "steps": 60}, task, None, baseline,
+                      selection={"metric": "token", "p": 0.2})
+    (d / "train" / "run.json").write_text(json.dumps({"method": "esft", "status": "complete", "step": 60,
+                                                      "trainable_params": 270336}))
+    (d / "train" / "eval.json").write_text(json.dumps({"tasks": {task: {"score": score, "loss": 0.4}},
+                                                       "general_loss": general}))
+
+
 def test_results_page_shows_a_benchmark_file(monkeypatch, tmp_path):
+    _finished_run(tmp_path / "work", "law", 0.69, 4.9, 4.4)
     at = _app(monkeypatch, tmp_path)
     assert at.selectbox(key="bench_file").value == str(b.list_files()[0])  # newest first
     at.selectbox(key="bench_file").set_value(str(DIAG)).run()
@@ -196,6 +219,10 @@ def test_results_page_shows_a_benchmark_file(monkeypatch, tmp_path):
     at.selectbox(key="bench_task").set_value("law").run()
     (_, trade, _) = _datasets(at)
     assert next(r for r in trade if r["method"] == "fft" and r["lr"] == 1e-3)["task score"] == pytest.approx(0.915)
+    at.toggle(key="bench_mine").set_value(True).run()  # the user's run on law beside the benchmark's law points
+    (_, trade, _) = _datasets(at)
+    mine = [r for r in trade if r["method"] == "your runs: ESFT-Token"]
+    assert len(mine) == 1 and (mine[0]["task score"], mine[0]["general loss rise"]) == pytest.approx((0.69, 0.5))
 
     # another folder: a sweep file with unknown methods and missing parts, and a broken file
     folder = tmp_path / "res"
