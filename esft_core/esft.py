@@ -35,6 +35,7 @@ import types
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from esft_core.errors import EsftError
 from esft_core.expert_config import ExpertConfig  # noqa: F401  (re-exported: the type lived here)
@@ -154,20 +155,33 @@ class SelectedExperts(nn.Module):
     def compute_weight(self, experts: nn.Module, name: str) -> torch.Tensor:
         """The trainable copy in the fused tensor's (compute) dtype; differentiable, n_sel rows only.
 
-        With fp32 masters the low-precision copy is cached and re-made only when the master changed (its in-place
-        version counter moves at each optimizer step), so forwards between steps (gradient accumulation, activation
-        recomputation, evaluation) do not re-cast; gradients flow to the master through `_CastGrad`."""
+        With fp32 masters the low-precision copy is cached and re-made only when the master changed, so forwards
+        between steps (gradient accumulation, activation recomputation, evaluation) do not re-cast; gradients flow to
+        the master through `_CastGrad`. "Changed" = its in-place version counter moved (copy_, load_state_dict, the
+        foreach/for-loop optimizers) or any optimizer stepped: the fused AdamW kernel writes the master without
+        bumping the version counter, so the version alone left training in bf16 on a stale copy that never learned."""
         p = self.small(name)
         dtype = experts.get_parameter(name).dtype
         if p.dtype == dtype:
             return p
-        key = (p._version, p.data_ptr(), dtype)
+        key = (p._version, _OPTIMIZER_STEPS[0], p.data_ptr(), dtype)
         cached = self.__dict__.setdefault("_cast_cache", {}).get(name)
         if cached is None or cached[0] != key:
             with torch.no_grad():
                 cached = (key, p.detach().to(dtype))
             self._cast_cache[name] = cached
         return _CastGrad.apply(p, cached[1]) if torch.is_grad_enabled() and p.requires_grad else cached[1]
+
+
+# optimizer steps taken in this process, by any optimizer (a global post-step hook): part of the cast-cache key
+_OPTIMIZER_STEPS = [0]
+
+
+def _count_step(optimizer, args, kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+register_optimizer_step_post_hook(_count_step)
 
 
 class _CastGrad(torch.autograd.Function):
