@@ -301,6 +301,27 @@ def test_bf16_training_keeps_fp32_masters_and_writes_bf16_adapter(env, tmp_path)
         "model.layers.1.mlp.experts.esft.gate_up_proj"].dtype == torch.float32
 
 
+def test_bf16_trained_model_in_memory_is_the_saved_adapter(env, tmp_path):
+    """After bf16 training the model in memory (what the benchmark and `train --eval-data` evaluate) must compute
+    with the trained weights: the same logits as the base with the saved adapter loaded. The fused AdamW once left
+    the forward on a stale bf16 copy of the masters, so training in bf16 never learned (loss flat)."""
+    from esft_core.adapters import load_adapter
+    from esft_core.train import Recipe
+
+    recipe = Recipe(cfg_for(env, tmp_path / "r", steps=3, dtype="bfloat16", lr=5e-2), progress=False)
+    recipe.setup()
+    recipe.train()
+    adapter = recipe.save()
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21, 25, 29]])
+    base, _ = load_model(env["model"], dtype=torch.bfloat16)
+    with torch.no_grad():
+        untuned = base(ids).logits
+        load_adapter(base, adapter)
+        tuned = recipe.model.eval()(ids).logits
+        assert not torch.equal(tuned, untuned)
+        assert torch.equal(tuned, base(ids).logits)
+
+
 def test_grad_checkpointing_gives_the_same_loss_and_gradients_with_esft():
     from esft_core.esft import ExpertConfig, apply_esft, trainable_parameters
     from esft_core.models import tiny_moe
