@@ -132,6 +132,30 @@ def json_match(pred: str, ref: str) -> float:
         return 0.0
 
 
+def _fields(obj, prefix: str = "") -> dict:
+    # {"intent": "a", "slots": {"x": 1}} -> {"intent": "a", "slots.x": 1}; an empty dict stays one field
+    if not isinstance(obj, dict) or (prefix and not obj):
+        return {prefix: obj}
+    out = {}
+    for k, v in obj.items():
+        out.update(_fields(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def json_fields(pred: str, ref: str) -> float:
+    """Partial credit over the reference's JSON fields (nested keys flattened, e.g. intent, slots.time): matched
+    fields / the larger of the two field counts, so a missing or an extra field costs as much as a wrong one; 0 when
+    the prediction is not a JSON object. The intent/slot literature's per-field accuracy; `json_match` is all-or-none."""
+    try:
+        p, r = (json.loads(_FENCE.sub("", x.strip())) for x in (pred, ref))
+    except (json.JSONDecodeError, ValueError):
+        return 0.0
+    if not isinstance(p, dict) or not isinstance(r, dict):
+        return float(p == r)
+    fp, fr = _fields(p), _fields(r)
+    return sum(1 for k, v in fr.items() if k in fp and fp[k] == v) / max(len(fp), len(fr), 1)
+
+
 def _cjk(texts) -> bool:
     return any(re.search(r"[\u4e00-\u9fff]", t) for t in texts)
 
@@ -157,6 +181,8 @@ def _chrf(preds, refs) -> float:
 
 per_example("exact_match", "exact match after whitespace normalisation", exact_match)
 per_example("json_match", "parsed JSON equal to the reference (the authors' intent evaluation)", json_match)
+per_example("json_fields", "share of the reference's JSON fields matched (intent and each slot; partial credit)",
+            json_fields)
 per_example("final_number_match", "final number ('The answer is N') equal", final_number_match)
 register_metric(Metric("bleu", "corpus BLEU / 100 (sacrebleu; 'zh' tokenisation for Chinese)", _bleu))
 register_metric(Metric("chrf", "corpus chrF / 100 (sacrebleu)", _chrf))

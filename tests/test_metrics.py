@@ -17,6 +17,13 @@ def test_builtin_metrics():
     jm = metrics.get_metric("json_match")
     assert jm.score(['```json\n{"b": 1, "a": [2]}\n```'], ['{"a": [2], "b": 1}']) == 1.0  # fence stripped
     assert jm.score(["{not json"], ['{"a": 1}']) == 0.0
+    jf = metrics.get_metric("json_fields")  # partial credit per field: intent, slots.contact, slots.status
+    ref = '{"intent": "send", "slots": {"contact": "Eve", "status": "home"}}'
+    assert jf.score(['{"intent": "send", "slots": {"contact": "Gia", "status": "home"}}'], [ref]) == pytest.approx(2 / 3)
+    assert jf.score(['{"intent": "send", "slots": {"contact": "Eve", "status": "home", "x": 1}}'], [ref]) == 0.75
+    assert jf.score(['{"intent": "send"}'], [ref]) == pytest.approx(1 / 3)  # missing slots cost
+    assert jf.score(["not json", "[1]"], [ref, ref]) == 0.0
+    assert jf.score(['{"intent": "a", "slots": {}}'], ['{"slots": {}, "intent": "a"}']) == 1.0
     fn = metrics.get_metric("final_number_match")
     assert fn.score(["steps... The answer is 42."], ["The answer is 42."]) == 1.0
     assert fn.score(["42"], ["The answer is 42."]) == 0.0  # the reference states its answer; so must the prediction

@@ -47,6 +47,9 @@ class BuildConfig:
     lr: float = field(default=3e-3, metadata={"help": "peak AdamW learning rate (cosine to 10%, 50 warmup steps)"})
     aux_loss: float = field(default=0.01, metadata={"help": "weight of the expert load-balancing loss"})
     domain_docs: int = field(default=6000, metadata={"help": "plain-text documents per enhancement domain"})
+    adaptation_docs: int = field(default=0, metadata={
+        "help": "plain-text documents per adaptation domain (prompt content only, never answers; 0 = none, v1)"})
+    tokenizer: str = field(default="", metadata={"help": "reuse this folder's tokenizer instead of training one"})
     corpus_limit: int = field(default=0, metadata={"help": "use only this many general documents (0 = all)"})
     seed: int = field(default=0, metadata={"help": "seed for data order and initialisation"})
 
@@ -61,22 +64,28 @@ class BuildConfig:
             raise EsftError(f"--top-k {self.top_k} exceeds --num-experts {self.num_experts}")
         if self.vocab_size < 300:
             raise EsftError(f"--vocab-size must be at least 300 (256 bytes + merges), got {self.vocab_size}")
-        if self.shared_experts < 0 or self.corpus_limit < 0 or self.lr <= 0 or self.aux_loss < 0:
-            raise EsftError("--shared-experts, --corpus-limit and --aux-loss must be >= 0 and --lr > 0")
+        if min(self.shared_experts, self.corpus_limit, self.adaptation_docs, self.aux_loss) < 0 or self.lr <= 0:
+            raise EsftError("--shared-experts, --corpus-limit, --adaptation-docs and --aux-loss must be >= 0 "
+                            "and --lr > 0")
+        if self.tokenizer and not (Path(self.tokenizer) / "tokenizer.json").is_file():
+            raise EsftError(f"--tokenizer {self.tokenizer}: no tokenizer.json in that folder")
 
 
 TINY = dict(vocab_size=320, hidden_size=32, num_layers=3, num_experts=8, top_k=2, moe_intermediate=16,
             dense_intermediate=64, seq_len=64, batch_size=4, steps=3, domain_docs=50, corpus_limit=50)
 
 
-def corpus(cfg: BuildConfig) -> list[str]:
-    """Pre-training documents: general corpus train split + enhancement-domain texts, shuffled (seeded)."""
+def corpus(cfg: BuildConfig, adaptation: bool = True) -> list[str]:
+    """Pre-training documents: general corpus train split + enhancement-domain texts (+ with `adaptation`, the
+    adaptation domains' plain content, `--adaptation-docs` per domain), shuffled (seeded)."""
     docs = [r["text"] for r in demo_tasks.general_corpus()["train"]]
     if cfg.corpus_limit:
         docs = docs[: cfg.corpus_limit]
     for name, spec in demo_tasks.TASKS.items():
         if spec.kind == "enhancement":
             docs += demo_tasks.pretraining_texts(name, cfg.domain_docs)
+        elif adaptation and cfg.adaptation_docs:
+            docs += demo_tasks.domain_texts(name, cfg.adaptation_docs)
     random.Random(cfg.seed).shuffle(docs)
     return docs
 
@@ -160,7 +169,12 @@ def build(out: Path, cfg: BuildConfig, quiet: bool = False) -> dict:
     torch.manual_seed(cfg.seed)
     t0 = time.time()
     docs = corpus(cfg)
-    tok = train_tokenizer(docs, cfg.vocab_size)
+    if cfg.tokenizer:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(cfg.tokenizer)
+    else:  # on the corpus without the adaptation domains: v1's exact tokenizer, so v1 and v2 share one vocabulary
+        tok = train_tokenizer(corpus(cfg, adaptation=False), cfg.vocab_size)
     windows = token_windows(docs, tok, cfg.seq_len)  # (n, seq_len)
     # grouped_mm runs the fused experts ~25% faster than the eager per-expert loop on CPU (measured while building).
     model = AutoModelForCausalLM.from_config(

@@ -86,8 +86,15 @@ CODE_FUNCS = [_arith, _listop, _filter, _string, _predicate]
 
 
 # --------------------------------------------------------------------------------------------- intent
+# Slot values come from small closed sets (8-24 values each): the answer must copy them from the utterance, and a
+# 4.8 M-parameter model learns to copy a value it has seen ~30 times per slot within the benchmark's 150 steps, not
+# one drawn from thousands (times to the minute, amounts up to 5,000: measured 0.025 exact JSON match for FFT).
+INTENT_NAMES = NAMES[:8]
+INTENT_CITIES = CITIES[:8]
+
+
 def _time(rng):
-    return f"{rng.randint(1, 12)}{rng.choice([':00', ':15', ':30', ':45', ''])} {rng.choice(['am', 'pm'])}"
+    return f"{rng.randint(1, 12)} {rng.choice(['am', 'pm'])}"
 
 
 def _day(rng):
@@ -95,7 +102,7 @@ def _day(rng):
 
 
 def _dur(rng):
-    return f"{rng.randint(1, 90)} {rng.choice(['minutes', 'seconds', 'hours'])}"
+    return f"{rng.choice([5, 10, 15, 20, 30, 45, 60, 90])} {rng.choice(['minutes', 'seconds', 'hours'])}"
 
 
 def _cur(rng):
@@ -107,27 +114,28 @@ INTENTS = [
                    "i need an alarm at {time}"], {"time": _time}),
     ("get_weather", ["what is the weather in {city} {day}", "will it rain in {city} {day}",
                      "forecast for {city} {day}", "how hot is it in {city} {day}"],
-     {"city": lambda r: r.choice(CITIES), "day": _day}),
+     {"city": lambda r: r.choice(INTENT_CITIES), "day": _day}),
     ("book_table", ["book a table for {people} at {time}", "reserve dinner for {people} people at {time}",
                     "get us a table for {people} at {time}"],
-     {"people": lambda r: str(r.randint(1, 12)), "time": _time}),
+     {"people": lambda r: str(r.randint(1, 8)), "time": _time}),
     ("send_message", ["text {contact} that i am {status}", "tell {contact} i am {status}",
                       "send {contact} a message saying i am {status}"],
-     {"contact": lambda r: r.choice(NAMES), "status": lambda r: r.choice(
+     {"contact": lambda r: r.choice(INTENT_NAMES), "status": lambda r: r.choice(
          ["running late", "on my way", "home", "at the station", "busy", "outside", "almost there"])}),
     ("set_timer", ["set a timer for {duration}", "timer {duration}", "count down {duration}",
                    "start a {duration} timer"], {"duration": _dur}),
     ("convert_currency", ["convert {amount} {source} to {target}", "how much is {amount} {source} in {target}",
                           "{amount} {source} in {target}"],
-     {"amount": lambda r: str(r.randint(1, 5000)), "source": _cur, "target": _cur}),
+     {"amount": lambda r: r.choice(["10", "20", "50", "100", "200", "500", "1000"]), "source": _cur,
+      "target": _cur}),
     ("play_music", ["play some {genre}", "put on {genre} music", "i want to hear {genre}",
                     "start a {genre} playlist"],
      {"genre": lambda r: r.choice(["jazz", "rock", "techno", "folk", "classical", "reggae", "blues", "salsa",
                                    "hip hop", "ambient"])}),
     ("call_contact", ["call {contact}", "phone {contact} on {device}", "ring {contact} using my {device}",
                       "dial {contact} on the {device}"],
-     {"contact": lambda r: r.choice(NAMES), "device": lambda r: r.choice(["mobile", "work phone", "landline",
-                                                                           "tablet"])}),
+     {"contact": lambda r: r.choice(INTENT_NAMES), "device": lambda r: r.choice(["mobile", "work phone", "landline",
+                                                                                  "tablet"])}),
 ]
 POLITE = ["please {}", "{} thanks", "hey, {}", "could you {}", "{} right now"]
 
@@ -166,8 +174,8 @@ def _en_plural(noun: str) -> str:
     return EN_PLURAL.get(noun, noun + "s")
 
 
-def velan_sentence(rng: random.Random) -> tuple[str, str]:
-    """An English sentence and its Velan translation.
+def velan_sentence(rng: random.Random, adjectives: bool = True) -> tuple[str, str]:
+    """An English sentence and its Velan translation (`adjectives=False`: subject, verb and object only).
 
     Velan grammar: Subject-Object-Verb; adjectives follow their noun; plural nouns take -ek, the object takes -u
     (after the plural suffix), the verb takes -ti in the past tense; there are no articles.
@@ -175,8 +183,8 @@ def velan_sentence(rng: random.Random) -> tuple[str, str]:
     s, o = rng.sample(EN_NOUNS, 2)
     verb, past = rng.choice(EN_VERBS)
     s_pl, o_pl, is_past = rng.random() < 0.4, rng.random() < 0.4, rng.random() < 0.5
-    s_adj = rng.choice(EN_ADJS) if rng.random() < 0.6 else None
-    o_adj = rng.choice(EN_ADJS) if rng.random() < 0.6 else None
+    s_adj = rng.choice(EN_ADJS) if adjectives and rng.random() < 0.6 else None
+    o_adj = rng.choice(EN_ADJS) if adjectives and rng.random() < 0.6 else None
     en_s = (f"{s_adj} " if s_adj else "") + (_en_plural(s) if s_pl else s)
     en_o = (f"{o_adj} " if o_adj else "") + (_en_plural(o) if o_pl else o)
     en_v = past if is_past else (verb if s_pl else (verb[:-1] + "ies" if verb.endswith("y") else

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from esft_core.demo import lexicon as lx
 from esft_core.errors import EsftError
-from esft_core.metrics import exact_match, final_number_match, json_match, register_task
+from esft_core.metrics import exact_match, final_number_match, json_fields, register_task
 
 SEED = 20240701
 N_TRAIN = 2000
@@ -78,13 +78,13 @@ def gen_intent(rng: random.Random) -> tuple[str, str]:
     intent, templates, slot_fns = rng.choice(lx.INTENTS)
     slots = {k: f(rng) for k, f in slot_fns.items()}
     text = rng.choice(templates).format(**slots)
-    if rng.random() < 0.3:
-        text = rng.choice(lx.POLITE).format(text)
     return text, json.dumps({"intent": intent, "slots": slots}, sort_keys=True)
 
 
 def gen_translate(rng: random.Random) -> tuple[str, str]:
-    en, velan = lx.velan_sentence(rng)
+    # three-word Velan sentences (no adjectives): with adjectives FFT's answer loss fell to 0.75 in 150 steps but no
+    # whole sentence came out right (exact match 0.000), so the task measured nothing
+    en, velan = lx.velan_sentence(rng, adjectives=False)
     return f"Translate into Velan: {en}", velan
 
 
@@ -127,7 +127,9 @@ TASKS: dict[str, TaskSpec] = {
                  "arithmetic word problems with worked steps ending in 'The answer is N.'"),
         TaskSpec("code", "enhancement", gen_code, exact_match, "exact match",
                  "complete a Python function from its signature and docstring (one-line body)"),
-        TaskSpec("intent", "adaptation", gen_intent, json_match, "JSON match",
+        # per-field credit: whole-JSON exact match stayed at 0.05 for FFT within the benchmark's budget (the model
+        # learns the intent and the format at once, the copied slot values slowly), so it could not rank methods
+        TaskSpec("intent", "adaptation", gen_intent, json_fields, "JSON field match",
                  "utterance -> {\"intent\": ..., \"slots\": {...}} JSON"),
         TaskSpec("translate", "adaptation", gen_translate, exact_match, "exact match",
                  "English -> Velan (synthetic lexicon, SOV order, plural/past suffixes)"),
@@ -139,7 +141,7 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
-_METRIC_NAMES = {exact_match: "exact_match", final_number_match: "final_number_match", json_match: "json_match"}
+_METRIC_NAMES = {exact_match: "exact_match", final_number_match: "final_number_match", json_fields: "json_fields"}
 for _t in TASKS.values():
     register_task(_t.name, _METRIC_NAMES[_t.metric])
 
@@ -186,6 +188,31 @@ def pretraining_texts(name: str, n: int, seed: int = SEED + 1) -> list[str]:
     rng = random.Random(int(hashlib.sha256(f"pre:{seed}:{name}".encode()).hexdigest()[:8], 16))
     head = {"math": ("Problem: ", "\nSolution: "), "code": ("", "\n    ")}[name]
     return [f"{head[0]}{q}{head[1]}{a}" for q, a in (TASKS[name].generate(rng) for _ in range(n))]
+
+
+# the instruction framing each adaptation prompt carries; domain texts keep only the content inside it
+_FRAMING = {"law": ("Case facts: ", " Verdict?"), "translate": ("Translate into Velan: ", ""),
+            "summary": ("Summarize the record in one line: ", ""), "intent": ("", "")}
+
+
+def domain_texts(name: str, n: int, seed: int = SEED + 2) -> list[str]:
+    """Plain content of an adaptation domain for pre-training (demo-moe v2): the prompt side only, without the
+    instruction framing and never an answer (case facts, utterances, English sentences, records), and never the
+    content of one of the task's eval prompts. The model then knows the domain but not the task."""
+    if TASKS[name].kind != "adaptation":
+        raise EsftError(f"task {name} is an enhancement task; use pretraining_texts")
+    head, tail = _FRAMING[name]
+    strip = lambda q: q.removeprefix(head).removesuffix(tail) if tail else q.removeprefix(head)  # noqa: E731
+    held = {strip(r["messages"][0]["content"]) for r in task_splits(name, 0)["eval"]}
+    rng = random.Random(int(hashlib.sha256(f"domain:{seed}:{name}".encode()).hexdigest()[:8], 16))
+    out: list[str] = []
+    for _ in range(50 * max(n, 1)):
+        if len(out) == n:
+            break
+        text = strip(TASKS[name].generate(rng)[0])
+        if text not in held:
+            out.append(text)
+    return out
 
 
 # --------------------------------------------------------------------------------------------- general corpus
