@@ -145,7 +145,8 @@ def _fields(obj, prefix: str = "") -> dict:
 def json_fields(pred: str, ref: str) -> float:
     """Partial credit over the reference's JSON fields (nested keys flattened, e.g. intent, slots.time): matched
     fields / the larger of the two field counts, so a missing or an extra field costs as much as a wrong one; 0 when
-    the prediction is not a JSON object. The intent/slot literature's per-field accuracy; `json_match` is all-or-none."""
+    the prediction is not a JSON object. The intent/slot literature's per-field accuracy (`json_match`: all or
+    none)."""
     try:
         p, r = (json.loads(_FENCE.sub("", x.strip())) for x in (pred, ref))
     except (json.JSONDecodeError, ValueError):
