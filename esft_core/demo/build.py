@@ -49,6 +49,10 @@ class BuildConfig:
     domain_docs: int = field(default=6000, metadata={"help": "plain-text documents per enhancement domain"})
     adaptation_docs: int = field(default=0, metadata={
         "help": "plain-text documents per adaptation domain (prompt content only, never answers; 0 = none, v1)"})
+    chat_tasks: str = field(default="", metadata={
+        "help": "comma-separated demo tasks whose chat-format examples (with answers) join pre-training, as the "
+                "instruction data a real base model has seen; never a task the benchmark tunes on"})
+    chat_docs: int = field(default=0, metadata={"help": "chat examples per --chat-tasks task"})
     tokenizer: str = field(default="", metadata={"help": "reuse this folder's tokenizer instead of training one"})
     corpus_limit: int = field(default=0, metadata={"help": "use only this many general documents (0 = all)"})
     seed: int = field(default=0, metadata={"help": "seed for data order and initialisation"})
@@ -67,6 +71,9 @@ class BuildConfig:
         if min(self.shared_experts, self.corpus_limit, self.adaptation_docs, self.aux_loss) < 0 or self.lr <= 0:
             raise EsftError("--shared-experts, --corpus-limit, --adaptation-docs and --aux-loss must be >= 0 "
                             "and --lr > 0")
+        unknown = [t for t in self.chat_tasks.split(",") if t and t not in demo_tasks.TASKS]
+        if unknown:
+            raise EsftError(f"--chat-tasks: unknown task '{unknown[0]}'; choose from {', '.join(demo_tasks.TASKS)}")
         if self.tokenizer and not (Path(self.tokenizer) / "tokenizer.json").is_file():
             raise EsftError(f"--tokenizer {self.tokenizer}: no tokenizer.json in that folder")
 
@@ -86,6 +93,9 @@ def corpus(cfg: BuildConfig, adaptation: bool = True) -> list[str]:
             docs += demo_tasks.pretraining_texts(name, cfg.domain_docs)
         elif adaptation and cfg.adaptation_docs:
             docs += demo_tasks.domain_texts(name, cfg.adaptation_docs)
+    if adaptation and cfg.chat_docs:
+        for name in filter(None, cfg.chat_tasks.split(",")):
+            docs += demo_tasks.chat_texts(name, cfg.chat_docs)
     random.Random(cfg.seed).shuffle(docs)
     return docs
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import random
 import re
@@ -213,6 +214,16 @@ def domain_texts(name: str, n: int, seed: int = SEED + 2) -> list[str]:
         if text not in held:
             out.append(text)
     return out
+
+
+def chat_texts(name: str, n: int, seed: int = SEED + 3) -> list[str]:
+    """Task `name`'s examples in the ESFT chat template with their answers ("User: q\n\nAssistant: a"), for
+    pre-training a base model that has seen instruction data (of tasks other than the ones it is tuned on); never
+    one of the task's eval prompts."""
+    held = {r["messages"][0]["content"] for r in task_splits(name, 0)["eval"]}
+    rng = random.Random(int(hashlib.sha256(f"chat:{seed}:{name}".encode()).hexdigest()[:8], 16))
+    pairs = (TASKS[name].generate(rng) for _ in range(50 * max(n, 1)))
+    return list(itertools.islice((f"User: {q}\n\nAssistant: {a}" for q, a in pairs if q not in held), n))
 
 
 # --------------------------------------------------------------------------------------------- general corpus
