@@ -46,7 +46,6 @@ from esft_core.record_host import (  # noqa: F401  (re-exported: the recorder's 
     TokenTexts,
     Writer,
     _builder,
-    _sum_by_key,
     _token_key,
     batch_tables,
     expert_tokens_table,
@@ -55,6 +54,9 @@ from esft_core.record_host import (  # noqa: F401  (re-exported: the recorder's 
 )
 
 DEFAULT_MAX_TOKENS = 131072
+# route rows kept in memory before the writer spills them to Parquet (or, progressive, inserts them): ~21 bytes a row
+# in Arrow, so ~340 MB; a recording of the default budget at V2-Lite shape (20 M rows) spills once
+FLUSH_ROWS = 16_000_000
 
 
 def parse_routes(spec: str | None) -> int | None:
@@ -306,7 +308,7 @@ def _dist():
 def record(model, tok, records: Sequence[dict], db, task: str, *, max_tokens: int = DEFAULT_MAX_TOKENS,
            seq_len: int = 2048, batch_size: int = 8, seed: int = 0, model_name: str | None = None,
            params: dict | None = None, progress: Callable[[int, int], None] | None = None,
-           flush_rows: int = 4_000_000, routes: str | None = "all", progressive: bool = False,
+           flush_rows: int = FLUSH_ROWS, routes: str | None = "all", progressive: bool = False,
            ingest_wait: float | None = None) -> int:
     """Record the routing of `records` through `model` as a new complete run of `task` in `db`; return its run_id.
 
@@ -329,7 +331,7 @@ def record(model, tok, records: Sequence[dict], db, task: str, *, max_tokens: in
 
 def record_sequences(model, tok, seqs: list[list[int]], db, task: str, *, batch_size: int = 8,
                      model_name: str | None = None, params: dict | None = None,
-                     progress: Callable[[int, int], None] | None = None, flush_rows: int = 4_000_000,
+                     progress: Callable[[int, int], None] | None = None, flush_rows: int = FLUSH_ROWS,
                      routes: str | None = "all", progressive: bool = False, ingest_wait: float | None = None,
                      loss: list[list[bool]] | None = None) -> int:
     """Record already-tokenized samples (each a list of ids, one sample each); return the new run_id.
@@ -381,7 +383,9 @@ def record_sequences(model, tok, seqs: list[list[int]], db, task: str, *, batch_
                 progress(done, total)
         writer.close()
         if rank == 0:
-            staged.stage({"layer_stats": rec.scale.table(lay.layers)}, part_prefix="r0000-scale-")
+            staged.hold({"layer_stats": rec.scale.table(lay.layers)})
+        else:
+            staged.spill()  # rank 0 ingests every rank's parts: this rank's held tables go to Parquet
         if world > 1:
             _gather_scale(rec.scale, staged, lay.layers, rank)
         if rank == 0:

@@ -43,19 +43,26 @@ def staged_parts(run_dir: Path) -> dict[str, list[str]]:
     return files
 
 
-def ingest_staged(con, run_id: int, run_dir: Path) -> tuple[int, int]:
-    """Ingest a staged run's parts inside the caller's transaction, write its aggregates and mark it complete;
-    return (n_samples, n_tokens).
+def ingest_staged(con, run_id: int, run_dir: Path, memory: dict[str, list[pa.Table]] | None = None
+                  ) -> tuple[int, int]:
+    """Ingest a staged run's parts (Parquet parts in `run_dir` plus the recorder's in-memory tables `memory`) inside
+    the caller's transaction, write its aggregates and mark it complete; return (n_samples, n_tokens).
 
     The parts are read through Arrow datasets registered with DuckDB, so no path is ever pasted into SQL (a DB path
     with `'` or glob characters such as `t[1].duckdb` works)."""
     import pyarrow.dataset as ds
 
     files = staged_parts(run_dir)
+    memory = {k: v for k, v in (memory or {}).items() if v}
     views: dict[str, str] = {}
-    for name, paths in files.items():
+    n_parts = {}
+    for name in sorted(set(files) | set(memory)):
         views[name] = f"staged_{name}_{int(run_id)}"
-        con.register(views[name], ds.dataset(paths, format="parquet"))
+        sources = [ds.dataset(files[name], format="parquet")] if name in files else []
+        if name in memory:
+            sources.append(ds.dataset(pa.concat_tables(memory[name])))
+        n_parts[name] = len(files.get(name, [])) + (name in memory)
+        con.register(views[name], sources[0] if len(sources) == 1 else ds.dataset(sources))
     try:
         for name in ("samples", "tokens"):
             if name in views:
@@ -73,7 +80,7 @@ def ingest_staged(con, run_id: int, run_dir: Path) -> tuple[int, int]:
         routes_rel = (views["routes"] if has_ids else "routes") if "routes" in views else None
         if "expert_tokens" in views:  # summed by the recorder: one sorted part per rank
             routes_rel = None
-            one = len(files["expert_tokens"]) == 1
+            one = n_parts["expert_tokens"] == 1
             con.execute(f"""INSERT INTO expert_tokens SELECT ?, layer, expert, token_id, token_text, n, gate_sum
                             FROM {views['expert_tokens']}""" if one else f"""
                             INSERT INTO expert_tokens SELECT ?, layer, expert, token_id, any_value(token_text),
@@ -162,7 +169,8 @@ class StagedRun:
         self.n_parts = 0
         self.n_rows = {name: 0 for name in store.ARROW_SCHEMAS}
         self.part_prefix = ""  # torchrun ranks stage under r<rank>- so their part names never collide
-        self.n_ingested = 0  # sample parts already inserted by ingest_parts
+        self.n_ingested = 0  # sample parts already inserted by ingest_parts / insert_now
+        self.memory: dict[str, list[pa.Table]] = {}  # tables held for the final ingest (hold)
 
     @classmethod
     def attach(cls, db: str | Path, run_id: int, part_prefix: str) -> StagedRun:
@@ -174,7 +182,18 @@ class StagedRun:
         self.n_parts = 0
         self.n_rows = {name: 0 for name in store.ARROW_SCHEMAS}
         self.n_ingested = 0
+        self.memory = {}
         return self
+
+    def _staged_table(self, name: str, t: pa.Table) -> pa.Table:
+        """`t` with this run's id and the staged schema (column order and types of store.ARROW_SCHEMAS)."""
+        t = t.set_column(0, "run_id", pa.repeat(pa.scalar(self.run_id, pa.int32()), t.num_rows))
+        schema = store.ARROW_SCHEMAS[name]
+        if name == "routes" and "token_id" in t.column_names:  # staging only: lets expert_tokens skip a join
+            schema = schema.append(pa.field("token_id", pa.int32()))
+        if name == "tokens" and "loss" in t.column_names:  # optional: the recorder's loss flags
+            schema = schema.append(pa.field("loss", pa.bool_()))
+        return t.select(schema.names).cast(schema)
 
     def stage(self, tables: dict[str, pa.Table], part_prefix: str | None = None) -> None:
         """Write one Parquet part per table (a few MB each); the DB file is not touched."""
@@ -183,54 +202,100 @@ class StagedRun:
             if t.num_rows == 0:
                 continue
             path = self.dir / f"{prefix}{name}-{self.n_parts:06d}.parquet"
-            t = t.set_column(0, "run_id", pa.repeat(pa.scalar(self.run_id, pa.int32()), t.num_rows))
-            schema = store.ARROW_SCHEMAS[name]
-            if name == "routes" and "token_id" in t.column_names:  # staging only: lets expert_tokens skip a join
-                schema = schema.append(pa.field("token_id", pa.int32()))
-            if name == "tokens" and "loss" in t.column_names:  # optional: the recorder's loss flags
-                schema = schema.append(pa.field("loss", pa.bool_()))
             # dictionary encoding and statistics halve the write speed and buy nothing for a file read once
-            pq.write_table(t.select(schema.names).cast(schema), path.with_suffix(".tmp"), compression="lz4",
+            pq.write_table(self._staged_table(name, t), path.with_suffix(".tmp"), compression="lz4",
                            use_dictionary=["token_text"], write_statistics=False)
             os.replace(path.with_suffix(".tmp"), path)  # a part is either whole or absent
             self.n_rows[name] += t.num_rows
         self.n_parts += 1
 
+    def hold(self, tables: dict[str, pa.Table]) -> None:
+        """Keep tables in memory for the final ingest (no Parquet round trip). A run that dies before its commit
+        loses them, as it would lose its 'running' status; commit() spills them to Parquet parts (and marks the
+        run READY) before it waits for a reader's lock, so a finished recording is never lost."""
+        for name, t in tables.items():
+            if t.num_rows:
+                self.memory.setdefault(name, []).append(self._staged_table(name, t))
+                self.n_rows[name] += t.num_rows
+
+    def spill(self) -> None:
+        """Write the held tables as Parquet parts (before waiting for the DB, or queueing the run)."""
+        held, self.memory = self.memory, {}
+        for name, ts in held.items():
+            self.n_rows[name] -= sum(t.num_rows for t in ts)
+            self.stage({name: pa.concat_tables(ts)})
+
+    def insert_now(self, tables: dict[str, pa.Table]) -> bool:
+        """Progressive ingest of one flush: insert its samples/tokens/routes (and parts spilled by earlier flushes)
+        into the DB in one short transaction, straight from Arrow; hold its other tables for the commit. Returns
+        False, touching nothing, when another process holds the DB (the caller stages the flush instead)."""
+        prog = {n: self._staged_table(n, t) for n, t in tables.items() if n in store.PROGRESSIVE_TABLES and t.num_rows}
+        spilled = {n: sorted(self.dir.glob(f"{self.part_prefix}{n}-*.parquet")) for n in store.PROGRESSIVE_TABLES}
+        try:
+            with store.transaction(self.db, timeout=0.0) as con:
+                for name, t in prog.items():
+                    view = f"flush_{name}_{self.run_id}"
+                    con.register(view, t)
+                    con.execute(f"INSERT INTO {name} BY NAME SELECT * FROM {view}")
+                    con.unregister(view)
+                self._insert_parts(con, spilled)
+        except store.DbLocked:
+            return False
+        self._drop_parts(spilled)
+        self.n_ingested += ("samples" in prog) + len(spilled["samples"])
+        self.hold({n: t for n, t in tables.items() if n not in store.PROGRESSIVE_TABLES})
+        return True
+
+    @staticmethod
+    def _insert_parts(con, parts: dict[str, list[Path]]) -> None:
+        for name, files in parts.items():
+            if files:  # BY NAME: optional staged columns (tokens.loss); routes' staging-only token_id left out
+                cols = ", ".join(store.ARROW_SCHEMAS[name].names) if name == "routes" else "*"
+                con.execute(f"INSERT INTO {name} BY NAME SELECT {cols} FROM read_parquet(?)",
+                            [[str(f) for f in files]])
+
+    @staticmethod
+    def _drop_parts(parts: dict[str, list[Path]]) -> None:
+        for files in parts.values():
+            for f in files:
+                f.unlink()
+
     def ingest_parts(self) -> None:
-        """Progressive ingest (opt-in, single process): insert the staged samples/tokens/routes parts now, in one
-        short transaction, and delete them; the commit then only writes the aggregates. The run stays 'running'
-        (scores and selection ignore it); its rows are deleted if it fails or its process dies (reap_stale_runs)."""
+        """Progressive ingest of Parquet parts (single process): insert the staged samples/tokens/routes parts now,
+        in one short transaction, and delete them; the commit then only writes the aggregates. The run stays
+        'running' (scores and selection ignore it); its rows are deleted if it fails or its process dies
+        (reap_stale_runs)."""
         parts = {n: sorted(self.dir.glob(f"{self.part_prefix}{n}-*.parquet")) for n in store.PROGRESSIVE_TABLES}
         if not any(parts.values()):
             return
         with store.transaction(self.db) as con:
-            for name, files in parts.items():
-                if files:  # BY NAME: optional staged columns (tokens.loss); routes' staging-only token_id left out
-                    cols = ", ".join(store.ARROW_SCHEMAS[name].names) if name == "routes" else "*"
-                    con.execute(f"INSERT INTO {name} BY NAME SELECT {cols} FROM read_parquet(?)",
-                                [[str(f) for f in files]])
-        for files in parts.values():
-            for f in files:
-                f.unlink()
+            self._insert_parts(con, parts)
+        self._drop_parts(parts)
         self.n_ingested += len(parts["samples"])
 
     def commit(self) -> tuple[int, int]:
-        """Ingest the staged parts, write the aggregates and mark the run complete, all in one transaction."""
-        if not any(self.dir.glob("*samples-*.parquet")) and not self.n_ingested:
+        """Ingest the staged parts and held tables, write the aggregates and mark the run complete, all in one
+        transaction. While another process holds the DB, the held tables are spilled to Parquet and the run marked
+        READY first, so that a recorder that gives up (or is killed) while waiting leaves a run any writer ingests."""
+        if not any(self.dir.glob("*samples-*.parquet")) and not self.n_ingested and not self.memory.get("samples"):
             self.fail("no samples were recorded")
             raise EsftError("no tokens were recorded (empty data or --max-tokens 0)")
-        _write_marker(self.dir / READY, {"run_id": self.run_id, "rows": self.n_rows, "pid": os.getpid()})
+        if not self.memory:
+            _write_marker(self.dir / READY, {"run_id": self.run_id, "rows": self.n_rows, "pid": os.getpid()})
         deadline = time.monotonic() + self.ingest_wait
         told = False
         while True:
             try:  # the first try does not wait, so a wait is announced before it starts
                 wait = min(5.0, max(0.0, deadline - time.monotonic())) if told else 0.0
                 with store.transaction(self.db, timeout=wait) as con:
-                    counts = ingest_staged(con, self.run_id, self.dir)
+                    counts = ingest_staged(con, self.run_id, self.dir, self.memory)
                 break
             except EsftError as e:
                 if "locked by another process" not in str(e):
                     raise
+                if self.memory:
+                    self.spill()
+                    _write_marker(self.dir / READY, {"run_id": self.run_id, "rows": self.n_rows, "pid": os.getpid()})
                 if time.monotonic() >= deadline:
                     self.queued = True
                     raise EsftError(
@@ -242,6 +307,7 @@ class StagedRun:
                                 f"{self.run_id} is staged in {self.dir}; retrying the ingest for up to "
                                 f"{self.ingest_wait:g} s")
                     told = True
+        self.memory = {}
         shutil.rmtree(self.dir, ignore_errors=True)
         return counts
 
@@ -249,6 +315,7 @@ class StagedRun:
         """Mark the run failed (its staged rows are discarded, nothing else is written); a queued run is kept."""
         if self.queued:
             return
+        self.memory = {}
         shutil.rmtree(self.dir, ignore_errors=True)
         with contextlib.suppress(EsftError), store.transaction(self.db) as con:
             con.execute("UPDATE runs SET status = 'failed', finished_at = now(), "
