@@ -132,7 +132,9 @@ class RouterTap:
         k = max(self.captured[layer][0].shape[-1] for layer in self.layout.layers)
         ws, es = [], []
         for layer in self.layout.layers:
-            w, e = self.captured[layer]
+            # device_map="auto": each layer's (T, K) routing comes to the device of `valid` (the input embeddings');
+            # a copy 1/H the size of the hidden states the pipeline moves between its devices anyway
+            w, e = (x.to(valid.device, non_blocking=True) for x in self.captured[layer])
             if w.shape[0] != valid.shape[0]:
                 raise EsftError(f"layer {layer}: the experts received {w.shape[0]} tokens, the batch has "
                                 f"{valid.shape[0]} positions; this routing layout is not supported")
