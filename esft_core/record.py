@@ -57,6 +57,7 @@ DEFAULT_MAX_TOKENS = 131072
 # route rows kept in memory before the writer spills them to Parquet (or, progressive, inserts them): ~21 bytes a row
 # in Arrow, so ~340 MB; a recording of the default budget at V2-Lite shape (20 M rows) spills once
 FLUSH_ROWS = 16_000_000
+PROGRESSIVE_ROWS = 4_000_000  # route rows per insert with --progressive-ingest
 
 
 def parse_routes(spec: str | None) -> int | None:
@@ -370,7 +371,10 @@ def record_sequences(model, tok, seqs: list[list[int]], db, task: str, *, batch_
     mine = list(range(rank, len(seqs), world))
     order = [mine[i] for i in bucket_order([seqs[i] for i in mine], batch_size)]
     total = sum(len(seqs[i]) for i in mine)
-    writer = Writer(staged, flush_rows, rec.texts, progressive=progressive and world == 1)
+    progressive = progressive and world == 1
+    # progressive: short DB locks every ~4 M route rows (PROGRESSIVE_ROWS); else held in memory up to flush_rows
+    writer = Writer(staged, min(flush_rows, PROGRESSIVE_ROWS) if progressive else flush_rows, rec.texts,
+                    progressive=progressive)
     try:
         done = 0
         for start in range(0, len(order), batch_size):

@@ -1,7 +1,8 @@
 """Staged runs: how a recording reaches the trace store without holding the DuckDB lock while the model runs.
 
-The recorder inserts a 'running' `runs` row (one short transaction), stages its Arrow batches as Parquet parts in
-`<db>.staging/run-<id>/` (`StagedRun.stage`), marks the folder READY when every part is written, and ingests it in
+The recorder inserts a 'running' `runs` row (one short transaction), holds its Arrow batches in memory
+(`StagedRun.hold`) or, past the writer's flush size, stages them as Parquet parts in `<db>.staging/run-<id>/`
+(`StagedRun.stage`); a run whose ingest must wait for a reader is spilled and marked READY first; it is ingested in
 one transaction that also writes the aggregates and flips the status to 'complete' (`StagedRun.commit`, retried while
 a long reader holds the lock; a recording that outlasts the wait stays staged and is ingested by the next writer or
 `esft runs --ingest`). A `kill -9` leaves at most a 'running' row and a staging folder; the next writer settles both
