@@ -330,12 +330,14 @@ def load_model(
     dtype: torch.dtype | str | None = torch.float32,
     experts_implementation: str | None = None,
     device: torch.device | str | None = None,
+    device_map: str | None = None,
 ):
     """Load (model, tokenizer) from a local directory, 'demo', or a hub id (works offline for local paths).
 
     `dtype`: a torch dtype, or 'auto' / None for the checkpoint's own dtype (the demo checkpoint is stored in bfloat16
     to stay small; the default float32 suits CPU training and exact comparisons). `device`: where the weights go;
-    they are loaded straight onto it (no intermediate full-size copy in another dtype).
+    they are loaded straight onto it (no intermediate full-size copy in another dtype). `device_map`: an Accelerate
+    placement strategy ('auto', ...) for a model larger than one GPU; it replaces `device`.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -343,7 +345,9 @@ def load_model(
     kwargs = {"dtype": "auto" if dtype in (None, "auto") else dtype}
     if experts_implementation:
         kwargs["experts_implementation"] = experts_implementation
-    if device is not None and torch.device(device).type != "cpu":
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    elif device is not None and torch.device(device).type != "cpu":
         kwargs["device_map"] = {"": torch.device(device)}
     try:
         cls = _causal_lm_class(path, AutoModelForCausalLM)  # a config problem is named before the tokenizer's

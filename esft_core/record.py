@@ -46,7 +46,6 @@ from esft_core.record_host import (  # noqa: F401  (re-exported: the recorder's 
     TokenTexts,
     Writer,
     _builder,
-    _sum_by_key,
     _token_key,
     batch_tables,
     expert_tokens_table,
@@ -55,6 +54,10 @@ from esft_core.record_host import (  # noqa: F401  (re-exported: the recorder's 
 )
 
 DEFAULT_MAX_TOKENS = 131072
+# route rows kept in memory before the writer spills them to Parquet (or, progressive, inserts them): ~21 bytes a row
+# in Arrow, so ~340 MB; a recording of the default budget at V2-Lite shape (20 M rows) spills once
+FLUSH_ROWS = 16_000_000
+PROGRESSIVE_ROWS = 4_000_000  # route rows per insert with --progressive-ingest
 
 
 def parse_routes(spec: str | None) -> int | None:
@@ -130,7 +133,9 @@ class RouterTap:
         k = max(self.captured[layer][0].shape[-1] for layer in self.layout.layers)
         ws, es = [], []
         for layer in self.layout.layers:
-            w, e = self.captured[layer]
+            # device_map="auto": each layer's (T, K) routing comes to the device of `valid` (the input embeddings');
+            # a copy 1/H the size of the hidden states the pipeline moves between its devices anyway
+            w, e = (x.to(valid.device, non_blocking=True) for x in self.captured[layer])
             if w.shape[0] != valid.shape[0]:
                 raise EsftError(f"layer {layer}: the experts received {w.shape[0]} tokens, the batch has "
                                 f"{valid.shape[0]} positions; this routing layout is not supported")
@@ -306,7 +311,7 @@ def _dist():
 def record(model, tok, records: Sequence[dict], db, task: str, *, max_tokens: int = DEFAULT_MAX_TOKENS,
            seq_len: int = 2048, batch_size: int = 8, seed: int = 0, model_name: str | None = None,
            params: dict | None = None, progress: Callable[[int, int], None] | None = None,
-           flush_rows: int = 4_000_000, routes: str | None = "all", progressive: bool = False,
+           flush_rows: int = FLUSH_ROWS, routes: str | None = "all", progressive: bool = False,
            ingest_wait: float | None = None) -> int:
     """Record the routing of `records` through `model` as a new complete run of `task` in `db`; return its run_id.
 
@@ -329,7 +334,7 @@ def record(model, tok, records: Sequence[dict], db, task: str, *, max_tokens: in
 
 def record_sequences(model, tok, seqs: list[list[int]], db, task: str, *, batch_size: int = 8,
                      model_name: str | None = None, params: dict | None = None,
-                     progress: Callable[[int, int], None] | None = None, flush_rows: int = 4_000_000,
+                     progress: Callable[[int, int], None] | None = None, flush_rows: int = FLUSH_ROWS,
                      routes: str | None = "all", progressive: bool = False, ingest_wait: float | None = None,
                      loss: list[list[bool]] | None = None) -> int:
     """Record already-tokenized samples (each a list of ids, one sample each); return the new run_id.
@@ -366,7 +371,10 @@ def record_sequences(model, tok, seqs: list[list[int]], db, task: str, *, batch_
     mine = list(range(rank, len(seqs), world))
     order = [mine[i] for i in bucket_order([seqs[i] for i in mine], batch_size)]
     total = sum(len(seqs[i]) for i in mine)
-    writer = Writer(staged, flush_rows, rec.texts, progressive=progressive and world == 1)
+    progressive = progressive and world == 1
+    # progressive: short DB locks every ~4 M route rows (PROGRESSIVE_ROWS); else held in memory up to flush_rows
+    writer = Writer(staged, min(flush_rows, PROGRESSIVE_ROWS) if progressive else flush_rows, rec.texts,
+                    progressive=progressive)
     try:
         done = 0
         for start in range(0, len(order), batch_size):
@@ -381,7 +389,9 @@ def record_sequences(model, tok, seqs: list[list[int]], db, task: str, *, batch_
                 progress(done, total)
         writer.close()
         if rank == 0:
-            staged.stage({"layer_stats": rec.scale.table(lay.layers)}, part_prefix="r0000-scale-")
+            staged.hold({"layer_stats": rec.scale.table(lay.layers)})
+        else:
+            staged.spill()  # rank 0 ingests every rank's parts: this rank's held tables go to Parquet
         if world > 1:
             _gather_scale(rec.scale, staged, lay.layers, rank)
         if rank == 0:

@@ -5,8 +5,8 @@ layer and rank), and two pre-aggregations written when a run completes, `expert_
 
 Concurrency. DuckDB lets one process write a database file, and a read-write connection locks the file against every
 other process, readers included. A recording takes minutes, so the recorder never keeps the file open while the
-model runs: it inserts a `runs` row with status 'running' (one short transaction), stages its Arrow batches as
-Parquet files in `<db>.staging/run-<id>/` (esft_core/staging.py), and at the end ingests
+model runs: it inserts a `runs` row with status 'running' (one short transaction), keeps its Arrow batches in memory
+(spilled as Parquet files in `<db>.staging/run-<id>/` past a size, esft_core/staging.py), and at the end ingests
 them in one transaction that also writes the
 aggregates and flips the status to 'complete'. A `kill -9` leaves at most a 'running' row and a staging folder;
 both are cleaned up by the next writer (the run is marked 'failed'). Readers (the explorer, `esft sql`) and writers

@@ -159,3 +159,122 @@ def test_select_on_gate_norm(tok, tmp_db, run_esft):
     r = run_esft("select", "--db", tmp_db, "--task", "t", "--metric", "gate_norm", "--top-p", "0.5",
                  "--bootstrap", "10")
     assert r.returncode == 2 and "--bootstrap supports --metric gate or token" in r.stderr
+
+
+def test_token_sums_and_their_merge_equal_a_group_by():
+    import numpy as np
+
+    from esft_core.record_host import TokenSums, _token_key, token_sums
+
+    rng = np.random.default_rng(0)
+    layers, want = [2, 3, 5], {}
+    sums = TokenSums()
+    for _ in range(7):  # batches of (L, T, K) routes, dropped slots (-1), repeated token ids
+        experts = rng.integers(-1, 8, (3, 40, 2)).astype(np.int16)
+        weights = rng.random((3, 40, 2)).astype(np.float32)
+        token_ids = rng.integers(0, 15, 40).astype(np.int32)
+        part = token_sums(layers, experts, weights, token_ids, experts >= 0)
+        assert np.all(np.diff(part["key"].to_numpy()) > 0)  # sorted, one row per key
+        sums.add(part)
+        for li, layer in enumerate(layers):
+            for t in range(40):
+                for k in range(2):
+                    if experts[li, t, k] >= 0:
+                        key = int(_token_key(np.array([layer]), experts[li, t, k:k + 1], token_ids[t:t + 1])[0])
+                        n, g = want.get(key, (0, 0.0))
+                        want[key] = (n + 1, g + float(weights[li, t, k]))
+    assert len(sums.parts) < 7  # merged as it goes
+    total = sums.total()
+    got = dict(zip(total["key"].to_pylist(), zip(total["n"].to_pylist(), total["gate_sum"].to_pylist(), strict=True),
+                   strict=True))
+    assert got.keys() == want.keys()
+    for key, (n, g) in want.items():
+        assert got[key][0] == n and got[key][1] == pytest.approx(g, rel=1e-12)
+
+
+def test_in_memory_recording_equals_parquet_parts_and_stages_nothing(tok, tmp_db):
+    model = tiny_moe("qwen3_moe", seed=6)
+    kw = dict(max_tokens=300, seq_len=40, batch_size=3)
+    a = record.record(model, tok, RECORDS, tmp_db, "parts", flush_rows=500, **kw)  # spills many Parquet parts
+    seen = []
+    b = record.record(model, tok, RECORDS, tmp_db, "memory", **kw,  # default: tables held until the one ingest
+                      progress=lambda d, t: seen.append(list(staging.staging_root(tmp_db).rglob("*.parquet"))))
+    assert seen and not any(seen)  # no Parquet part was written while it recorded
+    with store.reader(tmp_db) as con:
+        for t in store.TABLES[1:]:
+            q = f"SELECT * EXCLUDE (run_id) FROM {t} WHERE run_id = ? ORDER BY ALL"
+            ra, rb = con.execute(q, [a]).fetchall(), con.execute(q, [b]).fetchall()
+            assert len(ra) == len(rb) > 0, t
+            for x, y in zip(ra, rb, strict=True):
+                assert list(x) == [pytest.approx(v, rel=1e-12) if isinstance(v, float) else v for v in y], (t, x, y)
+    assert not staging.staging_root(tmp_db).exists() or not any(staging.staging_root(tmp_db).iterdir())
+
+
+HOLD_DB = """import duckdb, sys, time
+con = duckdb.connect(sys.argv[1], read_only=True)
+print("holding", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_progressive_insert_falls_back_to_parquet_while_a_reader_holds_the_db(tmp_db):
+    import numpy as np
+    import pyarrow as pa
+
+    from esft_core.record_host import Writer
+
+    run = staging.StagedRun(tmp_db, "t", "m", 4, 1, [1], {})
+    writer = Writer(run, flush_rows=1, progressive=True, threaded=False)
+
+    def batch(sid: int):
+        tables = {"samples": pa.table({"run_id": np.zeros(1, np.int32), "sample_id": np.array([sid], np.int32),
+                                       "n_tokens": np.array([1], np.int32), "text": ["x"]}),
+                  "tokens": pa.table({"run_id": np.zeros(1, np.int32), "sample_id": np.array([sid], np.int32),
+                                      "position": np.zeros(1, np.int32), "token_id": np.array([7], np.int32),
+                                      "token_text": ["x"]}),
+                  "routes": pa.table({"run_id": np.zeros(1, np.int32), "sample_id": np.array([sid], np.int32),
+                                      "position": np.zeros(1, np.int32), "layer": np.ones(1, np.int16),
+                                      "rank": np.zeros(1, np.int8), "expert": np.array([sid % 4], np.int16),
+                                      "weight": np.ones(1, np.float32)}),
+                  "sample_expert_stats": record.stats_table(0, [1], np.eye(4)[[sid % 4]][:, None, :],
+                                                            np.eye(4)[[sid % 4]][:, None, :],
+                                                            np.eye(4)[[sid % 4]][:, None, :], sample_ids=[sid])}
+        return lambda: tables
+
+    writer.put(batch(0))  # inserted into the DB at once
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_DB, str(tmp_db)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        writer.put(batch(1))  # the DB is locked: staged as Parquet parts, the recording goes on
+        assert sorted(p.name.rsplit("-", 1)[0] for p in run.dir.glob("*.parquet")) == [
+            "routes", "sample_expert_stats", "samples", "tokens"]
+    finally:
+        holder.communicate("\n", timeout=30)
+    writer.put(batch(2))  # free again: this flush and the staged rows are inserted (the stats wait for the commit)
+    assert [p.name.rsplit("-", 1)[0] for p in run.dir.glob("*.parquet")] == ["sample_expert_stats"]
+    writer.close()
+    run.hold({"layer_stats": record.LayerScale(1, "cpu").table([1])})
+    assert run.commit() == (3, 3)
+    with store.reader(tmp_db) as con:
+        assert con.execute("SELECT list(sample_id ORDER BY sample_id) FROM routes").fetchone()[0] == [0, 1, 2]
+        assert con.execute("SELECT sum(n_selected) FROM expert_stats").fetchone()[0] == 3
+
+
+def test_device_map_auto_records_the_same_rows(tmp_path, tok, tmp_db, run_esft):
+    from esft_core.models import load_model
+
+    model_dir = save_tiny(tmp_path / "tiny", "deepseek_v2", seed=3)
+    kw = dict(max_tokens=200, seq_len=32, batch_size=4)
+    plain, _ = load_model(model_dir)
+    mapped, _ = load_model(model_dir, device_map="auto")  # Accelerate's placement: all on the CPU here
+    a = record.record(plain, tok, RECORDS, tmp_db, "plain", **kw)
+    b = record.record(mapped, tok, RECORDS, tmp_db, "mapped", **kw)
+    with store.reader(tmp_db) as con:
+        for t in ("tokens", "routes", "expert_tokens", "sample_expert_stats"):
+            q = f"SELECT * EXCLUDE (run_id) FROM {t} WHERE run_id = ? ORDER BY ALL"
+            assert con.execute(q, [a]).fetchall() == con.execute(q, [b]).fetchall(), t
+    r = run_esft("record", "--model", model_dir, "--data", tmp_path / "none.jsonl", "--task", "t", "--db",
+                 tmp_path / "x.duckdb", "--device-map", "everywhere")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "--device-map" in r.stderr and "auto" in r.stderr and not (tmp_path / "x.duckdb").exists()

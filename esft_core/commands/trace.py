@@ -17,6 +17,8 @@ from pathlib import Path
 from esft_core.commands import check_out, write_out
 from esft_core.errors import EsftError
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # Accelerate's placement strategies
+
 
 def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Usage errors as a single stderr line (argparse prints the usage block otherwise)."""
@@ -53,6 +55,11 @@ def cmd_record(args) -> int:
     if not args.ingest_wait >= 0:
         raise EsftError(f"--ingest-wait must be >= 0 seconds, got {args.ingest_wait}")
     parse_routes(args.routes)
+    if args.device_map is not None and args.device_map not in DEVICE_MAPS:
+        raise EsftError(f"--device-map: expected one of {', '.join(DEVICE_MAPS)}, got {args.device_map!r}")
+    if args.device_map is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise EsftError("--device-map spreads one model over this machine's GPUs; under torchrun each rank records "
+                        "on its own GPU: drop --device-map or run one process")
     from esft_core.devices import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)  # bad --device / --dtype fail before anything loads
@@ -73,7 +80,7 @@ def cmd_record(args) -> int:
     quiet_transformers()  # no "Loading weights" bar: stderr is for our progress bar and one-line errors
     if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one GPU per rank
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
-    model, tok = load_model(args.model, dtype=dtype, device=device)
+    model, tok = load_model(args.model, dtype=dtype, device=device, device_map=args.device_map)
     moe_layout(model)  # a dense model fails here, before anything is written
     bar = None
     if not args.quiet:
@@ -355,6 +362,9 @@ def register(sub) -> None:
     from esft_core.devices import add_device_flags
 
     add_device_flags(p)
+    p.add_argument("--device-map", default=None, metavar="|".join(DEVICE_MAPS),
+                   help="spread a model larger than one GPU over this machine's GPUs (Accelerate's placement, passed "
+                        "to from_pretrained; replaces --device; inputs go to the first layer's device)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("--routes", default="all",
                    help="all (default), none (aggregate-only: scores/selection/expert views, no token routes), or "
