@@ -1,7 +1,9 @@
 """Training methods by name (`METHODS`): prepare(model, cfg, expert_cfg, master_dtype) -> the model to train.
 
-`esft` / `random` attach the selected experts (esft_core.esft), `fft` makes every parameter trainable, `lora` wraps
-the model with peft LoRA (`lora_targets`). `cfg` is the run's TrainConfig (esft_core.train).
+`esft` / `random` attach the selected experts (esft_core.esft), `shared` trains only the shared experts (an expert
+config with no routed experts and `shared_experts`, the paper's Table 3 row), `fft` makes every parameter trainable,
+`lora` wraps the model with peft LoRA (`lora_targets`). `cfg` is the run's TrainConfig (esft_core.train); for the
+esft-family methods `expert_cfg` already carries `--train-shared` / `--train-non-expert`.
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ def lora_targets(model) -> tuple[list[str], list[str]]:
 
 
 def _prepare_esft(model, cfg, expert_cfg, master_dtype=None):
+    from esft_core.distributed import world_size
     from esft_core.esft import apply_esft
 
-    apply_esft(model, expert_cfg, master_dtype=master_dtype)
+    # fp32 masters of shared / non-expert tensors: a cast parametrization in one process; under FSDP the recipe makes
+    # every trainable tensor fp32 and FSDP's mixed-precision policy casts it for the forward
+    apply_esft(model, expert_cfg, master_dtype=master_dtype, extra_masters=world_size() == 1)
     return model
 
 
@@ -49,4 +54,6 @@ def _prepare_lora(model, cfg, expert_cfg, master_dtype=None):
         return get_peft_model(model, lcfg)
 
 
-METHODS = {"esft": _prepare_esft, "random": _prepare_esft, "fft": _prepare_fft, "lora": _prepare_lora}
+METHODS = {"esft": _prepare_esft, "random": _prepare_esft, "shared": _prepare_esft, "fft": _prepare_fft,
+           "lora": _prepare_lora}
+ESFT_FAMILY = ("esft", "random", "shared")  # methods that write an ESFT adapter (expert_cfg.json + tensors)

@@ -1,8 +1,10 @@
 """The training recipe behind `esft train`: setup / train / save / cleanup, for interchangeable methods by name.
 
 Methods (`METHODS`): `esft` trains only the experts of an expert config (esft_core.esft), `random` trains as many
-experts per layer as a given config but chosen at random (seeded; the paper's ablation), `fft` trains every
-parameter, `lora` trains peft LoRA adapters (see `lora_targets`). Data is chat JSONL with the authors' template, loss
+experts per layer as a given config but chosen at random (seeded; the paper's ablation), `shared` trains only the
+shared experts, `fft` trains every parameter, `lora` trains peft LoRA adapters (see `lora_targets`). The paper's
+Table 3 variants: `--train-shared` / `--train-non-expert` add the shared experts / every non-expert module to what
+esft, random (or shared) train. Data is chat JSONL with the authors' template, loss
 on assistant tokens only, packed to `seq_len`. AdamW with the authors' betas / weight decay, real gradient clipping,
 gradient accumulation, constant or cosine schedule.
 
@@ -37,12 +39,13 @@ import torch
 
 from esft_core.errors import EsftError
 from esft_core.locks import LOCK_NAME, RunDirLock
-from esft_core.methods import METHODS, PEFT_REMAPPED, lora_targets  # noqa: F401  (re-exported)
+from esft_core.methods import ESFT_FAMILY, METHODS, PEFT_REMAPPED, lora_targets  # noqa: F401  (re-exported)
 from esft_core.trainguard import check_finite_params, check_step, preflight
 
 SCHEDULES = ("constant", "cosine")
 IDENTITY_FIELDS = ("method", "model", "data", "experts_cfg", "lr", "batch_size", "grad_accum", "seq_len",
-                   "weight_decay", "beta1", "beta2", "clip", "schedule", "warmup", "seed", "lora_r", "lora_alpha")
+                   "weight_decay", "beta1", "beta2", "clip", "schedule", "warmup", "seed", "lora_r", "lora_alpha",
+                   "train_shared", "train_non_expert")
 
 
 @dataclass
@@ -52,7 +55,7 @@ class TrainConfig:
     data: str = field(metadata={"help": "chat JSONL/Parquet training data"})
     out: str = field(metadata={"help": "run directory"})
     model: str = field(default="demo", metadata={"help": "base model: 'demo', a directory or a hub id"})
-    method: str = field(default="esft", metadata={"help": "esft | fft | lora | random"})
+    method: str = field(default="esft", metadata={"help": "esft | fft | lora | random | shared"})
     experts: str | None = field(default=None, metadata={"help": "expert config JSON (esft, random)"})
     steps: int = field(default=100, metadata={"help": "optimizer steps"})
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
@@ -83,6 +86,11 @@ class TrainConfig:
         "help": "dtype of the written adapter / checkpoint (auto: the model's dtype)"})
     global_batch: int | None = field(default=None, metadata={
         "help": "sequences per optimizer step over all ranks; sets --batch-size to it / (world size x grad-accum)"})
+    train_shared: bool = field(default=False, metadata={
+        "help": "esft / random: also train the shared experts of every MoE layer (paper Table 3)"})
+    train_non_expert: bool = field(default=False, metadata={
+        "help": "esft / random / shared: also train every non-expert module: attention, norms, routers, dense "
+                "MLPs, embeddings, head (paper Table 3; the authors' non_expert_modules)"})
     experts_cfg: dict | None = field(default=None, metadata={"help": "filled in: the expert config used"})
 
     def __post_init__(self):
@@ -90,6 +98,13 @@ class TrainConfig:
             raise EsftError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
         if self.method in ("esft", "random") and not self.experts and not self.experts_cfg:
             raise EsftError(f"--method {self.method} needs --experts CFG (an expert config from `esft select`)")
+        if self.method == "shared" and (self.experts or self.experts_cfg):
+            raise EsftError("--method shared trains only the shared experts; drop --experts (or use --method esft "
+                            "--train-shared to train selected experts and shared experts)")
+        if self.method not in ESFT_FAMILY and (self.train_shared or self.train_non_expert):
+            flag = "--train-shared" if self.train_shared else "--train-non-expert"
+            raise EsftError(f"{flag} applies to --method esft, random or shared, not {self.method} "
+                            f"({'fft trains every parameter' if self.method == 'fft' else 'lora trains adapters'})")
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "lora_r", "eval_limit"):
             if getattr(self, name) <= 0:
                 raise EsftError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -217,7 +232,7 @@ class Recipe:
         """Validate everything that can be wrong before writing anything, then create the run directory."""
         from esft_core.adapters import base_fingerprint
         from esft_core.devices import DTYPES, resolve_dtype
-        from esft_core.esft import check_config, random_config
+        from esft_core.esft import SHARED_EXPERT_ATTRS, check_config, random_config, shared_expert_modules
         from esft_core.expert_config import ExpertConfig
         from esft_core.models import load_model, moe_layout, resolve_model_path
 
@@ -243,13 +258,22 @@ class Recipe:
             raise EsftError(f"--grad-checkpointing: {type(self.model).__name__} does not support activation "
                             "checkpointing; pass --no-grad-checkpointing")
         self.expert_cfg = None
-        if cfg.method in ("esft", "random"):
-            ecfg = ExpertConfig.from_dict(cfg.experts_cfg)
+        if cfg.method in ESFT_FAMILY:
+            ecfg = ExpertConfig.from_dict(cfg.experts_cfg) if cfg.experts_cfg is not None else ExpertConfig({})
             check_config(ecfg, self.model)
             if cfg.method == "random" and not (self.prev or {}).get("config", {}).get("random_experts"):
                 ecfg = random_config(ecfg, moe_layout(self.model).num_experts, cfg.seed)
             elif cfg.method == "random":
                 ecfg = ExpertConfig.from_dict(self.prev["config"]["random_experts"])
+            # the Table 3 flags add to what the config file says (an authors' config may already set them)
+            ecfg = ExpertConfig(ecfg.experts, ecfg.shared_experts or cfg.train_shared or cfg.method == "shared",
+                                ecfg.non_expert_modules or cfg.train_non_expert)
+            blocks = moe_layout(self.model).blocks.values()
+            if ecfg.shared_experts and not any(shared_expert_modules(b) for b in blocks):
+                why = ("--method shared" if cfg.method == "shared" else "--train-shared" if cfg.train_shared
+                       else f"expert config {cfg.experts} (shared_experts: true)")
+                raise EsftError(f"{why}: {type(self.model).__name__} has no shared experts (no MoE layer has a "
+                                f"{' / '.join(SHARED_EXPERT_ATTRS)} module); drop it")
             self.expert_cfg = ecfg
         self.fingerprint = base_fingerprint(self.model)
         # Nothing above wrote a file; from here on the run directory is ours.
@@ -258,6 +282,8 @@ class Recipe:
             self.model.config.use_cache = False
             self.model.activation_checkpointing_enable({"use_reentrant": False})
         self.master_dtype = torch.float32 if cfg.fp32_master and self.dtype != torch.float32 else None
+        # each tensor's dtype in the base model (routers stay fp32 in a bf16 model): what `save` writes by default
+        self.base_dtypes = {n: p.dtype for n, p in self.model.named_parameters()}
         self.model = METHODS[cfg.method](self.model, cfg, self.expert_cfg, master_dtype=self.master_dtype)
         self.model.train()
         if self.world > 1:
@@ -440,10 +466,14 @@ class Recipe:
         if self.rank != 0:
             return None
         check_finite_params(state)
-        state = {n: t.to(self.save_dtype) if t.is_floating_point() else t for n, t in state.items()}
+        from esft_core.esft import plain_name
+
+        auto = self.cfg.adapter_dtype == "auto"  # each tensor in its base dtype (fp32 masters rounded to it)
+        state = {n: t.to(self.base_dtypes.get(plain_name(n), self.save_dtype) if auto else self.save_dtype)
+                 if t.is_floating_point() else t for n, t in state.items()}
         adapter = self.out / "adapter"
         shutil.rmtree(adapter, ignore_errors=True)
-        if self.cfg.method in ("esft", "random"):
+        if self.cfg.method in ESFT_FAMILY:
             from esft_core.adapters import save_adapter
 
             save_adapter(self.model, self.expert_cfg, adapter, self.fingerprint, state=state)
