@@ -74,6 +74,7 @@ from bench.compare_summary import (  # noqa: E402, F401
     markdown,
     pareto,
     summarise,
+    sweep_markdown,
     sweep_summary,
     write_results,
     write_sweep,
