@@ -2,11 +2,10 @@
 
 Methods (`METHODS`): `esft` trains only the experts of an expert config (esft_core.esft), `random` trains as many
 experts per layer as a given config but chosen at random (seeded; the paper's ablation), `shared` trains only the
-shared experts, `fft` trains every parameter, `lora` trains peft LoRA adapters (see `lora_targets`). The paper's
-Table 3 variants: `--train-shared` / `--train-non-expert` add the shared experts / every non-expert module to what
-esft, random (or shared) train. Data is chat JSONL with the authors' template, loss
-on assistant tokens only, packed to `seq_len`. AdamW with the authors' betas / weight decay, real gradient clipping,
-gradient accumulation, constant or cosine schedule.
+shared experts, `fft` every parameter, `lora` peft LoRA adapters (see `lora_targets`); `--train-shared` /
+`--train-non-expert` (the paper's Table 3) add modules to esft / random. Data is chat JSONL with the authors'
+template, loss on assistant tokens only, packed to `seq_len`. AdamW with the authors' betas / weight decay, real
+gradient clipping, gradient accumulation, constant or cosine schedule.
 
 A run directory (`--out DIR`) holds `run.json` (config, status running|complete|failed, error), `metrics.jsonl`
 (one line per optimizer step), `checkpoints/step_N/` (every `save_every` steps, for `--resume`; a run killed with
@@ -39,7 +38,7 @@ import torch
 
 from esft_core.errors import EsftError
 from esft_core.locks import LOCK_NAME, RunDirLock
-from esft_core.methods import ESFT_FAMILY, METHODS, PEFT_REMAPPED, lora_targets  # noqa: F401  (re-exported)
+from esft_core.methods import METHODS, PEFT_REMAPPED, lora_targets  # noqa: F401  (re-exported)
 from esft_core.trainguard import check_finite_params, check_step, preflight
 
 SCHEDULES = ("constant", "cosine")
@@ -98,13 +97,9 @@ class TrainConfig:
             raise EsftError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
         if self.method in ("esft", "random") and not self.experts and not self.experts_cfg:
             raise EsftError(f"--method {self.method} needs --experts CFG (an expert config from `esft select`)")
-        if self.method == "shared" and (self.experts or self.experts_cfg):
-            raise EsftError("--method shared trains only the shared experts; drop --experts (or use --method esft "
-                            "--train-shared to train selected experts and shared experts)")
-        if self.method not in ESFT_FAMILY and (self.train_shared or self.train_non_expert):
-            flag = "--train-shared" if self.train_shared else "--train-non-expert"
-            raise EsftError(f"{flag} applies to --method esft, random or shared, not {self.method} "
-                            f"({'fft trains every parameter' if self.method == 'fft' else 'lora trains adapters'})")
+        from esft_core.methods import check_table3_flags
+
+        check_table3_flags(self)
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "lora_r", "eval_limit"):
             if getattr(self, name) <= 0:
                 raise EsftError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -195,8 +190,9 @@ def check_out_dir(cfg: TrainConfig, resume: bool) -> dict | None:
         if not resume:
             raise EsftError(f"{out} already holds a run ({prev.get('method')}, {prev.get('status')}); "
                             "pass --resume to continue it or choose another --out")
-        mine = asdict(cfg)
-        diff = [k for k in IDENTITY_FIELDS if prev.get("config", {}).get(k) != mine.get(k)]
+        mine, theirs = asdict(cfg), prev.get("config", {})
+        # fields added later (the Table 3 flags) read as their default in an older run.json
+        diff = [k for k in IDENTITY_FIELDS if theirs.get(k, False if k.startswith("train_") else None) != mine.get(k)]
         if diff:
             raise EsftError(f"{out} holds a different run (differs in {', '.join(diff)}); choose another --out")
         return prev
@@ -232,13 +228,11 @@ class Recipe:
         """Validate everything that can be wrong before writing anything, then create the run directory."""
         from esft_core.adapters import base_fingerprint
         from esft_core.devices import DTYPES, resolve_dtype
-        from esft_core.esft import SHARED_EXPERT_ATTRS, check_config, random_config, shared_expert_modules
-        from esft_core.expert_config import ExpertConfig
-        from esft_core.models import load_model, moe_layout, resolve_model_path
+        from esft_core.methods import load_experts_cfg
+        from esft_core.models import load_model, resolve_model_path
 
         cfg = self.cfg
-        if cfg.method in ("esft", "random") and cfg.experts_cfg is None:
-            cfg.experts_cfg = ExpertConfig.load(cfg.experts).to_dict()
+        load_experts_cfg(cfg)
         self.dtype = resolve_dtype(cfg.dtype, self.device, cfg.model)
         self.save_dtype = self.dtype if cfg.adapter_dtype == "auto" else DTYPES[cfg.adapter_dtype]
         self.prev = check_out_dir(cfg, self.resume)
@@ -257,24 +251,9 @@ class Recipe:
         if self.grad_checkpointing and not getattr(self.model, "supports_gradient_checkpointing", False):
             raise EsftError(f"--grad-checkpointing: {type(self.model).__name__} does not support activation "
                             "checkpointing; pass --no-grad-checkpointing")
-        self.expert_cfg = None
-        if cfg.method in ESFT_FAMILY:
-            ecfg = ExpertConfig.from_dict(cfg.experts_cfg) if cfg.experts_cfg is not None else ExpertConfig({})
-            check_config(ecfg, self.model)
-            if cfg.method == "random" and not (self.prev or {}).get("config", {}).get("random_experts"):
-                ecfg = random_config(ecfg, moe_layout(self.model).num_experts, cfg.seed)
-            elif cfg.method == "random":
-                ecfg = ExpertConfig.from_dict(self.prev["config"]["random_experts"])
-            # the Table 3 flags add to what the config file says (an authors' config may already set them)
-            ecfg = ExpertConfig(ecfg.experts, ecfg.shared_experts or cfg.train_shared or cfg.method == "shared",
-                                ecfg.non_expert_modules or cfg.train_non_expert)
-            blocks = moe_layout(self.model).blocks.values()
-            if ecfg.shared_experts and not any(shared_expert_modules(b) for b in blocks):
-                why = ("--method shared" if cfg.method == "shared" else "--train-shared" if cfg.train_shared
-                       else f"expert config {cfg.experts} (shared_experts: true)")
-                raise EsftError(f"{why}: {type(self.model).__name__} has no shared experts (no MoE layer has a "
-                                f"{' / '.join(SHARED_EXPERT_ATTRS)} module); drop it")
-            self.expert_cfg = ecfg
+        from esft_core.methods import expert_config_for
+
+        self.expert_cfg = expert_config_for(cfg, self.model, (self.prev or {}).get("config"))
         self.fingerprint = base_fingerprint(self.model)
         # Nothing above wrote a file; from here on the run directory is ours.
         torch.manual_seed(cfg.seed)
@@ -473,7 +452,7 @@ class Recipe:
                  if t.is_floating_point() else t for n, t in state.items()}
         adapter = self.out / "adapter"
         shutil.rmtree(adapter, ignore_errors=True)
-        if self.cfg.method in ESFT_FAMILY:
+        if self.expert_cfg is not None:  # esft / random / shared: an ESFT adapter
             from esft_core.adapters import save_adapter
 
             save_adapter(self.model, self.expert_cfg, adapter, self.fingerprint, state=state)
@@ -571,10 +550,9 @@ def run_training(cfg: TrainConfig, resume: bool = False, progress: bool = True) 
 
     Returns the final run.json content (rank 0). Errors before the run directory exists leave nothing behind.
     """
-    if cfg.method in ("esft", "random") and cfg.experts_cfg is None:
-        from esft_core.expert_config import ExpertConfig
+    from esft_core.methods import load_experts_cfg
 
-        cfg.experts_cfg = ExpertConfig.load(cfg.experts).to_dict()
+    load_experts_cfg(cfg)
     preflight(cfg, resume)  # ranges, model positions, memory, eval files, resume state: before anything is written
     with RunDirLock(cfg.out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
         return _run_training(cfg, resume, progress)

@@ -179,3 +179,18 @@ def test_shared_experts_on_a_model_without_them_is_refused(env, tmp_path):
         Recipe(TrainConfig(model=str(model), data=env["data"], out=str(out), method="shared", seq_len=96),
                progress=False).setup()
     assert not out.exists()
+
+
+def test_a_run_from_before_the_flags_resumes(env, tmp_path):
+    """run.json of an older version has no train_shared / train_non_expert: they read as off, not as a different run."""
+    from esft_core.train import check_out_dir
+
+    out = tmp_path / "old"
+    out.mkdir()
+    cfg = TrainConfig(model=env["model"], data=env["data"], experts=env["experts"], out=str(out))
+    config = {k: v for k, v in __import__("dataclasses").asdict(cfg).items() if not k.startswith("train_")}
+    (out / "run.json").write_text(json.dumps({"method": "esft", "status": "running", "config": config}))
+    assert check_out_dir(cfg, resume=True)["status"] == "running"
+    cfg.train_shared = True
+    with pytest.raises(EsftError, match="differs in train_shared"):
+        check_out_dir(cfg, resume=True)
