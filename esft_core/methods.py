@@ -31,7 +31,7 @@ def check_table3_flags(cfg) -> None:
     if cfg.method == "shared" and (cfg.experts or cfg.experts_cfg):
         raise EsftError("--method shared trains only the shared experts; drop --experts (or use --method esft "
                         "--train-shared to train selected experts and shared experts)")
-    if cfg.method not in ESFT_FAMILY and (cfg.train_shared or cfg.train_non_expert):
+    if cfg.method not in ADAPTER_METHODS and (cfg.train_shared or cfg.train_non_expert):
         flag = "--train-shared" if cfg.train_shared else "--train-non-expert"
         raise EsftError(f"{flag} applies to --method esft, random or shared, not {cfg.method} "
                         f"({'fft trains every parameter' if cfg.method == 'fft' else 'lora trains adapters'})")
@@ -54,7 +54,7 @@ def expert_config_for(cfg, model, prev_config: dict | None = None):
     from esft_core.esft import SHARED_EXPERT_ATTRS, check_config, random_config, shared_expert_modules
     from esft_core.expert_config import ExpertConfig
 
-    if cfg.method not in ESFT_FAMILY:
+    if cfg.method not in ADAPTER_METHODS:
         return None
     ecfg = ExpertConfig.from_dict(cfg.experts_cfg) if cfg.experts_cfg is not None else ExpertConfig({})
     layout = check_config(ecfg, model)
@@ -104,4 +104,4 @@ def _prepare_lora(model, cfg, expert_cfg, master_dtype=None):
 
 METHODS = {"esft": _prepare_esft, "random": _prepare_esft, "shared": _prepare_esft, "fft": _prepare_fft,
            "lora": _prepare_lora}
-ESFT_FAMILY = ("esft", "random", "shared")  # methods that write an ESFT adapter (expert_cfg.json + tensors)
+ADAPTER_METHODS = ("esft", "random", "shared")  # methods that write an ESFT adapter (expert_cfg.json + tensors)

@@ -31,8 +31,9 @@ def register(sub) -> None:
     p.add_argument("--method", default="esft", choices=["esft", "fft", "lora", "random", "shared"],
                    help="training method (shared: only the shared experts, no --experts)")
     p.add_argument("--experts", metavar="CFG", help="expert config JSON (required for esft and random)")
-    p.add_argument("--train-shared", action="store_true", help=_help("train_shared"))
-    p.add_argument("--train-non-expert", action="store_true", help=_help("train_non_expert"))
+    for name in ("train_shared", "train_non_expert"):  # --[no-]...: the explorer's jobs pass every bool field so
+        p.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=None,
+                       help=_help(name))
     p.add_argument("--out", required=True, metavar="DIR", help="run directory (must be new, or --resume)")
     for name, typ in [("steps", int), ("lr", float), ("batch_size", int), ("grad_accum", int), ("seq_len", int),
                       ("weight_decay", float), ("beta1", float), ("beta2", float), ("clip", float),
