@@ -3,8 +3,9 @@
 An adapter directory holds
 - `adapter.safetensors`: only the trained tensors. Selected experts of layer l are stored as
   `model.layers.<l>.mlp.experts.esft.gate_up_proj` (n_sel, 2I, H) and `...esft.down_proj` (n_sel, H, I), with
-  their ids in `...esft.expert_ids` (n_sel,) int64; shared-expert / non-expert tensors (when the config trains them)
-  keep their ordinary parameter names.
+  their ids in `...esft.expert_ids` (n_sel,) int64; shared-expert / non-expert tensors (when the config trains them:
+  `esft train --train-shared / --train-non-expert / --method shared`) keep their ordinary parameter names
+  (`model.layers.1.mlp.shared_experts.up_proj.weight`), also when they trained as fp32 masters.
 - `expert_cfg.json`: the expert config in the authors' format.
 - `base_fingerprint.json`: what base model the adapter belongs to (architecture + a digest of sampled weights), so
   loading onto a different base is refused.
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from esft_core.errors import EsftError
-from esft_core.esft import SelectedExperts, apply_esft, check_config, is_wrapped, merge_selected
+from esft_core.esft import SelectedExperts, apply_esft, check_config, is_wrapped, merge_selected, plain_name
 from esft_core.expert_config import ExpertConfig
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -82,9 +83,9 @@ def adapter_state(model: nn.Module, state: dict[str, torch.Tensor] | None = None
     if state is None:
         state = {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
     out = {}
-    for name, t in state.items():
+    for name, t in state.items():  # fp32 masters of shared / non-expert tensors are stored under their plain names
         t = t.to(dtype) if dtype is not None and t.is_floating_point() else t
-        out[name] = t.cpu().contiguous().clone()
+        out[plain_name(name)] = t.cpu().contiguous().clone()
     for name, m in model.named_modules():
         if isinstance(m, SelectedExperts):
             out[f"{name}.expert_ids"] = m.expert_ids.cpu().clone()

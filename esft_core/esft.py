@@ -361,7 +361,7 @@ def _esft_experts_forward(self, *args, **kwargs):
 
 
 def is_wrapped(model: nn.Module) -> bool:
-    return any(isinstance(m, SelectedExperts) for m in model.modules())
+    return getattr(model, "_esft_applied", False) or any(isinstance(m, SelectedExperts) for m in model.modules())
 
 
 def shared_expert_modules(block: nn.Module) -> list[nn.Module]:
@@ -369,20 +369,28 @@ def shared_expert_modules(block: nn.Module) -> list[nn.Module]:
 
 
 def apply_esft(model: nn.Module, cfg: ExpertConfig, master_dtype: torch.dtype | None = None,
-               expert_params=None) -> dict[int, SelectedExperts]:
+               expert_params=None, extra_masters: bool = True) -> dict[int, SelectedExperts]:
     """Freeze `model` per `cfg` and give each selected layer its trainable `SelectedExperts`. Returns them by layer.
 
     `master_dtype`: dtype of the trainable copies (None = the model's; float32 on a bfloat16 model keeps fp32 master
-    weights and optimizer state for the selected experts only). `expert_params(layer, experts) -> {name: axis}`
-    overrides which fused parameters are copied (default `fused_expert_params`).
+    weights and optimizer state for the trained tensors only). `expert_params(layer, experts) -> {name: axis}`
+    overrides which fused parameters are copied (default `fused_expert_params`). `extra_masters`: give the other
+    trained tensors (shared experts, non-expert modules) `master_dtype` masters too, through a cast parametrization
+    (`_cast_masters`); False under FSDP, whose mixed-precision policy does the cast itself.
 
     Trainable afterwards: the selected routed experts; plus shared experts if `cfg.shared_experts`; plus every
-    parameter outside the experts (attention, norms, routers, embeddings, head) if `cfg.non_expert_modules` (the
-    authors' meaning). The fused routed-expert parameters are always frozen.
+    parameter outside the experts (attention, norms, routers, dense MLPs, embeddings, head) if
+    `cfg.non_expert_modules` — the authors' meaning: their `to_esft` makes every parameter trainable, then freezes
+    the routed experts not selected and, unless `shared_experts`, the shared experts; routers are not re-frozen.
+    The fused routed-expert parameters are always frozen.
     """
     if is_wrapped(model):
         raise EsftError("model already has selected experts attached; load a fresh base model")
     layout = check_config(cfg, model)
+    if cfg.shared_experts and not any(shared_expert_modules(b) for b in layout.blocks.values()):
+        raise EsftError(f"{type(model).__name__} has no shared experts (no MoE layer has a "
+                        f"{' / '.join(SHARED_EXPERT_ATTRS)} module) to train; drop the shared-experts option")
+    model._esft_applied = True  # noqa: SLF001 - marks the model (also when no routed expert is selected)
     for p in model.parameters():
         p.requires_grad_(cfg.non_expert_modules)
     selected = {}
@@ -402,7 +410,51 @@ def apply_esft(model: nn.Module, cfg: ExpertConfig, master_dtype: torch.dtype | 
                                                tensors=expert_tensors(layout, layer))
             experts.forward = types.MethodType(_esft_experts_forward, experts)
             selected[layer] = experts.esft
+    if master_dtype is not None and extra_masters:
+        _cast_masters(model, master_dtype)
     return selected
+
+
+class _CastTo(nn.Module):
+    """Parametrization: the master tensor (e.g. float32) seen by the module in its compute dtype (e.g. bfloat16)."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, master: torch.Tensor) -> torch.Tensor:
+        return master.to(self.dtype)  # differentiable: the gradient reaches the master in its own dtype
+
+
+def _cast_masters(model: nn.Module, master_dtype: torch.dtype) -> None:
+    """Trained tensors outside `SelectedExperts` (shared experts, non-expert modules) of another dtype get a
+    `master_dtype` master: the parameter itself becomes the master (`<module>.parametrizations.<name>.original`),
+    and the module reads it cast to the model dtype, so AdamW state is `master_dtype` for them as for the selected
+    experts. A tensor tied between modules (embeddings = head) keeps one master shared by all its owners."""
+    from torch.nn.utils import parametrize
+
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    params: dict[int, nn.Parameter] = {}
+    for m in model.modules():
+        if isinstance(m, SelectedExperts) or parametrize.is_parametrized(m):
+            continue
+        for n, p in m._parameters.items():  # noqa: SLF001 - direct parameters only (owners of tied tensors)
+            if p is not None and p.requires_grad and p.is_floating_point() and p.dtype != master_dtype:
+                owners.setdefault(id(p), []).append((m, n))
+                params[id(p)] = p
+    for key, p in params.items():
+        dtype = p.dtype
+        p.data = p.data.to(master_dtype)
+        for m, n in owners[key]:
+            parametrize.register_parametrization(m, n, _CastTo(dtype), unsafe=True)
+
+
+def plain_name(name: str) -> str:
+    """The ordinary parameter name of a cast master ('a.parametrizations.weight.original' -> 'a.weight')."""
+    if ".parametrizations." in name and name.endswith(".original"):
+        head, _, rest = name.partition(".parametrizations.")
+        return f"{head}.{rest[: -len('.original')]}"
+    return name
 
 
 def merge_selected(model: nn.Module) -> nn.Module:
@@ -416,6 +468,15 @@ def merge_selected(model: nn.Module) -> nn.Module:
                     fused.index_copy_(axis, sel.expert_ids, sel.small(n).detach().to(fused.dtype))
             del m.esft
             m.__dict__.pop("forward", None)
+    from torch.nn.utils import parametrize
+
+    for m in list(model.modules()):  # cast masters: keep the model-dtype value as an ordinary parameter
+        if parametrize.is_parametrized(m) and all(isinstance(f[0], _CastTo) for f in m.parametrizations.values()):
+            for n in list(m.parametrizations):
+                value = getattr(m, n).detach()  # the master cast to the model dtype
+                parametrize.remove_parametrizations(m, n, leave_parametrized=False)  # the master (tie kept)
+                getattr(m, n).data = value  # (set_ cannot change a dtype, so leave_parametrized=True cannot)
+    model.__dict__.pop("_esft_applied", None)
     return model
 
 

@@ -1,7 +1,9 @@
 """Training methods by name (`METHODS`): prepare(model, cfg, expert_cfg, master_dtype) -> the model to train.
 
-`esft` / `random` attach the selected experts (esft_core.esft), `fft` makes every parameter trainable, `lora` wraps
-the model with peft LoRA (`lora_targets`). `cfg` is the run's TrainConfig (esft_core.train).
+`esft` / `random` attach the selected experts (esft_core.esft), `shared` trains only the shared experts (an expert
+config with no routed experts and `shared_experts`, the paper's Table 3 row), `fft` makes every parameter trainable,
+`lora` wraps the model with peft LoRA (`lora_targets`). `cfg` is the run's TrainConfig (esft_core.train); for the
+esft-family methods `expert_cfg` already carries `--train-shared` / `--train-non-expert`.
 """
 
 from __future__ import annotations
@@ -22,10 +24,61 @@ def lora_targets(model) -> tuple[list[str], list[str]]:
     return targets(model, PEFT_REMAPPED)
 
 
+def check_table3_flags(cfg) -> None:
+    """TrainConfig validation of the method and the Table 3 flags (one EsftError line)."""
+    from esft_core.errors import EsftError
+
+    if cfg.method == "shared" and (cfg.experts or cfg.experts_cfg):
+        raise EsftError("--method shared trains only the shared experts; drop --experts (or use --method esft "
+                        "--train-shared to train selected experts and shared experts)")
+    if cfg.method not in ADAPTER_METHODS and (cfg.train_shared or cfg.train_non_expert):
+        flag = "--train-shared" if cfg.train_shared else "--train-non-expert"
+        raise EsftError(f"{flag} applies to --method esft, random or shared, not {cfg.method} "
+                        f"({'fft trains every parameter' if cfg.method == 'fft' else 'lora trains adapters'})")
+
+
+def load_experts_cfg(cfg) -> None:
+    """Fill `cfg.experts_cfg` from the `--experts` file (esft, random) once, before anything else reads it."""
+    if cfg.method in ("esft", "random") and cfg.experts_cfg is None:
+        from esft_core.expert_config import ExpertConfig
+
+        cfg.experts_cfg = ExpertConfig.load(cfg.experts).to_dict()
+
+
+def expert_config_for(cfg, model, prev_config: dict | None = None):
+    """The expert config an esft-family run trains (None for fft / lora): the config file's (`--experts`; none for
+    `shared`), for `random` the seeded random draw (or, on --resume, the draw stored in `prev_config`), with the
+    Table 3 flags added to what the file says (an authors' config may already set them). Raises EsftError when the
+    config does not fit the model or asks for shared experts the model lacks — before anything is written."""
+    from esft_core.errors import EsftError
+    from esft_core.esft import SHARED_EXPERT_ATTRS, check_config, random_config, shared_expert_modules
+    from esft_core.expert_config import ExpertConfig
+
+    if cfg.method not in ADAPTER_METHODS:
+        return None
+    ecfg = ExpertConfig.from_dict(cfg.experts_cfg) if cfg.experts_cfg is not None else ExpertConfig({})
+    layout = check_config(ecfg, model)
+    if cfg.method == "random" and (prev_config or {}).get("random_experts"):
+        ecfg = ExpertConfig.from_dict(prev_config["random_experts"])
+    elif cfg.method == "random":
+        ecfg = random_config(ecfg, layout.num_experts, cfg.seed)
+    ecfg = ExpertConfig(ecfg.experts, ecfg.shared_experts or cfg.train_shared or cfg.method == "shared",
+                        ecfg.non_expert_modules or cfg.train_non_expert)
+    if ecfg.shared_experts and not any(shared_expert_modules(b) for b in layout.blocks.values()):
+        why = ("--method shared" if cfg.method == "shared" else "--train-shared" if cfg.train_shared
+               else f"expert config {cfg.experts} (shared_experts: true)")
+        raise EsftError(f"{why}: {type(model).__name__} has no shared experts (no MoE layer has a "
+                        f"{' / '.join(SHARED_EXPERT_ATTRS)} module); drop it")
+    return ecfg
+
+
 def _prepare_esft(model, cfg, expert_cfg, master_dtype=None):
+    from esft_core.distributed import world_size
     from esft_core.esft import apply_esft
 
-    apply_esft(model, expert_cfg, master_dtype=master_dtype)
+    # fp32 masters of shared / non-expert tensors: a cast parametrization in one process; under FSDP the recipe makes
+    # every trainable tensor fp32 and FSDP's mixed-precision policy casts it for the forward
+    apply_esft(model, expert_cfg, master_dtype=master_dtype, extra_masters=world_size() == 1)
     return model
 
 
@@ -49,4 +102,6 @@ def _prepare_lora(model, cfg, expert_cfg, master_dtype=None):
         return get_peft_model(model, lcfg)
 
 
-METHODS = {"esft": _prepare_esft, "random": _prepare_esft, "fft": _prepare_fft, "lora": _prepare_lora}
+METHODS = {"esft": _prepare_esft, "random": _prepare_esft, "shared": _prepare_esft, "fft": _prepare_fft,
+           "lora": _prepare_lora}
+ADAPTER_METHODS = ("esft", "random", "shared")  # methods that write an ESFT adapter (expert_cfg.json + tensors)

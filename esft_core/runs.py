@@ -201,7 +201,7 @@ class RunInfo:
         if m == "esft":
             metric = self.selection.get("metric")
             return {"token": "ESFT-Token", "gate": "ESFT-Gate"}.get(metric, "ESFT")
-        return {"fft": "FFT", "lora": "LoRA", "random": "random experts"}.get(m, m)
+        return {"fft": "FFT", "lora": "LoRA", "random": "random experts", "shared": "shared experts"}.get(m, m)
 
 
 def read_run(run_dir: str | Path) -> RunInfo:

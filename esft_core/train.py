@@ -1,10 +1,11 @@
 """The training recipe behind `esft train`: setup / train / save / cleanup, for interchangeable methods by name.
 
 Methods (`METHODS`): `esft` trains only the experts of an expert config (esft_core.esft), `random` trains as many
-experts per layer as a given config but chosen at random (seeded; the paper's ablation), `fft` trains every
-parameter, `lora` trains peft LoRA adapters (see `lora_targets`). Data is chat JSONL with the authors' template, loss
-on assistant tokens only, packed to `seq_len`. AdamW with the authors' betas / weight decay, real gradient clipping,
-gradient accumulation, constant or cosine schedule.
+experts per layer as a given config but chosen at random (seeded; the paper's ablation), `shared` trains only the
+shared experts, `fft` every parameter, `lora` peft LoRA adapters (see `lora_targets`); `--train-shared` /
+`--train-non-expert` (the paper's Table 3) add modules to esft / random. Data is chat JSONL with the authors'
+template, loss on assistant tokens only, packed to `seq_len`. AdamW with the authors' betas / weight decay, real
+gradient clipping, gradient accumulation, constant or cosine schedule.
 
 A run directory (`--out DIR`) holds `run.json` (config, status running|complete|failed, error), `metrics.jsonl`
 (one line per optimizer step), `checkpoints/step_N/` (every `save_every` steps, for `--resume`; a run killed with
@@ -42,7 +43,8 @@ from esft_core.trainguard import check_finite_params, check_step, preflight
 
 SCHEDULES = ("constant", "cosine")
 IDENTITY_FIELDS = ("method", "model", "data", "experts_cfg", "lr", "batch_size", "grad_accum", "seq_len",
-                   "weight_decay", "beta1", "beta2", "clip", "schedule", "warmup", "seed", "lora_r", "lora_alpha")
+                   "weight_decay", "beta1", "beta2", "clip", "schedule", "warmup", "seed", "lora_r", "lora_alpha",
+                   "train_shared", "train_non_expert")
 
 
 @dataclass
@@ -52,7 +54,7 @@ class TrainConfig:
     data: str = field(metadata={"help": "chat JSONL/Parquet training data"})
     out: str = field(metadata={"help": "run directory"})
     model: str = field(default="demo", metadata={"help": "base model: 'demo', a directory or a hub id"})
-    method: str = field(default="esft", metadata={"help": "esft | fft | lora | random"})
+    method: str = field(default="esft", metadata={"help": "esft | fft | lora | random | shared"})
     experts: str | None = field(default=None, metadata={"help": "expert config JSON (esft, random)"})
     steps: int = field(default=100, metadata={"help": "optimizer steps"})
     lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
@@ -83,6 +85,11 @@ class TrainConfig:
         "help": "dtype of the written adapter / checkpoint (auto: the model's dtype)"})
     global_batch: int | None = field(default=None, metadata={
         "help": "sequences per optimizer step over all ranks; sets --batch-size to it / (world size x grad-accum)"})
+    train_shared: bool = field(default=False, metadata={
+        "help": "esft / random: also train the shared experts of every MoE layer (paper Table 3)"})
+    train_non_expert: bool = field(default=False, metadata={
+        "help": "esft / random / shared: also train every non-expert module: attention, norms, routers, dense "
+                "MLPs, embeddings, head (paper Table 3; the authors' non_expert_modules)"})
     experts_cfg: dict | None = field(default=None, metadata={"help": "filled in: the expert config used"})
 
     def __post_init__(self):
@@ -90,6 +97,9 @@ class TrainConfig:
             raise EsftError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
         if self.method in ("esft", "random") and not self.experts and not self.experts_cfg:
             raise EsftError(f"--method {self.method} needs --experts CFG (an expert config from `esft select`)")
+        from esft_core.methods import check_table3_flags
+
+        check_table3_flags(self)
         for name in ("steps", "batch_size", "grad_accum", "seq_len", "lora_r", "eval_limit"):
             if getattr(self, name) <= 0:
                 raise EsftError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -180,8 +190,9 @@ def check_out_dir(cfg: TrainConfig, resume: bool) -> dict | None:
         if not resume:
             raise EsftError(f"{out} already holds a run ({prev.get('method')}, {prev.get('status')}); "
                             "pass --resume to continue it or choose another --out")
-        mine = asdict(cfg)
-        diff = [k for k in IDENTITY_FIELDS if prev.get("config", {}).get(k) != mine.get(k)]
+        mine, theirs = asdict(cfg), prev.get("config", {})
+        # fields added later (the Table 3 flags) read as their default in an older run.json
+        diff = [k for k in IDENTITY_FIELDS if theirs.get(k, False if k.startswith("train_") else None) != mine.get(k)]
         if diff:
             raise EsftError(f"{out} holds a different run (differs in {', '.join(diff)}); choose another --out")
         return prev
@@ -217,13 +228,11 @@ class Recipe:
         """Validate everything that can be wrong before writing anything, then create the run directory."""
         from esft_core.adapters import base_fingerprint
         from esft_core.devices import DTYPES, resolve_dtype
-        from esft_core.esft import check_config, random_config
-        from esft_core.expert_config import ExpertConfig
-        from esft_core.models import load_model, moe_layout, resolve_model_path
+        from esft_core.methods import load_experts_cfg
+        from esft_core.models import load_model, resolve_model_path
 
         cfg = self.cfg
-        if cfg.method in ("esft", "random") and cfg.experts_cfg is None:
-            cfg.experts_cfg = ExpertConfig.load(cfg.experts).to_dict()
+        load_experts_cfg(cfg)
         self.dtype = resolve_dtype(cfg.dtype, self.device, cfg.model)
         self.save_dtype = self.dtype if cfg.adapter_dtype == "auto" else DTYPES[cfg.adapter_dtype]
         self.prev = check_out_dir(cfg, self.resume)
@@ -242,15 +251,9 @@ class Recipe:
         if self.grad_checkpointing and not getattr(self.model, "supports_gradient_checkpointing", False):
             raise EsftError(f"--grad-checkpointing: {type(self.model).__name__} does not support activation "
                             "checkpointing; pass --no-grad-checkpointing")
-        self.expert_cfg = None
-        if cfg.method in ("esft", "random"):
-            ecfg = ExpertConfig.from_dict(cfg.experts_cfg)
-            check_config(ecfg, self.model)
-            if cfg.method == "random" and not (self.prev or {}).get("config", {}).get("random_experts"):
-                ecfg = random_config(ecfg, moe_layout(self.model).num_experts, cfg.seed)
-            elif cfg.method == "random":
-                ecfg = ExpertConfig.from_dict(self.prev["config"]["random_experts"])
-            self.expert_cfg = ecfg
+        from esft_core.methods import expert_config_for
+
+        self.expert_cfg = expert_config_for(cfg, self.model, (self.prev or {}).get("config"))
         self.fingerprint = base_fingerprint(self.model)
         # Nothing above wrote a file; from here on the run directory is ours.
         torch.manual_seed(cfg.seed)
@@ -258,6 +261,8 @@ class Recipe:
             self.model.config.use_cache = False
             self.model.activation_checkpointing_enable({"use_reentrant": False})
         self.master_dtype = torch.float32 if cfg.fp32_master and self.dtype != torch.float32 else None
+        # each tensor's dtype in the base model (routers stay fp32 in a bf16 model): what `save` writes by default
+        self.base_dtypes = {n: p.dtype for n, p in self.model.named_parameters()}
         self.model = METHODS[cfg.method](self.model, cfg, self.expert_cfg, master_dtype=self.master_dtype)
         self.model.train()
         if self.world > 1:
@@ -440,10 +445,14 @@ class Recipe:
         if self.rank != 0:
             return None
         check_finite_params(state)
-        state = {n: t.to(self.save_dtype) if t.is_floating_point() else t for n, t in state.items()}
+        from esft_core.esft import plain_name
+
+        auto = self.cfg.adapter_dtype == "auto"  # each tensor in its base dtype (fp32 masters rounded to it)
+        state = {n: t.to(self.base_dtypes.get(plain_name(n), self.save_dtype) if auto else self.save_dtype)
+                 if t.is_floating_point() else t for n, t in state.items()}
         adapter = self.out / "adapter"
         shutil.rmtree(adapter, ignore_errors=True)
-        if self.cfg.method in ("esft", "random"):
+        if self.expert_cfg is not None:  # esft / random / shared: an ESFT adapter
             from esft_core.adapters import save_adapter
 
             save_adapter(self.model, self.expert_cfg, adapter, self.fingerprint, state=state)
@@ -541,10 +550,9 @@ def run_training(cfg: TrainConfig, resume: bool = False, progress: bool = True) 
 
     Returns the final run.json content (rank 0). Errors before the run directory exists leave nothing behind.
     """
-    if cfg.method in ("esft", "random") and cfg.experts_cfg is None:
-        from esft_core.expert_config import ExpertConfig
+    from esft_core.methods import load_experts_cfg
 
-        cfg.experts_cfg = ExpertConfig.load(cfg.experts).to_dict()
+    load_experts_cfg(cfg)
     preflight(cfg, resume)  # ranges, model positions, memory, eval files, resume state: before anything is written
     with RunDirLock(cfg.out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
         return _run_training(cfg, resume, progress)

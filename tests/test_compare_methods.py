@@ -75,3 +75,94 @@ def test_summary_keys_cis_and_significance():
     # seed-0 eval points: fft 1e-4 (0.9, rise 1.0) is on the front; the losing sweep lrs (0.1, rise 2.0) are not
     assert front[("fft", 1e-4)] and not front[("fft", 3e-4)] and not front[("lora", 1e-2)]
     assert front[("esft_token", 3e-3)] or front[("random_token", 3e-3)]  # (0.5, 0.2): the lowest rise
+
+
+def test_table3_methods_grids_and_summary_keys():
+    assert set(cm.TABLE3_METHODS) >= {"esft_token_shared", "esft_token_nonexpert", "shared_only", "esft_token", "fft"}
+    assert all(m in cm.GRIDS and len(cm.GRIDS[m]) == 3 for m in cm.TABLE3_METHODS[1:])  # every one is swept
+    assert cm.GRIDS["esft_token_nonexpert"] == cm.GRIDS["fft"]  # touches what FFT touches besides the experts
+    seeds, methods = [0], ["vanilla", "fft", "esft_token", "esft_token_shared", "esft_token_nonexpert", "shared_only"]
+    rows = [row("vanilla", t, None, 0, 0, 4.0, eval_p=0.0) for t in TASKS]
+    for t in TASKS:
+        for m, p, rise in (("fft", 0.9, 1.0), ("esft_token", 0.5, 0.2), ("esft_token_shared", 0.7, 0.5),
+                           ("esft_token_nonexpert", 0.9, 0.4), ("shared_only", 0.3, 0.3)):
+            rows += [row(m, t, lr, 0, p if i == 1 else 0.1, 4.0, eval_p=p, rise=rise)
+                     for i, lr in enumerate(cm.GRIDS[m])]
+    ratios, means, sweep, comps = cm.summarise(rows, TASKS, methods, seeds, n_boot=200)
+    assert ratios["chosen_lr"] == {m: cm.GRIDS[m][1] for m in methods[1:]}  # the best validation score: the middle
+    for m in methods[2:]:
+        assert ratios[m]["task_score"] is not None and ratios[m]["lr"] == cm.GRIDS[m][1]
+    assert ratios["esft_token_nonexpert"]["minus_esft_token_task_score"] == pytest.approx(0.4, abs=0.1)
+    assert ratios["esft_token_nonexpert"]["minus_esft_token_task_score_p"] < 0.05
+    assert ratios["shared_only"]["minus_lora_task_score"] is None  # lora not run: key kept, value null
+    assert {c["comparison"] for c in comps} >= {"shared_only - esft_token task score",
+                                               "esft_token_shared / fft general-loss rise"}
+
+
+def sweep_rows(knob, values, score_of, rise_of, params_of):
+    rows = [row("vanilla", t, None, 0, 0, 4.0, eval_p=0.0) for t in TASKS]
+    method = {"top_p": "esft_token", "lora_r": "lora"}[knob]
+    for v in values:
+        for t in TASKS:
+            r = row(method, t, 3e-3, 0, 0.0, 4.0, eval_p=score_of(v), rise=rise_of(v))
+            r[knob], r["trainable_params"] = v, params_of(v)
+            rows.append(r)
+    return rows
+
+
+def test_sweep_summary_fronts_and_incomplete_points():
+    # more experts: higher score, more parameters and a larger rise, except p = 0.35, dominated by p = 0.2
+    score = {0.05: 0.1, 0.1: 0.3, 0.2: 0.6, 0.35: 0.5, 0.5: 0.8}
+    rows = sweep_rows("top_p", cm.P_GRID, score.get, lambda p: p, lambda p: int(1e6 * p))
+    rows = [r for r in rows if not (r.get("top_p") == 0.5 and r["task"] == "math")]  # a killed run
+    pts = cm.sweep_summary(rows, TASKS, "esft_token", "top_p", cm.P_GRID, [0], n_boot=200)
+    assert [p["top_p"] for p in pts] == [0.05, 0.1, 0.2, 0.35]  # 0.5 lacks a task: left out, not half-averaged
+    by = {p["top_p"]: p for p in pts}
+    assert by[0.2]["task_score"] == pytest.approx(0.6, abs=0.08)
+    lo, hi = by[0.2]["task_score_ci"]
+    assert lo < by[0.2]["task_score"] < hi
+    assert by[0.2]["general_loss_rise"] == pytest.approx(0.2, abs=0.05)
+    assert [p["top_p"] for p in pts if p["pareto_trainable_params"]] == [0.05, 0.1, 0.2]
+    assert not by[0.35]["pareto_general_loss_rise"] and by[0.2]["pareto_general_loss_rise"]
+    meta = {"mode": "test", "model": "m", "tasks": TASKS, "steps": 1, "batch_size": 1, "seq_len": 8, "eval_limit": 200,
+            "general_eval_docs": 64, "seeds": [0], "n_boot": 200, "elapsed_s": 1.0, "knob": "top_p",
+            "method": "esft_token", "lr": 3e-3, "lr_source": "the middle"}
+    text = cm.sweep_markdown(pts, meta)  # names the knob, the lr and its source
+    assert "| 0.35 | 350,000 |" in text and "lr **0.003** (the middle)" in text and "sweep of top-p" in text
+
+
+def test_run_keys_separate_sweep_points_and_keep_old_keys():
+    base = {"method": "lora", "task": "law", "lr": 3e-3, "seed": 0, "steps": 150, "batch_size": 4, "seq_len": 256,
+            "val_limit": 100, "eval_limit": 200, "model": "demo", "out": "x"}
+    old = json.dumps({k: base[k] for k in ("method", "task", "lr", "seed", "steps", "batch_size", "seq_len",
+                                           "val_limit", "eval_limit", "model")}, sort_keys=True)
+    assert cm._key(base) == old  # the main comparison's caches stay valid
+    keys = {cm._key({**base, "lora_r": r}) for r in cm.RANK_GRID} | {cm._key({**base, "top_p": p}) for p in cm.P_GRID}
+    assert len(keys) == len(cm.RANK_GRID) + len(cm.P_GRID) and old not in keys
+
+
+def test_sweep_lr_from_a_results_file_or_the_grid_middle(tmp_path):
+    from esft_core.errors import EsftError
+
+    assert cm.sweep_lr("lora", None) == (cm.GRIDS["lora"][1], "the middle of lora's grid [0.001, 0.003, 0.01]: "
+                                                              "no --lr-from given")
+    f = tmp_path / "r.json"
+    f.write_text(json.dumps({"ratios": {"chosen_lr": {"esft_token": 0.01}}}))
+    assert cm.sweep_lr("esft_token", str(f))[0] == 0.01
+    with pytest.raises(EsftError, match="no chosen lr for lora"):
+        cm.sweep_lr("lora", str(f))
+    f.write_text("{}")
+    with pytest.raises(EsftError, match="not a compare_methods results JSON"):
+        cm.sweep_lr("lora", str(f))
+
+
+@pytest.mark.parametrize("args, err", [
+    (["--sweep", "p", "--table3"], "--sweep runs one method at one lr"),
+    (["--lr-from", "x.json"], "--lr-from applies to --sweep only"),
+    (["--sweep", "rank", "--lr-from", "/nonexistent.json"], "--lr-from /nonexistent.json: not a compare_methods"),
+])
+def test_bad_sweep_flags_are_one_line_exit_2(capsys, args, err, tmp_path):
+    assert cm.main([*args, "--out", str(tmp_path)]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and err in lines[0]
+    assert not list(tmp_path.iterdir())  # nothing written

@@ -21,14 +21,19 @@ def _help(name: str) -> str:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="fine-tune a model: esft (selected experts), random, fft or lora",
+    p = sub.add_parser("train", help="fine-tune a model: esft (selected experts), random, shared, fft or lora",
                        description="Train only the experts of an expert config (esft), as many random experts "
-                       "(random), every parameter (fft) or LoRA adapters (lora). Writes DIR/run.json, "
+                       "(random), only the shared experts (shared), every parameter (fft) or LoRA adapters (lora); "
+                       "--train-shared / --train-non-expert add the paper's Table 3 modules. Writes DIR/run.json, "
                        "DIR/metrics.jsonl, DIR/checkpoints/ and DIR/adapter/.")
     p.add_argument("--model", default="demo", help="base model: 'demo', a directory or a hub id")
     p.add_argument("--data", required=True, help="chat JSONL (or Parquet) training data")
-    p.add_argument("--method", default="esft", choices=["esft", "fft", "lora", "random"], help="training method")
+    p.add_argument("--method", default="esft", choices=["esft", "fft", "lora", "random", "shared"],
+                   help="training method (shared: only the shared experts, no --experts)")
     p.add_argument("--experts", metavar="CFG", help="expert config JSON (required for esft and random)")
+    for name in ("train_shared", "train_non_expert"):  # --[no-]...: the explorer's jobs pass every bool field so
+        p.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=None,
+                       help=_help(name))
     p.add_argument("--out", required=True, metavar="DIR", help="run directory (must be new, or --resume)")
     for name, typ in [("steps", int), ("lr", float), ("batch_size", int), ("grad_accum", int), ("seq_len", int),
                       ("weight_decay", float), ("beta1", float), ("beta2", float), ("clip", float),
