@@ -101,9 +101,11 @@ class Runs:
     """The run cache of one work directory (rows.jsonl, one line per finished run, keyed by `_key`) and the runner:
     a cached row is reused only with --resume, so an interrupted benchmark continues where it stopped."""
 
-    def __init__(self, work: Path, resume: bool, base: dict, paths: dict, t0: float):
+    def __init__(self, work: Path, resume: bool, base: dict, paths: dict, t0: float, jobs: int = 1):
+        import threading
+
         self.cache, self.base, self.paths, self.t0 = work / "rows.jsonl", base, paths, t0
-        self.work, self.done, self.rows = work, {}, []
+        self.work, self.done, self.rows, self.jobs, self.lock = work, {}, [], jobs, threading.Lock()
         if resume and self.cache.exists():
             for line in self.cache.read_text().splitlines():
                 r = json.loads(line)
@@ -111,7 +113,20 @@ class Runs:
         elif self.cache.exists():
             self.cache.unlink()
 
-    def run(self, method, task, lr, seed, experts: str | None = None, **knob) -> dict:
+    def run_many(self, calls: list[tuple]) -> list[dict]:
+        """Run (method, task, lr, seed[, experts[, knob dict]]) calls, `--jobs` worker processes at a time; rows
+        are appended in the order of `calls`, so results do not depend on which run finished first."""
+        if self.jobs <= 1 or len(calls) <= 1:
+            return [self.run(*c[:5], **(c[5] if len(c) > 5 else {})) for c in calls]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.jobs) as pool:  # threads only wait on worker subprocesses
+            futs = [pool.submit(self.run, *c[:5], **(c[5] if len(c) > 5 else {}), append=False) for c in calls]
+            out = [f.result() for f in futs]
+        self.rows += out
+        return out
+
+    def run(self, method, task, lr, seed, experts: str | None = None, append: bool = True, **knob) -> dict:
         suffix = "".join(f"_{'p' if k == 'top_p' else 'r'}{v:g}" for k, v in knob.items())
         spec = {**self.base, "method": method, "task": task, "lr": lr, "seed": seed, **knob,
                 "out": str(self.work / task / f"{method}{suffix}_lr{lr or 0:g}_s{seed}"),
@@ -129,9 +144,10 @@ class Runs:
                 shutil.rmtree(spec["out"])
             r = worker(spec) if method == "vanilla" else run_worker(spec)
             r["key"] = key
-            with self.cache.open("a") as f:
+            with self.lock, self.cache.open("a") as f:
                 f.write(json.dumps(r) + "\n")
-        self.rows.append(r)
+        if append:
+            self.rows.append(r)
         print(f"[{time.time() - self.t0:6.0f}s] {task:9s} {method:20s}{suffix:6s} lr {lr or 0:<7g} seed {seed}  val "
               f"{r['val_score']:.3f} eval {r['eval_score']:.3f} general {r['general_eval_loss']:.3f} "
               f"step {r.get('step_time', 0):.3f}s", file=sys.stderr, flush=True)
@@ -171,6 +187,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--fixed-lr", default=None, metavar="M=LR[,M=LR]",
                     help="diagnostics only: pin these methods' lr instead of sweeping (not the fair protocol)")
     ap.add_argument("--resume", action="store_true", help="reuse finished runs of an interrupted benchmark")
+    ap.add_argument("--jobs", type=int, default=1, help="worker processes at a time (one CPU thread each; step times "
+                    "and peak RSS are then measured with JOBS runs sharing the machine)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     ap.add_argument("--render", metavar="JSON", help="recompute the summary and tables of a saved results JSON")
     ap.add_argument("--tag", default="", help="suffix of the result files (diagnostic runs beside the main ones)")
@@ -217,6 +235,8 @@ def main(argv=None) -> int:
         return _fail("--sweep runs one method at one lr; drop --table3 / --methods / --fixed-lr (use --lr-from)")
     if args.lr_from and not args.sweep:
         return _fail("--lr-from applies to --sweep only")
+    if args.jobs < 1:
+        return _fail(f"--jobs must be at least 1, got {args.jobs}")
     from esft_core.errors import EsftError
 
     try:
@@ -246,8 +266,8 @@ def _prepare(args, work: Path, cfgs: dict | None = None):
     meta = {"mode": "quick" if args.quick else "full", "model": model_path, "tasks": tasks, "steps": steps,
             "batch_size": args.batch_size, "seq_len": args.seq_len, "val": args.val, "val_limit": val_limit,
             "eval_limit": args.eval_limit, "general_eval_docs": GENERAL_EVAL[1] - GENERAL_EVAL[0],
-            "general_val_docs": GENERAL_VAL[1] - GENERAL_VAL[0], "n_boot": args.n_boot}
-    return Runs(work, args.resume, base, paths, t0), tasks, meta
+            "general_val_docs": GENERAL_VAL[1] - GENERAL_VAL[0], "n_boot": args.n_boot, "jobs": args.jobs}
+    return Runs(work, args.resume, base, paths, t0, args.jobs), tasks, meta
 
 
 def _compare(args) -> int:
@@ -265,16 +285,12 @@ def _compare(args) -> int:
     runs, tasks, meta = _prepare(args, ROOT / "artifacts" / ("bench_compare_quick" if args.quick else "bench_compare"))
     for task in tasks:
         runs.run("vanilla", task, None, 0)
-    for m in methods:  # the sweep (seed 0)
-        for lr in ([] if m in fixed else GRIDS.get(m, [])):
-            for task in tasks:
-                runs.run(m, task, lr, 0)
+    # the sweep (seed 0), then the chosen lr with every seed (seed 0 of swept methods is the sweep run)
+    runs.run_many([(m, task, lr, 0) for m in methods for lr in ([] if m in fixed else GRIDS.get(m, []))
+                   for task in tasks])
     chosen, _ = choose_lrs(runs.rows, methods, tasks, fixed)
-    for m in methods[1:]:  # the chosen lr with every seed (seed 0 of swept methods is the sweep run)
-        for seed in seeds:
-            for task in tasks:
-                if not (m in GRIDS and m not in fixed and seed == 0):
-                    runs.run(m, task, chosen[m], seed)
+    runs.run_many([(m, task, chosen[m], seed) for m in methods[1:] for seed in seeds for task in tasks
+                   if not (m in GRIDS and m not in fixed and seed == 0)])
     ratios, means, sweep, comparisons = summarise(runs.rows, tasks, methods, seeds, args.n_boot, fixed)
     meta.update(methods=methods, seeds=seeds, grids={m: GRIDS[m] for m in methods if m in GRIDS and m not in fixed},
                 fixed_lr=fixed, elapsed_s=round(time.time() - runs.t0, 1), resumed=bool(runs.done),
@@ -300,11 +316,8 @@ def _sweep(args) -> int:
     print(f"sweep {knob} of {method} at lr {lr:g} ({source})", file=sys.stderr, flush=True)
     for task in tasks:
         runs.run("vanilla", task, None, 0)
-    for v in values:
-        for seed in seeds:
-            for task in tasks:
-                experts = runs.paths[task][f"token_p{v:g}"] if knob == "top_p" else None
-                runs.run(method, task, lr, seed, experts=experts, **{knob: v})
+    runs.run_many([(method, task, lr, seed, runs.paths[task][f"token_p{v:g}"] if knob == "top_p" else None,
+                    {knob: v}) for v in values for seed in seeds for task in tasks])
     points = sweep_summary(runs.rows, tasks, method, knob, values, seeds, args.n_boot)
     meta.update(method=method, knob=knob, values=values, lr=lr, lr_source=source, seeds=seeds,
                 elapsed_s=round(time.time() - runs.t0, 1), resumed=bool(runs.done),
