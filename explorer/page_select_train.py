@@ -131,9 +131,10 @@ st.subheader("Train")
 active_train = [j for j in jobs.active_jobs(work) if j.kind == "train"]
 with st.form("train_form"):
     c1, c2, c3, c4 = st.columns(4)
-    method = c1.selectbox("Method", ["esft", "fft", "lora", "random"], key="tr_method",
+    method = c1.selectbox("Method", ["esft", "fft", "lora", "random", "shared"], key="tr_method",
                           help="esft: only the experts above; fft: everything; lora: peft LoRA; random: as many "
-                               "experts per layer as above, chosen at random (the paper's ablation)")
+                               "experts per layer as above, chosen at random (the paper's ablation); shared: only "
+                               "the shared experts (the paper's Table 3)")
     # defaults measured on the demo (law, token score p = 0.2, batch 4, 16 eval examples): 60 steps at 3e-3 take
     # exact match 0 → 0.69 with general loss 4.18 → 4.76; 40 steps at 5e-3 gave 0.56 / 5.19; 30 steps at 1e-3 left
     # it at 0 while the loss fell
@@ -147,6 +148,12 @@ with st.form("train_form"):
     eval_limit = c6.number_input("Eval examples per file", 1, 10000, 16, key="tr_eval_limit")
     default_data = str(files[task]["train"]) if task in files else ""
     data = c7.text_input("Training data (chat JSONL/Parquet)", value=default_data, key=f"tr_data_{task}")
+    c8, c9 = st.columns(2)
+    also_shared = c8.checkbox("+ shared experts", key="tr_also_shared",
+                              help="esft / random: also train the shared experts (the paper's Table 3 ablation)")
+    also_non_expert = c9.checkbox("+ non-expert modules", key="tr_also_nonexpert",
+                                  help="esft / random: also train attention, norms, embeddings, the dense MLP and "
+                                       "the routers (Table 3); costs most of ESFT's memory savings")
     go = st.form_submit_button("Train", type="primary", disabled=bool(bad))
 if active_train:
     st.caption(f"{len(active_train)} training job(s) running or queued; a new one waits in the queue (one runs at a "
@@ -171,6 +178,8 @@ if go:
                            experts=runs.EXPERT_CFG if method in ("esft", "random") else None, steps=int(steps),
                            lr=float(lr), batch_size=int(batch), seq_len=int(seq_len), eval_data=eval_files,
                            eval_limit=int(eval_limit),
+                           train_shared=also_shared and method in ("esft", "random"),
+                           train_non_expert=also_non_expert and method in ("esft", "random"),
                            # a checkpoint at least every 50 steps: a stopped run resumes from close to where it was
                            save_every=max(1, min(int(steps) // 5, 50)))
         how = {"metric": metric, "normalize": norm, "p": p, "edited": bool(toggles) or final != selection,

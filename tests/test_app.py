@@ -3,8 +3,10 @@ an empty DB file; key content is present; the SQL console reports bad queries as
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
+from pathlib import Path
 
 import duckdb
 import pytest
@@ -212,3 +214,25 @@ def test_select_and_train_first_visit_does_not_import_torch(tmp_path, tiny):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_train_form_launches_a_table3_variant(monkeypatch, tmp_path, tiny):
+    """The Train form's '+ shared experts' box reaches the job's `esft train` command, and the run trains."""
+    model, cached = tiny
+    db = tmp_path / "traces.duckdb"
+    shutil.copy(cached, db)
+    at = app(monkeypatch, tmp_path, db, model)
+    visit(at, "select_train")
+    at.number_input(key="tr_steps").set_value(2)
+    at.checkbox(key="tr_also_shared").check()
+    at.button[[b.label for b in at.button].index("Train")].click().run(timeout=120)
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    (job,) = jobs.list_jobs(tmp_path / "work", "train")
+    argv = job.commands[0]
+    assert "--train-shared" in argv and "--no-train-non-expert" in argv and argv[argv.index("--method") + 1] == "esft"
+    t = time.monotonic()
+    while jobs.load_job(job.dir).state in ("queued", "running") and time.monotonic() - t < 240:
+        time.sleep(0.5)
+    assert jobs.load_job(job.dir).state == "complete", jobs.log_tail(job)
+    saved = json.loads((Path(job.meta["out"]) / "adapter" / "expert_cfg.json").read_text())
+    assert saved["shared_experts"] is True and saved["non_expert_modules"] is False
