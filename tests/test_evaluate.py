@@ -77,7 +77,7 @@ def test_demo_metric_comes_from_the_registry():
     assert m.name == "final_number_match"
     assert m.score(["so The answer is 12."], ["The answer is 12."]) == demo.score("math", "so The answer is 12.",
                                                                                    "The answer is 12.") == 1.0
-    assert metric_for_task("intent").name == "json_match"
+    assert metric_for_task("intent").name == "json_fields"
     m = metric_for_task("unknown-task")
     assert m.name == "exact_match" and m.score([" x ", "y"], ["x", "x"]) == 0.5
     assert metric_for_task("unknown-task", "bleu").name == "bleu"
