@@ -21,6 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 PATTERN = "compare_methods*.json"
 SECTIONS = ("meta", "means", "sweep", "comparisons", "rows")
+SWEEP_SECTIONS = ("meta", "points", "rows")
 BASELINE = "vanilla"  # the benchmark's name for the untuned model: its rows give the general loss the rise is from
 # row keys that are bookkeeping, never a swept setting (settings are found generically, see setting_keys)
 _NOT_SETTINGS = {"method", "task", "lr", "seed", "key", "out"}
@@ -88,8 +89,8 @@ def label(path: Path | str, data: dict | None) -> str:
 def notes(data: dict) -> list[str]:
     """One note per part of the file that is missing or of an unexpected shape (an older or partial results file)."""
     out = []
-    kinds = {"meta": dict, "means": dict, "sweep": dict, "comparisons": list, "rows": list}
-    for k in SECTIONS:
+    kinds = {"meta": dict, "means": dict, "sweep": dict, "comparisons": list, "rows": list, "points": list}
+    for k in SWEEP_SECTIONS if is_sweep_file(data) else SECTIONS:
         if k not in data:
             out.append(f"no '{k}' in this file (older format?): {_NEEDS[k]} not shown")
         elif not isinstance(data[k], kinds[k]):
@@ -100,7 +101,14 @@ def notes(data: dict) -> list[str]:
     return out
 
 
-_NEEDS = {"meta": "run settings", "means": "the scores with CIs", "sweep": "the learning-rate sweep",
+def is_sweep_file(data: dict) -> bool:
+    """A `--sweep p|rank` file (meta.knob, points): one method over one knob, no per-method means, lr sweep or
+    comparisons to show."""
+    return "knob" in _dict(data.get("meta")) or "points" in data
+
+
+_NEEDS = {"points": "the sweep's points", "meta": "run settings", "means": "the scores with CIs",
+          "sweep": "the learning-rate sweep",
           "comparisons": "the paired comparisons", "rows": "the trade-off and trainable-parameter charts"}
 
 

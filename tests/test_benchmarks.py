@@ -83,6 +83,8 @@ def test_real_results_files_reshape_to_the_numbers_they_hold():
     for f in files:  # every shipped file reads without notes or warnings, and yields points
         d, w = b.load(f)
         assert w is None and b.notes(d) == [] and b.points(d).height > 0, f.name
+        if b.is_sweep_file(d):  # a --sweep file: its knob is found from the rows, one point per value
+            assert b.swept(d) == [d["meta"]["knob"]] and len(d["points"]) == len(d["meta"]["values"]), f.name
 
 
 def test_unknown_methods_swept_settings_and_missing_keys():
