@@ -137,7 +137,6 @@ INTENTS = [
      {"contact": lambda r: r.choice(INTENT_NAMES), "device": lambda r: r.choice(["mobile", "work phone", "landline",
                                                                                   "tablet"])}),
 ]
-POLITE = ["please {}", "{} thanks", "hey, {}", "could you {}", "{} right now"]
 
 
 # --------------------------------------------------------------------------------------------- Velan language

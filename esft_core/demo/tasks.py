@@ -196,6 +196,16 @@ _FRAMING = {"law": ("Case facts: ", " Verdict?"), "translate": ("Translate into 
             "summary": ("Summarize the record in one line: ", ""), "intent": ("", "")}
 
 
+def _draw(name: str, n: int, tag: str, seed: int, content: Callable[[str], str],
+          render: Callable[[str, str], str]) -> list[str]:
+    """`n` texts `render(q, a)` of task `name`'s examples, drawn from their own seeded stream (`tag`), skipping an
+    example whose prompt `content(q)` is that of one of the task's eval prompts (at most 50 n draws)."""
+    held = {content(r["messages"][0]["content"]) for r in task_splits(name, 0)["eval"]}
+    rng = random.Random(int(hashlib.sha256(f"{tag}:{seed}:{name}".encode()).hexdigest()[:8], 16))
+    pairs = (TASKS[name].generate(rng) for _ in range(50 * max(n, 1)))
+    return list(itertools.islice((render(q, a) for q, a in pairs if content(q) not in held), n))
+
+
 def domain_texts(name: str, n: int, seed: int = SEED + 2) -> list[str]:
     """Plain content of an adaptation domain for pre-training (demo-moe v2): the prompt side only, without the
     instruction framing and never an answer (case facts, utterances, English sentences, records), and never the
@@ -203,27 +213,15 @@ def domain_texts(name: str, n: int, seed: int = SEED + 2) -> list[str]:
     if TASKS[name].kind != "adaptation":
         raise EsftError(f"task {name} is an enhancement task; use pretraining_texts")
     head, tail = _FRAMING[name]
-    strip = lambda q: q.removeprefix(head).removesuffix(tail) if tail else q.removeprefix(head)  # noqa: E731
-    held = {strip(r["messages"][0]["content"]) for r in task_splits(name, 0)["eval"]}
-    rng = random.Random(int(hashlib.sha256(f"domain:{seed}:{name}".encode()).hexdigest()[:8], 16))
-    out: list[str] = []
-    for _ in range(50 * max(n, 1)):
-        if len(out) == n:
-            break
-        text = strip(TASKS[name].generate(rng)[0])
-        if text not in held:
-            out.append(text)
-    return out
+    strip = lambda q: q.removeprefix(head).removesuffix(tail)  # noqa: E731
+    return _draw(name, n, "domain", seed, strip, lambda q, a: strip(q))
 
 
 def chat_texts(name: str, n: int, seed: int = SEED + 3) -> list[str]:
     """Task `name`'s examples in the ESFT chat template with their answers ("User: q\n\nAssistant: a"), for
     pre-training a base model that has seen instruction data (of tasks other than the ones it is tuned on); never
     one of the task's eval prompts."""
-    held = {r["messages"][0]["content"] for r in task_splits(name, 0)["eval"]}
-    rng = random.Random(int(hashlib.sha256(f"chat:{seed}:{name}".encode()).hexdigest()[:8], 16))
-    pairs = (TASKS[name].generate(rng) for _ in range(50 * max(n, 1)))
-    return list(itertools.islice((f"User: {q}\n\nAssistant: {a}" for q, a in pairs if q not in held), n))
+    return _draw(name, n, "chat", seed, lambda q: q, lambda q, a: f"User: {q}\n\nAssistant: {a}")
 
 
 # --------------------------------------------------------------------------------------------- general corpus
