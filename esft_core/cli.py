@@ -12,7 +12,7 @@ import sys
 
 from esft_core import settings
 from esft_core.commands import demo, trace, training
-from esft_core.errors import EsftError
+from esft_core.errors import EsftError, bounded, damaged_db_message
 
 # Command groups, in help order. A module registers its subcommands with `register(subparsers)` and sets
 # `func` on each parser via `set_defaults(func=...)`; `func(args) -> int | None` is the exit code.
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = args.func(args)
     except EsftError as e:
-        print(f"esft {args.command}: error: {e}", file=sys.stderr)
+        print(f"esft {args.command}: error: {bounded(str(e))}", file=sys.stderr)
         return 2
     except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
         print(f"esft {args.command}: error: {e.strerror or e}: {e.filename}", file=sys.stderr)
@@ -58,7 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # last resort: still one line, unless debugging
         if settings.get("ESFT_DEBUG"):
             raise
-        print(f"esft {args.command}: error: {type(e).__name__}: {e}".splitlines()[0], file=sys.stderr)
+        damaged = damaged_db_message(e, getattr(args, "db", None))
+        if damaged:
+            print(f"esft {args.command}: error: {damaged}", file=sys.stderr)
+            return 2
+        print(bounded(f"esft {args.command}: error: {type(e).__name__}: {e}".splitlines()[0]), file=sys.stderr)
         return 1
     return int(code or 0)
 

@@ -28,12 +28,25 @@ def _validate(rec, where: str) -> dict:
         for m in msgs:
             if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
                 raise EsftError(f"{where}: each message needs role in {ROLES} and string content")
+        for i, m in enumerate(msgs):
+            _check_encodable(m["content"], f"{where}: message {i + 1}")
         return {"messages": [{"role": m["role"], "content": m["content"]} for m in msgs]}
     if "text" in rec:
         if not isinstance(rec["text"], str) or not rec["text"]:
             raise EsftError(f"{where}: 'text' must be a non-empty string")
+        _check_encodable(rec["text"], f"{where}: 'text'")
         return {"text": rec["text"]}
     raise EsftError(f"{where}: record has neither 'messages' (chat) nor 'text'")
+
+
+def _check_encodable(text: str, where: str) -> None:
+    """Refuse a string no tokenizer can take: valid JSON can spell a lone UTF-16 surrogate ("\\ud800"), which is
+    no Unicode character (the tokenizer would fail later with a TypeError naming neither file nor line)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise EsftError(f"{where} holds a lone surrogate {text[e.start]!r} at character {e.start + 1} (an escaped "
+                        "half of a UTF-16 pair, not a character); fix the escape or drop it") from None
 
 
 def iter_records(path: str | Path) -> Iterator[dict]:
@@ -59,7 +72,7 @@ def iter_records(path: str | Path) -> Iterator[dict]:
     with open(path, "rb") as f:  # bytes: a bad encoding is reported with its line number
         for lineno, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM (Windows editors) is no data
             except UnicodeDecodeError as e:
                 raise EsftError(f"{path} line {lineno}: not UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1}); "
                                 "save the file as UTF-8") from None

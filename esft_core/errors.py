@@ -8,3 +8,38 @@ class EsftError(ValueError):
 def fail(msg: str) -> None:
     """Raise an EsftError with `msg` (helper so call sites read as guards)."""
     raise EsftError(msg)
+
+
+MAX_MESSAGE = 600  # characters of one error line; longer ones are cut (a message never grows with the input)
+
+
+def brief(items, n: int = 8) -> str:
+    """The first `n` of `items`, comma-separated, then 'and N more': list-valued parts of an error line stay short
+    whatever the input (an expert config with 10^6 ids once made a 7.9 MB line)."""
+    items = list(items)
+    head = ", ".join(map(str, items[:n]))
+    return head + (f" and {len(items) - n} more" if len(items) > n else "")
+
+
+def bounded(msg: str, limit: int = MAX_MESSAGE) -> str:
+    """`msg` cut to `limit` characters (the last resort of the CLI for messages built from user input)."""
+    return msg if len(msg) <= limit else f"{msg[:limit]}… ({len(msg) - limit} more characters)"
+
+
+DAMAGE_WORDS = ("could not read enough bytes", "corrupt", "checksum", "invalid block", "failed to read")
+
+
+def damaged_db_message(e: BaseException, db) -> str | None:
+    """The one-line explanation for a DuckDB error that means the trace database file is damaged (truncated by a
+    full disk or an interrupted copy, bit rot), or None for any other error. Read-only: nothing is written."""
+    import sys
+
+    duckdb = sys.modules.get("duckdb")  # only loaded if a command touched the DB; never imported for this
+    if duckdb is None or not isinstance(e, duckdb.Error):
+        return None
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if not any(w in first.lower() for w in DAMAGE_WORDS):
+        return None
+    where = f"trace database {db}" if db else "the trace database"
+    return bounded(f"{where} is damaged ({first.removeprefix('IO Error: ')}); restore it from a backup, or build a "
+                   "new one with `esft import` from an export (`esft export`) or by recording again")

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from esft_core.errors import EsftError
+from esft_core.errors import EsftError, brief
 from esft_core.expert_config import ExpertConfig  # noqa: F401  (re-exported: the type lived here)
 from esft_core.models import MoeLayout, decoder_layers, expert_tensors, moe_layout
 
@@ -51,18 +51,18 @@ def check_config(cfg: ExpertConfig, model: nn.Module, layout: MoeLayout | None =
     problems = []
     missing = [k for k in cfg.experts if not 0 <= k < n_layers]
     if missing:
-        problems.append(f"layer(s) {', '.join(map(str, missing))} do not exist (model has {n_layers} decoder layers)")
+        problems.append(f"layer(s) {brief(missing)} do not exist (model has {n_layers} decoder layers)")
     dense = [k for k in cfg.experts if 0 <= k < n_layers and k not in layout.routers]
     if dense:
-        moe = ", ".join(map(str, layout.layers))
-        problems.append(f"layer(s) {', '.join(map(str, dense))} are not MoE layers (MoE layers: {moe})")
+        problems.append(f"layer(s) {brief(dense)} are not MoE layers (MoE layers: {brief(layout.layers)})")
     for k, ids in cfg.experts.items():
         bad = [i for i in ids if not 0 <= i < layout.num_experts]
         if bad and k in layout.routers:
-            ids_s = ", ".join(map(str, bad))
+            ids_s = brief(bad)
             problems.append(f"layer {k}: expert id(s) {ids_s} out of range 0..{layout.num_experts - 1}")
     if problems:
-        raise EsftError("expert config does not fit the model: " + "; ".join(problems))
+        raise EsftError("expert config does not fit the model: " + "; ".join(problems[:4])
+                        + (f"; and {len(problems) - 4} more problems" if len(problems) > 4 else ""))
     return layout
 
 
@@ -215,6 +215,15 @@ def _original_forward(cls) -> callable:
     return getattr(cls.forward, "__wrapped__", cls.forward)
 
 
+def _wraps_dispatch(cls) -> bool:
+    """True when the class's own forward is undecorated but calls a decorated parent's (Ergo, transformers 5.25:
+    `ErgoExperts.forward` repeats each token per route, calls the dispatched projections, then applies a per-expert
+    RMSNorm). Replacing such a forward by the registered implementation would skip the class's own work, so it is
+    called whole, on the overlaid weights."""
+    return not hasattr(cls.forward, "__wrapped__") and any(
+        hasattr(getattr(b, "forward", None), "__wrapped__") for b in cls.__mro__[1:])
+
+
 def _eager_selected(self, sel: SelectedExperts, hidden_states, top_k_index, top_k_weights):
     """transformers' eager experts loop, reading selected experts' weights from `sel` (same ops, same order)."""
     final = torch.zeros_like(hidden_states)  # (T, H)
@@ -320,9 +329,10 @@ def _grouped_split(self, sel: SelectedExperts, hidden_states, top_k_index, top_k
     return weighted[inv].view(T, K, H).sum(dim=1).to(hidden_states.dtype)  # (T, H)
 
 
-def _overlay_forward(self, sel: SelectedExperts, fn, *args, **kwargs):
-    """Unusual layouts: the implementation on the fused tensors with the selected rows overlaid (full-size copy)."""
-    if all("." not in n for n in sel.names):
+def _overlay_forward(self, sel: SelectedExperts, fn, *args, in_place: bool = False, **kwargs):
+    """Unusual layouts: the implementation on the fused tensors with the selected rows overlaid (full-size copy).
+    `in_place`: swap the tensors into the module itself (a forward that calls `super()` needs the real module)."""
+    if all("." not in n for n in sel.names) and not in_place:
         return fn(_Overlay(self, {n: sel.effective(self, n) for n in sel.names}), *args, **kwargs)
     # nested expert parameters (DBRX's mlp.w1): swap them in for the call (no copy of the module)
     from torch.nn.utils.stateless import _reparametrize_module
@@ -334,6 +344,8 @@ def _overlay_forward(self, sel: SelectedExperts, fn, *args, **kwargs):
 def _esft_experts_forward(self, *args, **kwargs):
     sel: SelectedExperts = self.esft
     impl = getattr(getattr(self, "config", None), "_experts_implementation", None) or "eager"
+    if _wraps_dispatch(type(self)):  # the class's forward does work around the dispatch: keep all of it
+        return _overlay_forward(self, sel, type(self).forward, *args, in_place=True, **kwargs)
     if not sel.lean or len(args) != 3 or kwargs:  # flat/nested weights, other forward signatures (Llama4's dense)
         from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 

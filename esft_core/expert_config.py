@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from esft_core.errors import EsftError
+from esft_core.errors import EsftError, bounded, brief
 
 
 @dataclass
@@ -32,7 +33,8 @@ class ExpertConfig:
     def __post_init__(self):
         for layer, ids in self.experts.items():
             if len(set(ids)) != len(ids):
-                raise EsftError(f"expert config: layer {layer} lists an expert twice: {ids}")
+                twice = [i for i, c in Counter(ids).items() if c > 1]
+                raise EsftError(f"expert config: layer {layer} lists expert(s) {brief(twice)} more than once")
             bad = [i for i in ids if int(i) < 0]
             if bad:
                 raise EsftError(f"expert config: layer {layer}: expert id {bad[0]} is negative")
@@ -50,7 +52,8 @@ class ExpertConfig:
             except (TypeError, ValueError):
                 raise EsftError(f"{where}: layer key {k!r} is not an integer") from None
             if not isinstance(v, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in v):
-                raise EsftError(f"{where}: layer {k}: expected a list of integer expert ids, got {v!r}")
+                got = bounded(repr(v), 80)
+                raise EsftError(f"{where}: layer {k}: expected a list of integer expert ids, got {got}")
             if layer in experts:  # "1" and "01" name the same layer: refuse rather than silently keep one
                 raise EsftError(f"{where}: layer {layer} is listed twice (keys {keys[layer]!r} and {k!r})")
             experts[layer], keys[layer] = v, k
@@ -113,7 +116,7 @@ class ExpertConfig:
         """EsftError when an id is not an expert of the model or a layer is not one of its MoE layers."""
         for layer, ids in self.experts.items():
             if layers is not None and layer not in layers:
-                raise EsftError(f"expert config: layer {layer} is not an MoE layer ({', '.join(map(str, layers))})")
+                raise EsftError(f"expert config: layer {layer} is not an MoE layer ({brief(layers)})")
             bad = [i for i in ids if i >= num_experts]
             if bad:
                 raise EsftError(f"expert config: layer {layer}: expert {bad[0]} out of range 0..{num_experts - 1}")

@@ -8,9 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from esft_core.errors import EsftError
+from esft_core.settings import REPO_ROOT, SHIPPED_DATA
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEMO_MODEL = REPO_ROOT / "data" / "demo-moe"
+DEMO_MODEL = SHIPPED_DATA / "demo-moe"
+__all__ = ["DEMO_MODEL", "REPO_ROOT", "resolve_model_path"]
 
 
 def resolve_model_path(name_or_path: str | Path | None) -> str:

@@ -45,6 +45,9 @@ FAMILY_EXCEPTIONS: dict[str, dict] = {
     "jetmoe": {"refuse": "JetMoE splits its experts into input_linear/output_linear modules fed pre-sorted tokens "
                          "and also routes attention heads to experts; this layout is not supported"},
     "zaya": {"masked_zero_slots": True},
+    # transformers >= 5.25 hands Longcat's zero-computation (identity) slots to the experts as (a real id, weight
+    # 0); before, they arrived as ids >= E. Both are dropped and counted, so traces agree across versions.
+    "longcat_flash": {"masked_zero_slots": True},
 }
 
 
@@ -395,6 +398,8 @@ TINY_OVERRIDES: dict[str, dict] = {
     "dots3_note_text": dict(per_layer_config={}, head_dim=16),
     "mimo_v2_flash": dict(head_dim=24, v_head_dim=8, num_key_value_heads=2),
     "lfm2_moe": dict(layer_types=["conv", "full_attention", "full_attention"]),
+    # its validation: NVFP4 key/value rounding needs head_dim % 16 == 0; indexer heads <= query heads per key head
+    "kolibri1_1": dict(head_dim=16, index_num_heads=1, mlp_only_layers=[0]),
     "mistral4": dict(head_dim=16),  # = qk_nope + qk_rope head dims (partial rotary factor 0.5)
     "qwen4_exp_text": dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=8, indexer_budget=8,
                            indexer_compress_ratio=2),

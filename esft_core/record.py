@@ -5,8 +5,9 @@ What is recorded is the routing the experts module actually receives: a forward 
 (softmax, sigmoid + bias, group-limited, hash, ...) is covered without knowing it. For experts run densely on
 router-scaled inputs (Llama4: `layout.routing[layer] == 'router_dense'`) a forward hook on the router takes the top-K
 of its (T, E) scores instead. Slots that are not routes to an expert are dropped and counted in the run's params
-(`dropped_slots`): ids >= E (Longcat's zero-computation experts) and, for families whose router masks its 'skip'
-expert as (id 0, weight 0) (Zaya), weight-0 slots. Each token's K pairs are sorted by weight, descending (rank 0 =
+(`dropped_slots`): ids >= E (Longcat's zero-computation experts, transformers < 5.25) and, for families whose
+MoE block masks its 'skip' / identity experts as (an id, weight 0) before the experts see them (Zaya; Longcat from
+transformers 5.25 on), weight-0 slots. Each token's K pairs are sorted by weight, descending (rank 0 =
 strongest). Per token and layer the sum of its top-K weights (the gate scale: 1.0 for normalised softmax, 2.5 for
 DeepSeek-V3's scaling, ...) is reduced on the device into `layer_stats`, and each weight divided by it gives the
 scale-free per-(layer, expert) sums of `expert_norm_stats` (score `gate_norm`).

@@ -8,6 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The shipped data (demo model, task sets, general corpus): data/ of a checkout, or the `esft_data` package an
+# installed wheel carries beside esft_core (pyproject.toml maps data/ to it).
+SHIPPED_DATA = REPO_ROOT / "data" if (REPO_ROOT / "data").is_dir() else REPO_ROOT / "esft_data"
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,8 @@ def is_set(name: str) -> bool:
 def path(name: str) -> Path:
     """A path variable, relative paths resolved against the repository (defaults) or the working directory."""
     raw = os.environ.get(name)
+    if not raw and name == "ESFT_DATA_DIR":
+        return SHIPPED_DATA
     p = Path(raw).expanduser() if raw else REPO_ROOT / VARS[name].default
     return p if p.is_absolute() else Path.cwd() / p
 

@@ -100,7 +100,7 @@ else:
 
 # --------------------------------------------------------------------------------------------- record a new trace
 tasks = state.task_files()
-with st.expander("➕ Record a new trace", expanded=not db.exists()):
+with st.expander(":material/add: Record a new trace", expanded=not db.exists()):
     source = st.radio("Data", ["Shipped task", "Upload JSONL/Parquet", "File path", "Authors' log folder (import)"],
                       horizontal=True, key="rec_source")
     c1, c2 = st.columns(2)

@@ -605,6 +605,72 @@ def test_unknown_hub_id_offline(work, small_data):
     assert time.monotonic() - t < 30 and not (work / "h.duckdb").exists()
 
 
+# -- found trying the tool as a new user (issue 19) ----------------------------------------------------------------
+@case("a truncated trace DB (its first 300 kB) as `--db` to `esft runs` / `esft scores`",
+      "one line saying the file is damaged and how to recover (backup, `esft import`), exit 2, file unchanged")
+def test_truncated_db(db, work):
+    cut = work / "cut.duckdb"
+    cut.write_bytes(db.read_bytes()[:300_000])
+    before = cut.read_bytes()
+    for r, cmd in zip(batch(["runs", "--db", cut], ["scores", "--db", cut, "--task", "law"]), ("runs", "scores"),
+                      strict=True):
+        one_line_error(r, cmd, str(cut), "damaged", "esft import")
+    assert cut.read_bytes() == before
+
+
+@case("a chat JSONL whose text holds a lone surrogate (`\"\\ud800x\"`, valid JSON)",
+      "`FILE line N: ...` naming the message and the surrogate, exit 2, from the shared reader (record and train)")
+def test_lone_surrogate(work, small_data, experts_cfg):
+    bad = work / "surrogate.jsonl"
+    lines = small_data.read_text().splitlines(keepends=True)[:3]
+    lines.append(json.dumps({"messages": [{"role": "user", "content": "\ud800x"},
+                                          {"role": "assistant", "content": "ok"}]}) + "\n")
+    bad.write_text("".join(lines), encoding="utf-8")
+    assert "\\ud800" in bad.read_text()  # json.dumps escapes it: the file itself is valid UTF-8 and valid JSON
+    rec, tr = batch(["record", "--data", bad, "--task", "s", "--db", work / "s.duckdb", "--quiet"],
+                    train_args(bad, experts_cfg, work / "s-run"))
+    for r, cmd in ((rec, "record"), (tr, "train")):
+        one_line_error(r, cmd, f"{bad} line 4", "message 1", "surrogate")
+    assert not (work / "s.duckdb").exists() and not (work / "s-run").exists()
+
+
+@case("an expert config listing 10^6 expert ids for one layer",
+      "refused in one line of at most a few hundred characters (the first ids, then \"and N more\"), exit 2")
+def test_huge_expert_config_error_is_bounded(work, small_data):
+    cfg = work / "huge_cfg.json"
+    cfg.write_text(json.dumps({"experts": {"1": list(range(10**6))}, "shared_experts": False,
+                               "non_expert_modules": False}))
+    dup = work / "dup_cfg.json"
+    dup.write_text(json.dumps({"experts": {"1": [3, 3] * 500_000}}))
+    a, b = batch(train_args(small_data, cfg, work / "huge-run"), train_args(small_data, dup, work / "dup-run"))
+    line = one_line_error(a, "train", "out of range", "more")
+    assert len(line) < 700, len(line)
+    line = one_line_error(b, "train", "more than once")
+    assert len(line) < 700, len(line)
+    assert not (work / "huge-run").exists() and not (work / "dup-run").exists()
+
+
+@case("a JSONL written with a UTF-8 BOM and CRLF line ends (as Windows editors save it)",
+      "read as the same records; a real encoding error is still refused with its line number")
+def test_bom_and_crlf_jsonl(work, small_data):
+    win = work / "windows.jsonl"
+    rows = small_data.read_text().splitlines()[:20]
+    win.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(rows).encode() + b"\r\n")
+    latin = work / "latin1.jsonl"
+    latin_row = rows[1].encode().replace(b'"content": "', b'"content": "\xe9', 1)  # a Latin-1 byte in a string
+    assert b"\xe9" in latin_row
+    latin.write_bytes(b"\xef\xbb\xbf" + rows[0].encode() + b"\r\n" + latin_row + b"\r\n")
+    ok, bad = batch(["record", "--data", win, "--task", "win", "--db", work / "win.duckdb", "--max-tokens", 200,
+                     "--quiet"],
+                    ["record", "--data", latin, "--task", "l", "--db", work / "latin.duckdb", "--quiet"])
+    assert ok.returncode == 0, ok.stderr
+    one_line_error(bad, "record", f"{latin} line 2", "not UTF-8")
+    sys.path.insert(0, str(REPO))
+    from esft_core.data import read_records
+
+    assert read_records(win) == read_records(small_data)[:20]
+
+
 # -- what held before and must keep holding -----------------------------------------------------------------------
 @case("`esft sql` reading a file, ATTACH, COPY TO a file, DELETE",
       "each refused by the sandbox (external access disabled, read-only): one line, exit 2, DB unchanged")

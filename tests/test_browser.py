@@ -184,6 +184,9 @@ def test_first_start_pages_and_training_in_a_real_browser(server, page):
     page.get_by_text("Runs in this database").wait_for()
     page.locator('[data-testid="stMetricValue"]', has_text="2").first.wait_for()
     no_exception(page, "runs")
+    # .streamlit/config.toml: a local tool's toolbar has no "Deploy" button
+    assert page.locator('[data-testid="stAppDeployButton"]').count() == 0
+    assert page.get_by_role("button", name="Deploy").count() == 0
     # Defect 13: /runs is the Runs page too (not "Page not found").
     open_page(page, server, "runs", "Runs")
     no_exception(page, "runs-url")

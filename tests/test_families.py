@@ -26,6 +26,15 @@ def test_family_scan_finds_the_known_families():
     assert REFUSED <= set(FAMILIES)
 
 
+def test_family_list_is_the_locked_one():
+    """tests/fixtures/families.lock.txt is the family scan of the locked transformers (`make lock` writes it), so
+    `make test-latest` can name the families a newer release adds."""
+    from pathlib import Path
+
+    locked = (Path(__file__).parent / "fixtures" / "families.lock.txt").read_text().split()
+    assert FAMILIES == locked
+
+
 def _received(lay):
     """Independent reference: wrap every experts module's forward (or, for dense experts, the router's) and keep
     the (indices, weights) it was actually called with."""

@@ -68,7 +68,10 @@ def test_zero_computation_experts_are_dropped_and_counted(tok, tmp_db):
                                [run]).fetchone()
         dropped = con.execute("SELECT sum(n_dropped) FROM layer_stats WHERE run_id = ?", [run]).fetchone()[0]
         n_routes, n_tok, k = con.execute("SELECT (SELECT count(*) FROM routes), n_tokens, top_k FROM runs").fetchone()
+        zero_w = con.execute("SELECT count(*) FROM routes WHERE weight = 0").fetchone()[0]
     assert e == 8 and max_e < 8
+    # transformers >= 5.25 passes the identity slots on as (a real expert id, weight 0): not routes either
+    assert zero_w == 0
     assert dropped > 0 and n_routes + dropped == n_tok * 3 * k  # 3 MoE layers
 
 
