@@ -34,7 +34,7 @@ class ExpertConfig:
         for layer, ids in self.experts.items():
             if len(set(ids)) != len(ids):
                 twice = [i for i, c in Counter(ids).items() if c > 1]
-                raise EsftError(f"expert config: layer {layer} lists expert(s) {brief(twice)} more than once")
+                raise EsftError(f"expert config: layer {layer} lists an expert twice ({brief(twice)})")
             bad = [i for i in ids if int(i) < 0]
             if bad:
                 raise EsftError(f"expert config: layer {layer}: expert id {bad[0]} is negative")

@@ -90,6 +90,10 @@ class TrainConfig:
     train_non_expert: bool = field(default=False, metadata={
         "help": "esft / random / shared: also train every non-expert module: attention, norms, routers, dense "
                 "MLPs, embeddings, head (paper Table 3; the authors' non_expert_modules)"})
+    router_aux: bool | None = field(default=None, metadata={
+        "help": "add the router's auxiliary balance loss (DeepSeek-V2's seq_aux, alpha 0.001, or the family's own "
+                "router_aux_loss_coef) to the LM loss; default: on exactly when a router trains (--train-non-expert, "
+                "fft)"})
     experts_cfg: dict | None = field(default=None, metadata={"help": "filled in: the expert config used"})
 
     def __post_init__(self):
@@ -263,8 +267,12 @@ class Recipe:
         self.master_dtype = torch.float32 if cfg.fp32_master and self.dtype != torch.float32 else None
         # each tensor's dtype in the base model (routers stay fp32 in a bf16 model): what `save` writes by default
         self.base_dtypes = {n: p.dtype for n, p in self.model.named_parameters()}
+        from esft_core.models import moe_layout
+
+        layout = moe_layout(self.model)  # of the plain model: routers keep their modules through every method
         self.model = METHODS[cfg.method](self.model, cfg, self.expert_cfg, master_dtype=self.master_dtype)
         self.model.train()
+        self._setup_router_aux(layout)
         if self.world > 1:
             from esft_core.distributed import shard_model
 
@@ -298,6 +306,35 @@ class Recipe:
         elif self.rank == 0:
             (self.out / "metrics.jsonl").write_text("")
 
+    def _setup_router_aux(self, layout) -> None:
+        """The router's balance loss, on by default exactly when a router trains (recorded in run.json)."""
+        from esft_core.aux_loss import SEQ_AUX_ALPHA, RouterAux, aux_kind, router_trains
+
+        trains = router_trains(self.model, layout)
+        on = self.cfg.router_aux if self.cfg.router_aux is not None else trains
+        self.aux = None
+        self.router_aux = {"on": bool(on), "router_trains": trains}
+        if on:
+            kind = aux_kind(self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model)
+            coef = getattr(self.model, "router_aux_loss_coef", None) if kind == "model" else SEQ_AUX_ALPHA
+            self.router_aux.update(kind=kind, alpha=coef)
+            if kind == "seq_aux":
+                self.aux = RouterAux(layout)
+
+    def _forward_loss(self, ids: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(loss to back-propagate, LM loss (mean CE over answer tokens)) of one micro-batch; they differ by the
+        router's auxiliary loss when it is on."""
+        if not self.router_aux["on"]:
+            out = self.model(input_ids=ids, labels=labels)
+            return out.loss, out.loss
+        if self.aux is None:  # the family's own: transformers adds router_aux_loss_coef * aux_loss to loss
+            out = self.model(input_ids=ids, labels=labels, output_router_logits=True)
+            return out.loss, out.loss - self.router_aux["alpha"] * out.aux_loss.to(out.loss.device)
+        self.aux.captured.clear()  # activation recomputation in the last backward re-ran the routers
+        out = self.model(input_ids=ids, labels=labels)
+        aux = self.aux.loss(ids.shape[0])
+        return (out.loss if aux is None else out.loss + aux), out.loss
+
     def _write_run(self, status: str, error: str | None = None, **extra) -> None:
         cfg = asdict(self.cfg)
         if self.cfg.method == "random":
@@ -307,7 +344,8 @@ class Recipe:
                "started_at": (self.prev or {}).get("started_at") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": cfg,
                "data_stats": getattr(self, "data_stats", None),
-               "trainable_params": sum(p.numel() for p in getattr(self, "params", [])), **extra}
+               "trainable_params": sum(p.numel() for p in getattr(self, "params", [])),
+               "router_aux": getattr(self, "router_aux", None), **extra}
         _write_json(self.out / "run.json", run)
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
@@ -393,9 +431,9 @@ class Recipe:
                     ids, labels = ids.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
                     if self.world > 1:  # FSDP2 reduce-scatters gradients on the last micro-batch only
                         set_gradient_sync(self.model, k == cfg.grad_accum - 1)
-                    out = self.model(input_ids=ids, labels=labels)  # mean CE over answer tokens
-                    (out.loss / cfg.grad_accum).backward()
-                    loss_sum += out.loss.detach()
+                    total, lm = self._forward_loss(ids, labels)
+                    (total / cfg.grad_accum).backward()
+                    loss_sum += lm.detach()  # the logged loss is the LM loss, comparable across methods
                     tokens += int(ids.numel())
                 loss_t = loss_sum / cfg.grad_accum
                 if self.world > 1:  # gradients are already averaged by FSDP; average the logged loss too

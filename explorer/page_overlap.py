@@ -9,10 +9,16 @@ from explorer import charts, queries, state
 st.title("Overlap")
 model, tasks, lay = state.model_context()
 metric, norm, p = state.score_controls("ov")
-chosen = st.multiselect("Tasks", tasks, default=tasks, key=f"ov_tasks_{model}")
+chosen = state.pick_tasks(tasks, "ov_tasks")
 if len(chosen) < 2:
-    st.info("Pick at least two tasks to compare." if tasks and len(tasks) >= 2 else
-            "Overlap needs traces of at least two tasks on this model; record another task on the Runs page.")
+    if len(tasks) >= 2:
+        st.info("Pick at least two tasks to compare.")
+    else:
+        st.info(f"Overlap compares tasks, and {model} has traces of {len(tasks)} task(s). Add a second one: record "
+                "it on the **Runs** page (\"Record a new trace\", or `esft record --model M --data FILE --task NAME "
+                "--db DB`), or import the authors' logs of another task (`esft import-official LOG_DIR --task NAME "
+                "--db DB`).")
+        st.page_link("explorer/page_runs.py", label="Record or import a task on Runs", icon=":material/database:")
     st.stop()
 sc = state.scores(model, chosen, metric, norm)
 k = st.slider("k (top experts per layer)", 1, max(lay["num_experts"], 1), min(lay["top_k"] or 6, lay["num_experts"]),

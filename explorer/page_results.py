@@ -109,6 +109,9 @@ if not shown:
     st.info("No runs picked.")
     st.stop()
 table = results.runs_table(shown)
+# the standalone evaluations the table was built from: an eval job that finishes while this page runs writes one the
+# table has not seen, and the panel below then refreshes the page instead of showing the two out of step
+table_evals = {r.name: set(r.extra_evals) for r in shown}
 group = st.toggle("Group by method (mean of the runs)", key="res_group")
 view = table
 if group and table.height:
@@ -275,9 +278,9 @@ def eval_panel():
         return
     if job is not None and job.state == "failed":
         st.error(f"Evaluation failed: {job.error}")
-    if ev_running is not None:
-        st.rerun(scope="app")  # finished while polling: refresh the table, stop the timer
     extra = runs.read_run(er.dir).extra_evals
+    if ev_running is not None or (er.name in table_evals and set(extra) != table_evals[er.name]):
+        st.rerun(scope="app")  # finished while polling (or while this page ran): refresh the table, stop the timer
     if extra:
         st.dataframe(pl.DataFrame([{"examples per file": n, **results.eval_rows(ev)} for n, ev in extra.items()],
                                   strict=False), hide_index=True)

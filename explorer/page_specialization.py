@@ -11,7 +11,7 @@ model, tasks, lay = state.model_context()
 st.caption(f"{model}: {len(lay['layers'])} MoE layers × {lay['num_experts']} routed experts, top-{lay['top_k']}.")
 
 metric, norm, p = state.score_controls("spec")
-chosen = st.multiselect("Tasks", tasks, default=tasks[: min(3, len(tasks))], key="spec_tasks")
+chosen = state.pick_tasks(tasks, "spec_tasks")
 if not chosen:
     st.info("Pick at least one task.")
     st.stop()

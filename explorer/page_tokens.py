@@ -57,7 +57,7 @@ st.session_state.setdefault("tok_expert", int(default_expert))
 d1, d2, d3 = st.columns([1, 1, 2])
 e_layer = d1.selectbox("Layer ", layers, key="tok_e_layer")  # values come from session state (set above)
 expert = d2.number_input("Expert", 0, max(lay["num_experts"] - 1, 0), key="tok_expert")
-which = d3.multiselect("Tasks ", tasks, default=tasks, key="tok_e_tasks")
+which = state.pick_tasks(tasks, "tok_e_tasks", "Tasks ", container=d3)
 run_ids = {t: state.query(queries.latest_run, model, t) for t in which}
 tt = state.query(queries.top_tokens, [r for r in run_ids.values() if r is not None], e_layer, int(expert), 12)
 if tt is None or tt.height == 0:

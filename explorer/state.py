@@ -86,8 +86,8 @@ DEPENDENT_PREFIXES = ("tok_", "att_", "spec_", "ov_", "sel_", "tr_data")
 
 def _model_changed() -> None:
     st.session_state["ctx_model"] = st.session_state["_w_model"]
-    st.session_state.pop("ctx_task", None)
-    st.session_state.pop("focus_cell", None)
+    for k in ("ctx_task", "ctx_tasks", "focus_cell"):
+        st.session_state.pop(k, None)
     for k in list(st.session_state):
         if isinstance(k, str) and k.startswith(DEPENDENT_PREFIXES):
             del st.session_state[k]
@@ -151,7 +151,10 @@ def no_token_note(model: str, task: str) -> None:
     st.info(f"The latest '{task}' run of {model} has **no token text**: it is an import of the authors' routing logs "
             "or an aggregate-only recording (`--routes none`), which keep expert scores but not the tokens. "
             "Scores, Specialization, Overlap and Select & Train work on it; for token views record the task with "
-            "per-token routes on the **Runs** page or pick another model in the sidebar.")
+            "per-token routes on the **Runs** page (\"Record a new trace\", or `esft record --model M --data FILE "
+            f"--task {task} --db DB`) or pick another model in the sidebar.")
+    st.page_link("explorer/page_runs.py", label="Record this task with per-token routes on Runs",
+                 icon=":material/database:")
 
 
 def pick_sample(task_col, sample_col, model: str, tasks: list[str], prefix: str, limit: int) -> tuple[int, int]:
@@ -172,19 +175,45 @@ def pick_sample(task_col, sample_col, model: str, tasks: list[str], prefix: str,
     return run_id, sid
 
 
+def _follow(key: str, ctx: str, default):
+    """Seed widget `key` from the session context `ctx` (or `default`) when the page draws it anew; pages read the
+    widget and write `ctx` back, so a control keeps its value across pages (Streamlit drops a widget's key on a run
+    that does not draw it; ctx_* keys stay). While the page stays, the widget's own state (a user's change) wins."""
+    if key not in st.session_state:
+        st.session_state[key] = st.session_state.get(ctx, default)
+
+
 def score_controls(prefix: str, default_metric: str = "gate", p: bool = True) -> tuple[str, str, float | None]:
-    """Metric / normalisation / p controls (paper defaults: p = 0.1 for gate, 0.2 for token)."""
+    """Metric / normalisation / p controls (paper defaults: p = 0.1 for gate, 0.2 for token), one set for the whole
+    session: what Specialization shows is what Select & Train selects (a cell toggled on one page lands in the
+    selection of the other with the same scores). `default_metric` only seeds a session's first page."""
     c1, c2, c3 = st.columns([1, 1, 2])
-    metric = c1.radio("Score", ["gate", "token"], index=["gate", "token"].index(default_metric), horizontal=True,
-                      key=f"{prefix}_metric", help="gate: average gate weight; token: token selection ratio")
+    metrics = ["gate", "token"]
+    _follow(f"{prefix}_metric", "ctx_metric", default_metric)
+    metric = c1.radio("Score", metrics, horizontal=True, key=f"{prefix}_metric",
+                      help="gate: average gate weight; token: token selection ratio")
+    st.session_state["ctx_metric"] = metric
+    _follow(f"{prefix}_norm", "ctx_norm", "token")
     norm = c2.radio("Normalise per", ["token", "sample"], horizontal=True, key=f"{prefix}_norm",
                     help="token: Σ over all tokens ÷ tokens (the authors' shipped files); sample: the paper's "
                          "per-sample average")
+    st.session_state["ctx_norm"] = norm
     pv = None
     if p:
-        pv = c3.slider("Top-p threshold p", 0.01, 1.0, 0.1 if metric == "gate" else 0.2, 0.01,
-                       key=f"{prefix}_p_{metric}")
+        _follow(f"{prefix}_p_{metric}", f"ctx_p_{metric}", 0.1 if metric == "gate" else 0.2)
+        pv = c3.slider("Top-p threshold p", 0.01, 1.0, step=0.01, key=f"{prefix}_p_{metric}")
+        st.session_state[f"ctx_p_{metric}"] = pv
     return metric, norm, pv
+
+
+def pick_tasks(tasks: list[str], key: str, label: str = "Tasks", container=None) -> list[str]:
+    """The task set of the comparison pages (Specialization, Overlap, Tokens): one default (every task of the model)
+    and one choice for the session, reset when the model changes (`ctx_tasks` is dropped with the model)."""
+    _follow(key, "ctx_tasks", tasks)
+    st.session_state[key] = [t for t in st.session_state[key] if t in tasks]  # tasks of another model never show
+    out = (container or st).multiselect(label, tasks, key=key)
+    st.session_state["ctx_tasks"] = out
+    return out
 
 
 def scores(model: str, tasks: list[str] | None, metric: str, normalize: str):
@@ -216,7 +245,8 @@ def export_buttons(ch, name: str) -> None:
         spec = ch.to_json()
         return vlc.vegalite_to_svg(spec) if fmt == "svg" else vlc.vegalite_to_png(spec, scale=2)
 
-    c1, c2, _ = st.columns([1, 1, 8])
+    row = st.container(horizontal=True)  # buttons at their natural width (columns cut the labels to "S…")
+    c1 = c2 = row
     c1.download_button("SVG", data=lambda: render("svg"), file_name=f"{stem}.svg", mime="image/svg+xml",
                        on_click="ignore", icon=":material/download:", type="tertiary")
     c2.download_button("PNG", data=lambda: render("png"), file_name=f"{stem}.png", mime="image/png",

@@ -98,6 +98,29 @@ def test_pages_react_to_controls(monkeypatch, tmp_path, tiny):
     assert any(b.key == "att_go" for b in at.button) and not at.get("progress")  # polling over, button back
 
 
+def test_score_controls_and_task_set_hold_across_pages(monkeypatch, tmp_path, tiny):
+    """One session context: the score, p and task set chosen on one page are the ones the next page opens on."""
+    model, cached = tiny
+    db = tmp_path / "traces.duckdb"
+    shutil.copy(cached, db)
+    at = app(monkeypatch, tmp_path, db, model)
+    visit(at, "specialization")
+    assert at.multiselect(key="spec_tasks").value == ["intent", "law", "math"]  # one default: every task
+    visit(at, "overlap")
+    assert at.multiselect(key="ov_tasks").value == ["intent", "law", "math"]
+    at.multiselect(key="ov_tasks").set_value(["law", "math"]).run()
+    at.radio(key="ov_metric").set_value("token").run()
+    at.slider(key="ov_p_token").set_value(0.35).run()
+    visit(at, "specialization")
+    assert at.multiselect(key="spec_tasks").value == ["law", "math"]
+    assert at.radio(key="spec_metric").value == "token" and at.slider(key="spec_p_token").value == 0.35
+    visit(at, "select_train")
+    assert at.radio(key="sel_metric").value == "token" and at.slider(key="sel_p_token").value == 0.35
+    at.radio(key="sel_metric").set_value("gate").run()
+    visit(at, "specialization")
+    assert at.radio(key="spec_metric").value == "gate" and at.slider(key="spec_p_gate").value == 0.1
+
+
 @pytest.mark.parametrize("kind", ["missing", "empty"])
 def test_every_page_renders_without_data(monkeypatch, tmp_path, kind):
     db = tmp_path / "traces.duckdb"

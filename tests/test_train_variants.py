@@ -194,3 +194,61 @@ def test_a_run_from_before_the_flags_resumes(env, tmp_path):
     cfg.train_shared = True
     with pytest.raises(EsftError, match="differs in train_shared"):
         check_out_dir(cfg, resume=True)
+
+
+def _hand_seq_aux(logits: torch.Tensor, ids: torch.Tensor, batch: int, alpha: float) -> torch.Tensor:
+    """DeepSeek-V2's seq_aux written out loop by loop, as the authors' MoEGate defines it."""
+    n_exp, k = logits.shape[-1], ids.shape[-1]
+    seq = logits.shape[0] // batch
+    probs = logits.float().softmax(-1)
+    total = 0.0
+    for b in range(batch):
+        rows = slice(b * seq, (b + 1) * seq)
+        for i in range(n_exp):
+            f = (ids[rows] == i).sum().item() / (seq * k / n_exp)
+            total = total + f * probs[rows, i].mean()
+    return alpha * total / batch
+
+
+def test_router_gradient_is_lm_plus_alpha_aux_computed_by_hand():
+    from esft_core.aux_loss import RouterAux
+    from esft_core.models import moe_layout, tiny_moe
+
+    model = tiny_moe("deepseek_v2", seed=2)
+    model.train()
+    lay = moe_layout(model)
+    router_w = [lay.router_weights[layer] for layer in lay.layers]
+    seen = []
+    hooks = [r.register_forward_hook(lambda m, i, o: seen.append((o[0], o[2]))) for r in lay.routers.values()]
+    aux = RouterAux(lay, alpha=0.001)
+    out = model(input_ids=IDS, labels=IDS)
+    total = out.loss + aux.loss(IDS.shape[0])
+    g_total = torch.autograd.grad(total, router_w, retain_graph=True)
+    g_lm = torch.autograd.grad(out.loss, router_w, retain_graph=True)
+    hand = sum(_hand_seq_aux(lg, ids, IDS.shape[0], 0.001) for lg, ids in seen)
+    g_aux = torch.autograd.grad(hand, router_w)
+    for t, lm, a in zip(g_total, g_lm, g_aux, strict=True):
+        assert a.abs().max() > 0  # the aux term reaches the router
+        torch.testing.assert_close(t, lm + a, rtol=1e-5, atol=1e-9)
+    for h in hooks:
+        h.remove()
+    aux.remove()
+
+
+def test_router_aux_is_on_exactly_when_a_router_trains_and_recorded(env, tmp_path):
+    on, _ = _train_in_process(env, tmp_path / "ne", method="esft", experts=env["experts"], train_non_expert=True)
+    off, _ = _train_in_process(env, tmp_path / "ne-off", method="esft", experts=env["experts"],
+                               train_non_expert=True, router_aux=False)
+    plain, _ = _train_in_process(env, tmp_path / "esft", method="esft", experts=env["experts"])
+    runs = {n: json.loads((tmp_path / n / "run.json").read_text())["router_aux"] for n in ("ne", "ne-off", "esft")}
+    assert runs["ne"] == {"on": True, "router_trains": True, "kind": "seq_aux", "alpha": 0.001}
+    assert runs["ne-off"] == {"on": False, "router_trains": True}
+    assert runs["esft"] == {"on": False, "router_trains": False}
+    # the logged loss is the LM loss; with the aux term the routers move differently
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "ne" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 3 and all(x > 0 for x in losses)
+    w_on = [p for n, p in on.model.named_parameters() if n.endswith("mlp.gate.weight")]
+    w_off = [p for n, p in off.model.named_parameters() if n.endswith("mlp.gate.weight")]
+    assert w_on and not all(torch.equal(a, b) for a, b in zip(w_on, w_off, strict=True))
+    r = _cli("train", "--help")
+    assert "--no-router-aux" in r.stdout

@@ -31,7 +31,7 @@ def register(sub) -> None:
     p.add_argument("--method", default="esft", choices=["esft", "fft", "lora", "random", "shared"],
                    help="training method (shared: only the shared experts, no --experts)")
     p.add_argument("--experts", metavar="CFG", help="expert config JSON (required for esft and random)")
-    for name in ("train_shared", "train_non_expert"):  # --[no-]...: the explorer's jobs pass every bool field so
+    for name in ("train_shared", "train_non_expert", "router_aux"):  # --[no-]...: the explorer passes every bool so
         p.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=None,
                        help=_help(name))
     p.add_argument("--out", required=True, metavar="DIR", help="run directory (must be new, or --resume)")
