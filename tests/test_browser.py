@@ -164,6 +164,27 @@ def sidebar_model(page) -> str:
         "el => (el.querySelector('input') && el.querySelector('input').value) || el.innerText")
 
 
+def task_chips(page) -> list[str]:
+    """The chosen tasks of the page's first multiselect (its chips), in order."""
+    tags = page.locator('[data-testid="stMultiSelect"]').first.locator(
+        '.react-aria-ComboBox [role="group"][aria-label="Selected values"] [data-tag]')
+    tags.first.wait_for()
+    return [t.get_attribute("aria-label") for t in tags.all()]
+
+
+def buttons_whole(page, name: str) -> int:
+    """Every SVG/PNG download button shows its whole label (nothing cut to "S…"); returns how many were checked."""
+    buttons = page.locator('[data-testid="stDownloadButton"] button')
+    n = buttons.count()
+    for i in range(n):
+        b = buttons.nth(i)
+        cut = b.evaluate("el => [...el.querySelectorAll('*')].some(c => c.scrollWidth > c.clientWidth + 1)")
+        if cut:
+            page.screenshot(path=str(SHOTS / f"FAILED-{name}.png"), full_page=True)
+        assert not cut, f"{name}: button {b.inner_text()!r} is cut"
+    return n
+
+
 def pick_model(page, name: str):
     """Choose the sidebar model whose label contains `name`."""
     click(page, page.locator('[data-testid="stSidebar"] [data-testid="stSelectbox"]').first, "model-picker")
@@ -233,6 +254,11 @@ def test_first_start_pages_and_training_in_a_real_browser(server, page):
         nav(page, heading)  # through the sidebar: the same session (page.goto would start a new one)
         assert "ESFT-vanilla-lite" in sidebar_model(page), f"{path}: model reset to {sidebar_model(page)}"
         no_exception(page, f"{path}-imported")
+        if path == "specialization":  # a model change resets the task set: only the imported model's one task
+            assert task_chips(page) == ["law"], task_chips(page)
+        if path == "overlap":  # the note says what would fill the page and links to it
+            wait_text(page, "Add a second one", "overlap-imported-note")
+            assert page.locator('[data-testid="stPageLink"]').count() >= 1
     nav(page, "Tokens")
     pick_model(page, "tiny-moe")  # back to the recorded model for training
     page.get_by_text("What one expert does").first.wait_for()
@@ -245,6 +271,11 @@ def test_first_start_pages_and_training_in_a_real_browser(server, page):
     no_exception(page, "specialization-linked")
     # Overlap: a clicked matrix cell lists the shared experts and opens one on the Tokens page.
     nav(page, "Overlap")
+    page.get_by_text("Jaccard of selected sets per layer").first.wait_for()
+    labels = [t.strip() for t in page.locator('[data-testid="stDownloadButton"] button').all_inner_texts()]
+    assert {"SVG", "PNG"} <= {t.split()[-1] for t in labels if t}, labels
+    assert buttons_whole(page, "overlap-buttons") >= 4  # SVG + PNG under both heatmaps
+    no_exception(page, "overlap")
     click_chart(page, 0, r"shared top-\d+ experts", "overlap-click")
     click(page, page.get_by_role("button", name="Open on the Tokens page"), "overlap-open")
     page.get_by_role("heading", name="Tokens").first.wait_for()
@@ -325,6 +356,7 @@ def test_first_start_pages_and_training_in_a_real_browser(server, page):
         click(page, page.get_by_role("button", name="SVG").first, "export-svg")
     assert dl.value.suggested_filename == "esft-tradeoff-task-score.svg"
     assert Path(dl.value.path()).read_text().lstrip().startswith("<svg")
+    assert buttons_whole(page, "results-buttons") >= 2
     with page.expect_download() as dl:
         click(page, page.get_by_role("button", name="Download table (CSV)"), "export-csv")
     assert dl.value.suggested_filename == "esft-runs-comparison.csv"
