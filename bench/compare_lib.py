@@ -57,9 +57,9 @@ def prepare_task(model, tok, task: str, n_val: int, n_score: int, tdir: Path, cf
     """Split train into train/validation files and build the expert configs (`cfgs`, default EXPERT_CFGS: name ->
     (metric, top-p, token set)) through the real pipeline (record with loss flags → score → top-p select) on the
     first `n_score` training records."""
-    from esft_core import record, store
     from esft_core.data import read_records
-    from esft_core.select import select_for_task
+    from esft_core.selection.select import select_for_task
+    from esft_core.traces import record, store
 
     tdir.mkdir(parents=True, exist_ok=True)
     src = ROOT / "data" / "tasks" / task / "train.jsonl"
@@ -129,7 +129,7 @@ def per_example(model, tok, path: str, task: str, limit: int, seq_len: int) -> d
     """Per-example task scores (greedy generation, the task's metric) and the mean answer loss of a chat file."""
     from esft_core.data import prompt_text, read_records, reference_answer
     from esft_core.demo.tasks import score
-    from esft_core.evaluate import generate, loss_over
+    from esft_core.evaluation.evaluate import generate, loss_over
 
     recs = read_records(path, limit=limit)
     refs = [reference_answer(r["messages"]) for r in recs]
@@ -142,7 +142,7 @@ def per_example(model, tok, path: str, task: str, limit: int, seq_len: int) -> d
 def per_document_loss(model, tok, path: str, seq_len: int) -> list[float]:
     """Mean token loss of every document of a text file (one forward each)."""
     from esft_core.data import read_records
-    from esft_core.evaluate import loss_over
+    from esft_core.evaluation.evaluate import loss_over
 
     return [loss_over(model, tok, [d], seq_len) for d in read_records(path)]
 
@@ -151,17 +151,17 @@ def worker(spec: dict) -> dict:
     """One method, one lr, one seed, one task, in this (fresh) process: train, measure, then evaluate."""
     import torch
 
-    from esft_core.train import Recipe, TrainConfig, quiet_transformers
+    from esft_core.tuning.train import Recipe, TrainConfig, quiet_transformers
 
     quiet_transformers()
     torch.set_num_threads(1)
     res = {k: spec[k] for k in ("method", "task", "lr", "seed", "top_p", "lora_r") if k in spec}
     if spec["method"] == "vanilla":
-        from esft_core.models import load_model
+        from esft_core.models.loading import load_model
 
         model, tok = load_model(spec["model"])
     else:
-        from esft_core.esft import optimizer_state_bytes
+        from esft_core.experts.esft import optimizer_state_bytes
 
         m = spec["method"]
         method, extra = TRAIN_AS.get(m, (m.split("_")[0], {}))  # esft_token -> esft, random_gate -> random

@@ -14,8 +14,8 @@ Protocol (fixed before any result was seen; docs/method_comparison.md explains i
   validation task score over tasks, ties broken by the lower mean validation general loss. Random-expert ablations
   use their ESFT counterpart's chosen lr (the ablation changes the experts only).
 - Seeds: the chosen lr is trained with `--seeds` seeds (seed 0 is the sweep run). Every score is reported with a
-  two-level (seeds x examples) paired bootstrap 95% CI (esft_core.stats); differences between methods come with a
-  bootstrap p-value.
+  two-level (seeds x examples) paired bootstrap 95% CI (esft_core.evaluation.stats); differences between methods
+  come with a bootstrap p-value.
 
 - Table 3 (`--table3`): ESFT-Token + shared experts (esft_token_shared), + non-expert modules
   (esft_token_nonexpert), shared experts only (shared_only), each swept over its own 3-value grid like the others.
@@ -247,8 +247,8 @@ def main(argv=None) -> int:
 
 def _prepare(args, work: Path, cfgs: dict | None = None):
     """Load the model once, split the data and build the expert configs of every task; the run cache."""
-    from esft_core.models import DEMO_MODEL, load_model
-    from esft_core.train import quiet_transformers
+    from esft_core.models.loading import DEMO_MODEL, load_model
+    from esft_core.tuning.train import quiet_transformers
 
     quiet_transformers()
     model_path = args.model or str(DEMO_MODEL)

@@ -64,7 +64,7 @@ def _arrays(rows, m, tasks, key, seeds, lr):
 
 def summarise(rows: list[dict], tasks: list[str], methods: list[str], seeds: list[int], n_boot: int = 2000,
               fixed: dict | None = None):
-    from esft_core.stats import diff_ci, mean_ci, ratio_ci, rise_ratio_ci
+    from esft_core.evaluation.stats import diff_ci, mean_ci, ratio_ci, rise_ratio_ci
 
     chosen, sweep = choose_lrs(rows, methods, tasks, fixed)
     chosen["vanilla"] = None
@@ -232,7 +232,7 @@ def sweep_summary(rows: list[dict], tasks: list[str], method: str, knob: str, va
     """Per knob value: mean task score over tasks [95% CI], general-loss rise over vanilla [95% CI] (paired
     two-level bootstrap, as the main comparison), mean trainable parameters, and the two Pareto fronts (score vs
     trainable parameters, score vs rise)."""
-    from esft_core.stats import diff_ci, mean_ci
+    from esft_core.evaluation.stats import diff_ci, mean_ci
 
     def arrays(rs_of, key):
         out = []

@@ -21,13 +21,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from esft_core import record as rec  # noqa: E402
-from esft_core import store  # noqa: E402
 from esft_core.data import read_records  # noqa: E402
 from esft_core.demo.tasks import TASKS  # noqa: E402
-from esft_core.evaluate import evaluate_file, loss_over  # noqa: E402
-from esft_core.models import DEMO_MODEL, REPO_ROOT, load_model  # noqa: E402
-from esft_core.select import select_for_task  # noqa: E402
+from esft_core.evaluation.evaluate import evaluate_file, loss_over  # noqa: E402
+from esft_core.models.loading import DEMO_MODEL, REPO_ROOT, load_model  # noqa: E402
+from esft_core.selection.select import select_for_task  # noqa: E402
+from esft_core.traces import record as rec  # noqa: E402
+from esft_core.traces import store  # noqa: E402
 
 DATA = REPO_ROOT / "data"
 

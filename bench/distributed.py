@@ -81,7 +81,8 @@ def main() -> None:
     a = ap.parse_args()
     out: dict = {}
     # the runtime alone (interpreter, torch, transformers, peft, esft_core): subtracted for the *_net ratios
-    (base,), _ = run([sys.executable, "-c", "import torch.distributed.fsdp, transformers, peft, esft_core.train; "
+    (base,), _ = run([sys.executable, "-c", "import torch.distributed.fsdp, transformers, peft; "
+                      "import esft_core.tuning.train; "
                       "from transformers import AutoModelForCausalLM; import time; time.sleep(1)"], 1)
     print(f"runtime baseline RSS {base / 2**20:.0f} MiB", flush=True)
     with tempfile.TemporaryDirectory() as d:

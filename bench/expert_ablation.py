@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 def route_scores(model, tok, records: list[dict], seq_len: int = 256) -> dict[str, np.ndarray]:
     """Token selection ratio (layers, E) over all positions and over loss-bearing positions."""
     from esft_core.data import IGNORE_INDEX, encode_record
-    from esft_core.models import moe_layout
-    from esft_core.record import RouterTap
+    from esft_core.models.loading import moe_layout
+    from esft_core.traces.record import RouterTap
 
     lay = moe_layout(model)
     n_l, n_e, k = len(lay.layers), lay.num_experts, lay.top_k
@@ -61,7 +61,7 @@ def route_scores(model, tok, records: list[dict], seq_len: int = 256) -> dict[st
 @contextlib.contextmanager
 def zeroed(model, experts: dict[int, list[int]]):
     """Zero the given experts' fused weights for the duration of the block (restored after)."""
-    from esft_core.models import moe_layout
+    from esft_core.models.loading import moe_layout
 
     lay = moe_layout(model)
     saved = []
@@ -90,10 +90,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from esft_core.data import read_records
-    from esft_core.evaluate import loss_over
-    from esft_core.models import DEMO_MODEL, load_model, moe_layout
-    from esft_core.select import top_p
-    from esft_core.train import quiet_transformers
+    from esft_core.evaluation.evaluate import loss_over
+    from esft_core.models.loading import DEMO_MODEL, load_model, moe_layout
+    from esft_core.selection.select import top_p
+    from esft_core.tuning.train import quiet_transformers
 
     quiet_transformers()
     torch.set_num_threads(1)

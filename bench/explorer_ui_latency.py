@@ -5,7 +5,8 @@ of issue 11 (on an idle machine):
 - cold page load: a new browser session opening a page until Streamlit's script is idle (goal ≤ 3 s), per page;
 - warm interaction: changing a control on an open page until idle (goal ≤ 1 s);
 - Train button → first loss point on screen with the page's default settings (goal ≤ 10 s);
-- routing shift of 32 prompts as the page's background job (jobs.start_routing_shift), start → result (goal ≤ 15 s).
+- routing shift of 32 prompts as the page's background job (launchers.start_routing_shift), start → result (goal ≤
+15 s).
 
     .venv/bin/python bench/explorer_ui_latency.py        # prints one JSON line at the end
     .venv/bin/python bench/explorer_ui_latency.py --db BIG.duckdb   # an existing trace DB (e.g. the 81.8 M-row one
@@ -52,7 +53,7 @@ def main() -> None:
 
     from playwright.sync_api import sync_playwright
 
-    from esft_core import jobs, runs
+    from esft_core.workspace import jobs, launchers, runs
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--db", help="an existing trace DB: measure cold loads and warm interactions on it only")
@@ -143,7 +144,7 @@ def main() -> None:
         # routing shift of 32 prompts, as the Results page starts it (a background job)
         run = runs.list_runs(tmp / "work")[0]
         t2 = time.monotonic()
-        job = jobs.start_routing_shift(tmp / "work", run.dir, 32)
+        job = launchers.start_routing_shift(tmp / "work", run.dir, 32)
         while not jobs.load_job(job.dir).done:
             time.sleep(0.2)
         out["routing_shift_32_prompts_s"] = round(time.monotonic() - t2, 1)

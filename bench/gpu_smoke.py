@@ -43,7 +43,7 @@ def save_v2_lite_width(out: Path) -> Path:
     import torch
 
     from bench.scale_memory import build
-    from esft_core.models import load_model
+    from esft_core.models.loading import load_model
 
     if not (out / "config.json").is_file():
         build(torch.bfloat16).save_pretrained(out)

@@ -26,7 +26,10 @@ import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from esft_core import staging, store  # noqa: E402
+from esft_core.traces import (
+    staging,
+    store,  # noqa: E402
+)
 
 
 def synthetic(n_tokens: int, layers: int, k: int, experts: int, batch: int = 4096, seq: int = 512, seed: int = 0):

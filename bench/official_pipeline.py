@@ -23,9 +23,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from esft_core import official, store  # noqa: E402
-from esft_core.models import REPO_ROOT  # noqa: E402
-from esft_core.select import select_for_task  # noqa: E402
+from esft_core.models.loading import REPO_ROOT  # noqa: E402
+from esft_core.selection.select import select_for_task  # noqa: E402
+from esft_core.traces import (
+    official,
+    store,  # noqa: E402
+)
 
 SCORES = Path(REPO_ROOT) / "tests" / "fixtures" / "esft-official" / "expert_scores"
 

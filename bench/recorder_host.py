@@ -39,8 +39,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from esft_core import record, staging  # noqa: E402
-from esft_core.models import MoeLayout  # noqa: E402
+from esft_core.models.loading import MoeLayout  # noqa: E402
+from esft_core.traces import record, staging  # noqa: E402
 
 N_LAYERS, TOP_K, N_EXPERTS, BATCH, SEQ = 26, 6, 64, 8, 512
 

@@ -27,8 +27,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from esft_core import record  # noqa: E402
-from esft_core.models import DEMO_MODEL, load_model, moe_layout, tiny_moe, tiny_tokenizer  # noqa: E402
+from esft_core.models.loading import DEMO_MODEL, load_model, moe_layout, tiny_moe, tiny_tokenizer  # noqa: E402
+from esft_core.traces import record  # noqa: E402
 
 
 def get_model(name: str):

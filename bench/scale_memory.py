@@ -9,7 +9,8 @@ ESFT's experts come from the real pipeline: the model (bfloat16) records its rou
 DuckDB trace store, `select_for_task` keeps the 6 experts with the highest token selection ratio (top-k 6).
 
 Each (dtype, method) runs in its own subprocess so peak RSS does not mix (VmHWM of the worker, which never forked):
-build the model, time 3 no-grad forwards of the base model, apply the method (`esft_core.train.METHODS`, the code
+build the model, time 3 no-grad forwards of the base model, apply the method (the method registry's prepare,
+esft_core/tuning/registry.py: the code
 `esft train` runs; experts implementation grouped_mm; no activation checkpointing). The ESFT worker then times 5
 rounds of base vs ESFT no-grad forwards of the same model (the experts' forward swapped back and forth;
 forward_ratio = median of the per-round ratios, so load drifts on a shared machine cancel). Then 3 AdamW steps on
@@ -77,10 +78,10 @@ def select_worker(out: str) -> dict:
     """Record the `law` task's routing on the model and keep the top-6 experts by token selection ratio."""
     import torch
 
-    from esft_core import record, store
     from esft_core.data import read_records
-    from esft_core.models import load_model
-    from esft_core.select import select_for_task
+    from esft_core.models.loading import load_model
+    from esft_core.selection.select import select_for_task
+    from esft_core.traces import record, store
 
     torch.set_num_threads(1)
     _, tok = load_model("demo")
@@ -107,8 +108,9 @@ def worker(spec: dict) -> dict:
     import torch
     import transformers.models.deepseek_v2.modeling_deepseek_v2  # noqa: F401
 
-    from esft_core.esft import ExpertConfig, optimizer_state_bytes, tensor_bytes
-    from esft_core.train import METHODS, TrainConfig
+    from esft_core.experts.esft import ExpertConfig, optimizer_state_bytes, tensor_bytes
+    from esft_core.tuning.config import TrainConfig
+    from esft_core.tuning.registry import get_method, resolve
 
     torch.set_num_threads(1)
     dtype = getattr(torch, spec["dtype"])
@@ -124,7 +126,7 @@ def worker(spec: dict) -> dict:
     cfg = TrainConfig(data="-", out="-", method=method, experts_cfg=spec["experts"], lora_r=8, lora_alpha=16)
     master = torch.float32 if dtype != torch.float32 else None
     torch.manual_seed(0)
-    model = METHODS[method](model, cfg, ecfg, master_dtype=master)
+    model = resolve(get_method(method).prepare)(model, cfg, ecfg, master_dtype=master)
     model.train()
     forward_ratios, wrapped = [], []
     if method == "esft":  # interleave base and ESFT forwards of this very model: load drifts cancel per round
@@ -162,7 +164,7 @@ def worker(spec: dict) -> dict:
     theory = weights + trainable * 3 + cast_copy
     with tempfile.TemporaryDirectory() as d:
         if method == "esft":
-            from esft_core.adapters import save_adapter
+            from esft_core.experts.adapters import save_adapter
 
             save_adapter(model, ecfg, d, {}, dtype=dtype)
         else:

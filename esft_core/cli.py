@@ -39,7 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()  # imports the users' registering modules (ESFT_METHOD_MODULES) for the choices
+    except EsftError as e:
+        print(bounded(f"esft: error: {e}"), file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
@@ -65,6 +69,17 @@ def main(argv: list[str] | None = None) -> int:
         print(bounded(f"esft {args.command}: error: {type(e).__name__}: {e}".splitlines()[0]), file=sys.stderr)
         return 1
     return int(code or 0)
+
+
+
+def cli_options(command: str) -> set[str]:
+    """The option strings (e.g. '--steps') the installed `esft <command>` accepts; empty when it does not exist."""
+    parser = build_parser()
+    for action in parser._actions:  # argparse keeps subparsers in a private list; there is no public accessor
+        choices = getattr(action, "choices", None)
+        if isinstance(choices, dict) and command in choices:
+            return {s for a in choices[command]._actions for s in a.option_strings}
+    return set()
 
 
 if __name__ == "__main__":

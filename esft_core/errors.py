@@ -1,5 +1,7 @@
 """User-facing errors: the CLI prints them as one line on stderr and exits non-zero (no traceback)."""
 
+import math
+
 
 class EsftError(ValueError):
     """Bad input or an impossible request. The message is a complete one-line explanation for the user."""
@@ -43,3 +45,17 @@ def damaged_db_message(e: BaseException, db) -> str | None:
     where = f"trace database {db}" if db else "the trace database"
     return bounded(f"{where} is damaged ({first.removeprefix('IO Error: ')}); restore it from a backup, or build a "
                    "new one with `esft import` from an export (`esft export`) or by recording again")
+
+
+def finite(value: float, flag: str, low: float | None = None, high: float | None = None,
+           low_open: bool = False, high_open: bool = False) -> float:
+    """A finite float within [low, high] (open ends when asked); the error names the accepted range."""
+    lo = "-inf" if low is None else f"{low:g}"
+    hi = "inf" if high is None else f"{high:g}"
+    rng = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+    ok = isinstance(value, (int, float)) and math.isfinite(value)
+    ok = ok and (low is None or (value > low if low_open else value >= low))
+    ok = ok and (high is None or (value < high if high_open else value <= high))
+    if not ok:
+        raise EsftError(f"{flag} must be a finite number in {rng}, got {value}")
+    return float(value)

@@ -33,6 +33,7 @@ VARS: dict[str, Var] = {v.name: v for v in [
     Var("ESFT_STANDBY_PRELOAD", "", "comma-separated modules the standby runner imports (default: torch stack)"),
     Var("ESFT_STANDBY_IDLE_S", "900", "seconds an unused standby runner waits before exiting"),
     Var("ESFT_METRIC_MODULES", "", "comma-separated modules imported to register your own task metrics"),
+    Var("ESFT_METHOD_MODULES", "", "comma-separated modules imported to register your own training methods"),
     Var("ESFT_JUDGE_API_KEY", "", "API key sent to the `esft eval --judge-url` endpoint (optional)"),
     Var("ESFT_INGEST_WAIT", "600", "seconds a finished recording retries its ingest while a reader holds the DB lock "
         "(`esft record --ingest-wait` sets it)"),

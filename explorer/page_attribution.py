@@ -4,7 +4,8 @@ on the input embeddings), shown as highlighted text."""
 import polars as pl
 import streamlit as st
 
-from esft_core import jobs
+from esft_core.files import read_json
+from esft_core.workspace import jobs, launchers
 from explorer import charts, queries, state
 
 st.title("Attribution")
@@ -45,11 +46,11 @@ steps = st.select_slider("Integration steps", [16, 32, 64, 128], 64, key="att_st
 
 ids = state.query(queries.sample_token_ids, run_id, sid, target + 1)
 work = state.workdir()
-req = jobs.AttributionRequest(model_name, [int(i) for i in ids], int(layer), int(expert), int(target), int(steps))
+req = launchers.AttributionRequest(model_name, [int(i) for i in ids], int(layer), int(expert), int(target), int(steps))
 out = req.path(work)
 running = next((j for j in jobs.list_jobs(work, "attribution") if j.meta.get("out") == str(out) and not j.done), None)
 if running is None and st.button("Compute attribution", type="primary", key="att_go"):
-    running = jobs.start_attribution(work, req)
+    running = launchers.start_attribution(work, req)
     st.session_state["att_job"] = str(running.dir)
 last = st.session_state.get("att_job")
 job_dir = running.dir if running is not None else (last if last and jobs.load_job(last).meta.get("out") == str(out)
@@ -64,7 +65,7 @@ def result_panel():
         return
     if job is not None and job.state == "failed":
         st.error(f"Attribution failed: {job.error}")
-    res = state.read_json(out)
+    res = read_json(out)
     if not res:
         st.info("Press **Compute attribution**: a background job loads the model and integrates the gradients "
                 "(a few seconds on the demo model).")

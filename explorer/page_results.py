@@ -1,6 +1,7 @@
 """Results: finished training runs side by side (task score, general retention, time, memory, adapter size), their
 loss curves, and the routing shift before/after tuning on the same prompts (trained vs frozen experts), computed by a
-background job. Everything comes from esft_core.runs (one reader of a run directory). The "Benchmark results" view
+background job. Everything comes from esft_core.workspace.runs (one reader of a run directory). The "Benchmark
+results" view
 shows a saved bench/compare_methods.py comparison instead (explorer/benchmarks.py shapes it)."""
 
 from pathlib import Path
@@ -8,8 +9,8 @@ from pathlib import Path
 import polars as pl
 import streamlit as st
 
-from esft_core import jobs, runs
 from esft_core.errors import EsftError
+from esft_core.workspace import jobs, launchers, runs
 from explorer import benchmarks, charts, results, state
 
 st.title("Results")
@@ -73,7 +74,8 @@ if view == "Benchmark results":
         st.caption("Dashed = front over trainable parameters (no other point scores higher with fewer)"
                    + (f"; swept: {', '.join(swept)}" if swept else "") + ".")
 
-    st.markdown("**Learning-rate sweep** (first seed, mean over tasks, validation split; ✔ = the lr chosen)")
+    st.markdown("**Learning-rate sweep** (first seed, mean over tasks, validation split; the ticked row is the lr "
+                "chosen)")
     sweep = benchmarks.lr_sweep(data)
     if sweep.height:
         st.dataframe(sweep, hide_index=True, key="bench_sweep", column_config={
@@ -145,7 +147,7 @@ for r in shown:
                                 key=f"res_resume_steps_{r.name}", help="Resume to the planned step count or extend it")
         c2.write("")
         if c2.button(f"Resume {r.label} from the last checkpoint", key=f"res_resume_{r.name}"):
-            jobs.resume_training(work, r.dir, steps=int(total) if int(total) != planned else None)
+            launchers.resume_training(work, r.dir, steps=int(total) if int(total) != planned else None)
             st.rerun()
 
 # -------------------------------------------------------------------------------------------------- trade-off chart
@@ -216,7 +218,7 @@ ready, why = state.model_ready(r.config.get("model", "demo"))
 if not ready:
     st.warning(f"Base model not available: {why}")
 elif running is None and st.button("Compute routing shift", key="res_shift_go"):
-    running = jobs.start_routing_shift(work, r.dir, n_prompts)
+    running = launchers.start_routing_shift(work, r.dir, n_prompts)
 
 
 @st.fragment(run_every=1.0 if running is not None else None)
@@ -265,7 +267,7 @@ if not ev_ready:
     st.warning(f"Base model not available: {ev_why}")
 elif ev_running is None and c3.button("Evaluate on more examples", key="res_eval_go"):
     try:
-        ev_running = runs.start_eval(work, er.dir, int(n_ex))
+        ev_running = launchers.start_eval(work, er.dir, int(n_ex))
     except EsftError as e:
         st.error(str(e))
 

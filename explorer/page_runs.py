@@ -7,7 +7,7 @@ from pathlib import Path
 
 import streamlit as st
 
-from esft_core import jobs
+from esft_core.workspace import jobs, launchers
 from explorer import queries, state
 
 cfg = state.config()
@@ -34,7 +34,7 @@ with st.container(border=True):
             st.rerun()
     db = state.db_path()
 
-jobs.ensure_standby(work)  # warm runner for the next recording/training job
+launchers.ensure_standby(work)  # warm runner for the next recording/training job
 record_jobs = [j for j in jobs.list_jobs(work) if j.kind in ("record", "import") and j.meta.get("db") == str(db)]
 active = [j for j in record_jobs if not j.done]
 
@@ -45,9 +45,9 @@ if not db.exists() and not record_jobs and cfg.auto_record and not marker.exists
     ready, why = state.model_ready(cfg.model)
     tasks = state.task_files()
     if ready and tasks:
-        reqs = [jobs.RecordRequest(cfg.model, str(f["train"]), t, str(db), cfg.auto_tokens, 256, 8)
+        reqs = [launchers.RecordRequest(cfg.model, str(f["train"]), t, str(db), cfg.auto_tokens, 256, 8)
                 for t, f in tasks.items()]
-        job = jobs.start_record(work, reqs, title=f"First start: recording {len(reqs)} demo tasks",
+        job = launchers.start_record(work, reqs, title=f"First start: recording {len(reqs)} demo tasks",
                                 meta={"auto": True})
         marker.write_text(job.id)
         record_jobs, active = [job], [job]
@@ -170,7 +170,7 @@ with st.expander(":material/add: Record a new trace", expanded=not db.exists()):
         if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", task):
             st.error("Task names use letters, digits, '.', '_' or '-' (at most 64).")
         elif source.startswith("Authors"):
-            job = jobs.start_import(work, data_path, task, db)
+            job = launchers.start_import(work, data_path, task, db)
             st.toast(f"Started {job.id}")
             time.sleep(0.3)
             st.rerun()
@@ -179,7 +179,7 @@ with st.expander(":material/add: Record a new trace", expanded=not db.exists()):
             if not ready:
                 st.error(f"Model not usable: {why}")
             else:
-                job = jobs.start_record(work, [jobs.RecordRequest(model, str(data_path), task, str(db),
+                job = launchers.start_record(work, [launchers.RecordRequest(model, str(data_path), task, str(db),
                                                                   int(max_tokens), int(seq_len), int(batch))])
                 st.toast(f"Started {job.id}")
                 time.sleep(0.3)

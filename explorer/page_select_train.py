@@ -7,16 +7,18 @@ import time
 import polars as pl
 import streamlit as st
 
-from esft_core import jobs, runs
 from esft_core.errors import EsftError
-from esft_core.expert_config import ExpertConfig
+from esft_core.experts.expert_config import ExpertConfig
+from esft_core.files import read_metrics
+from esft_core.tuning.registry import methods
+from esft_core.workspace import jobs, launchers, runs
 from explorer import charts, queries, results, state
 
 st.title("Select & Train")
 model, tasks, lay = state.model_context()
 work = state.workdir()
 files = state.task_files()
-jobs.ensure_standby(work)  # a warm runner makes Train → first loss point several seconds faster
+launchers.ensure_standby(work)  # a warm runner makes Train → first loss point several seconds faster
 
 task = state.pick_task(st, tasks, "sel_task", "Task to tune", prefer="law")  # the demo task where ESFT shows fastest
 metric, norm, p = state.score_controls("sel", default_metric="token")
@@ -131,10 +133,9 @@ st.subheader("Train")
 active_train = [j for j in jobs.active_jobs(work) if j.kind == "train"]
 with st.form("train_form"):
     c1, c2, c3, c4 = st.columns(4)
-    method = c1.selectbox("Method", ["esft", "fft", "lora", "random", "shared"], key="tr_method",
-                          help="esft: only the experts above; fft: everything; lora: peft LoRA; random: as many "
-                               "experts per layer as above, chosen at random (the paper's ablation); shared: only "
-                               "the shared experts (the paper's Table 3)")
+    registered = methods()
+    method = c1.selectbox("Method", list(registered), key="tr_method", format_func=lambda n: registered[n].label,
+                          help="; ".join(f"{m.label}: {m.help}" for m in registered.values()))
     # defaults measured on the demo (law, token score p = 0.2, batch 4, 16 eval examples): 60 steps at 3e-3 take
     # exact match 0 → 0.69 with general loss 4.18 → 4.76; 40 steps at 5e-3 gave 0.56 / 5.19; 30 steps at 1e-3 left
     # it at 0 while the loss fell
@@ -166,26 +167,25 @@ if go:
         st.error(f"Model not usable: {why}")
     elif not data or not Path(data).expanduser().is_file():
         st.error(f"Training data {data!r} is not a file")
-    elif method in ("esft", "random") and n_sel == 0:
+    elif methods()[method].needs_experts and n_sel == 0:
         st.error("No experts selected; raise p or edit the selection.")
     else:
-        from esft_core.train import TrainConfig
+        from esft_core.tuning.config import TrainConfig
 
+        selected = methods()[method].needs_experts  # the method trains the selection above
         eval_files = [str(files[task]["eval"])] if task in files and "eval" in files[task] else []
         if state.general_heldout():
             eval_files.append(str(state.general_heldout()))
         tcfg = TrainConfig(data=str(Path(data).expanduser().resolve()), out="", model=model, method=method,
-                           experts=runs.EXPERT_CFG if method in ("esft", "random") else None, steps=int(steps),
+                           experts=runs.EXPERT_CFG if selected else None, steps=int(steps),
                            lr=float(lr), batch_size=int(batch), seq_len=int(seq_len), eval_data=eval_files,
                            eval_limit=int(eval_limit),
-                           train_shared=also_shared and method in ("esft", "random"),
-                           train_non_expert=also_non_expert and method in ("esft", "random"),
+                           train_shared=also_shared and selected, train_non_expert=also_non_expert and selected,
                            # a checkpoint at least every 50 steps: a stopped run resumes from close to where it was
                            save_every=max(1, min(int(steps) // 5, 50)))
         how = {"metric": metric, "normalize": norm, "p": p, "edited": bool(toggles) or final != selection,
-               "contrast": list(against) if use_contrast and against else []} if method in ("esft", "random") else {}
-        job, run_dir = jobs.start_training(work, tcfg, task, expert_cfg if method in ("esft", "random") else None,
-                                           selection=how)
+               "contrast": list(against) if use_contrast and against else []} if selected else {}
+        job, run_dir = launchers.start_training(work, tcfg, task, expert_cfg if selected else None, selection=how)
         st.session_state["train_job"] = str(job.dir)
         st.session_state["train_started"] = time.time()
 
@@ -200,7 +200,7 @@ if job_dir:
         job = jobs.load_job(job_dir)
         with st.container(border=True):
             state.job_box(job, show_log=False)
-            rows = jobs.read_metrics(job.meta["out"])
+            rows = read_metrics(job.meta["out"])
             if rows:
                 df = pl.DataFrame(rows).with_columns(run=pl.lit(job.meta.get("method", "run")))
                 state.chart(charts.loss_chart(df.select("step", "loss", "run")), export=f"loss-{job.id}")

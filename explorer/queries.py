@@ -1,10 +1,11 @@
 """Read-side queries of the explorer: the trace maths of esft_core (store, scores, select) reshaped into Polars
 frames for charts. No streamlit here; pages call these through explorer/state.py, which caches results per DB
-version. Nothing here computes a score or a selection itself: scores come from esft_core.scores (the same SQL as
-`esft scores`), selections from esft_core.select (the same top-p/contrast/stability as `esft select`).
+version. Nothing here computes a score or a selection itself: scores come from esft_core.selection.scores (the same
+SQL as
+`esft scores`), selections from esft_core.selection.select (the same top-p/contrast/stability as `esft select`).
 
 Concurrency: recording/import jobs write the same DuckDB file from another process. The explorer opens a read-only
-connection per query batch and closes it at once (`reading`, = esft_core.store.reader), and waits up to
+connection per query batch and closes it at once (`reading`, = esft_core.traces.store.reader), and waits up to
 `LOCK_WAIT_S` while a writer holds the lock (writers keep it only for short commits).
 """
 
@@ -18,8 +19,9 @@ import duckdb
 import numpy as np
 import polars as pl
 
-from esft_core import select, store
-from esft_core.scores import NORMALIZATIONS, SCORES, compute_scores
+from esft_core.selection import select
+from esft_core.selection.scores import NORMALIZATIONS, SCORES, compute_scores
+from esft_core.traces import store
 
 LOCK_WAIT_S = 8.0
 METRICS = tuple(SCORES)
@@ -166,7 +168,8 @@ def _frame(task: str, layers: list[int], values: np.ndarray, **extra: np.ndarray
 
 def expert_scores(con: duckdb.DuckDBPyConnection, model: str, tasks_: list[str] | None = None,
                   metric: str = "gate", normalize: str = "token") -> pl.DataFrame:
-    """Score of every (task, layer, expert) of `model` (esft_core.scores.compute_scores: all complete runs of the
+    """Score of every (task, layer, expert) of `model` (esft_core.selection.scores.compute_scores: all complete runs
+    of the
     task on that model pooled), zero-filled over the layer × expert grid. Columns: task, layer, expert, score."""
     _check(metric, normalize)
     names = tasks(con, model) if tasks_ is None else list(tasks_)
@@ -176,7 +179,8 @@ def expert_scores(con: duckdb.DuckDBPyConnection, model: str, tasks_: list[str] 
 
 
 def select_top_p(scores: pl.DataFrame, p: float, round_digits: int | None = 4) -> pl.DataFrame:
-    """esft_core.select.top_p_mask per (task, layer) of a score frame (the authors' stop rule, scores rounded to
+    """esft_core.selection.select.top_p_mask per (task, layer) of a score frame (the authors' stop rule, scores
+    rounded to
     `round_digits` first, as `esft select` does). Input columns task, layer, expert, score (+ any); output adds
     rank (1-based, by rounded score then expert id), cum (running rounded score) and selected."""
     if not 0 < p <= 1:
@@ -391,7 +395,8 @@ def expert_load(con: duckdb.DuckDBPyConnection, run_ids: list[int]) -> pl.DataFr
 # ------------------------------------------------------------------------------------- contrast and stability views
 def contrast_selection(con: duckdb.DuckDBPyConnection, model: str, task: str, against: list[str], metric: str,
                        normalize: str, p: float, lam: float = 1.0) -> pl.DataFrame:
-    """esft_core.select's contrast scores of `task` against `against` (pooled by their tokens or samples) and their
+    """esft_core.selection.select's contrast scores of `task` against `against` (pooled by their tokens or samples)
+    and their
     top-p selection under the library's rounding rule — what `esft select --contrast` writes. Columns task, layer,
     expert, score (contrast share), raw (the task's score), contrast_mean (pooled score), rank, cum, selected."""
     _check(metric, normalize)
@@ -403,7 +408,7 @@ def contrast_selection(con: duckdb.DuckDBPyConnection, model: str, task: str, ag
 
 def stability_view(con: duckdb.DuckDBPyConnection, model: str, task: str, metric: str, normalize: str, p: float,
                    n_boot: int = 50) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """esft_core.select.stability_arrays of `task` on `model` (the numbers of `esft select --bootstrap`):
+    """esft_core.selection.select.stability_arrays of `task` on `model` (the numbers of `esft select --bootstrap`):
     (prob: layer, expert, prob, selected), (curve: tokens, jaccard of the first-n-samples selection with the final)."""
     _check(metric, normalize)
     a = select.stability_arrays(con, task, metric, normalize, p, n_boot, n_orders=0, model=model)  # page: no orders

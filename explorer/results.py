@@ -1,5 +1,6 @@
 """Training-side reshaping for the Select & Train and Results pages: model parameter counts (from config.json and the
-safetensors headers, no weights loaded) and tables of runs (esft_core.runs.RunInfo) and of their evaluations against
+safetensors headers, no weights loaded) and tables of runs (esft_core.workspace.runs.RunInfo) and of their
+evaluations against
 the untuned model. No streamlit here."""
 
 from __future__ import annotations
@@ -10,12 +11,7 @@ from pathlib import Path
 
 import polars as pl
 
-
-def _read_json(p: Path) -> dict:
-    try:
-        return json.loads(Path(p).read_text())
-    except (FileNotFoundError, json.JSONDecodeError, NotADirectoryError):
-        return {}
+from esft_core.files import read_json
 
 
 def safetensors_numel(path: Path) -> int:
@@ -37,13 +33,13 @@ def safetensors_numel(path: Path) -> int:
 def model_facts(model: str) -> dict:
     """{'total': params, 'per_expert': params of one routed expert, 'num_experts', 'hidden', 'expert_inter'} for a
     local model ('demo' or a directory). Unknown values are None (e.g. a hub id that is not downloaded)."""
-    from esft_core.model_paths import resolve_model_path  # torch-free: this runs on the first page visit
+    from esft_core.models.paths import resolve_model_path  # torch-free: this runs on the first page visit
 
     try:
         path = Path(resolve_model_path(model))
     except Exception:  # noqa: BLE001 - a bad path just means "unknown"
         return {"total": None, "per_expert": None, "num_experts": None}
-    cfg = _read_json(path / "config.json")
+    cfg = read_json(path / "config.json")
     if not cfg:
         return {"total": None, "per_expert": None, "num_experts": None}
     hidden = cfg.get("hidden_size")
@@ -87,7 +83,8 @@ def _mean_experts(r) -> float | None:
 
 
 def runs_table(runs: list) -> pl.DataFrame:
-    """Side-by-side table of training runs (esft_core.runs.RunInfo), the columns that decide between runs first:
+    """Side-by-side table of training runs (esft_core.workspace.runs.RunInfo), the columns that decide between runs
+    first:
     label, method, task, task score / loss, general loss and its rise over the untuned model, then the
     hyperparameters (lr, steps, p, metric, contrast, experts per layer) and the costs (time, memory, adapter size).
     `run` (the directory name) stays as the key."""

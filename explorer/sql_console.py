@@ -1,6 +1,6 @@
 """The explorer's SQL console: example queries and a read-only, row-capped, time-limited query runner.
 
-No streamlit here; explorer/page_sql.py renders it. The query runs through esft_core.sqlguard (shared with
+No streamlit here; explorer/page_sql.py renders it. The query runs through esft_core.traces.sqlguard (shared with
 `esft sql`): read-only, external file access disabled, memory and time limits, configuration locked so a query
 cannot re-enable file access or change limits.
 """
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import polars as pl
 
-from esft_core import store
 from esft_core.errors import EsftError
-from esft_core.sqlguard import DEFAULT_MEMORY_LIMIT, QueryLimits, run_query, sandbox_config, spill_dir_removed
+from esft_core.traces import store
+from esft_core.traces.sqlguard import DEFAULT_MEMORY_LIMIT, QueryLimits, run_query, sandbox_config, spill_dir_removed
 
 LOCK_WAIT_S = 8.0  # how long a console query waits for a writer holding the DB lock
 
@@ -66,7 +66,7 @@ class SqlResult:
 def run_sql(db: str | Path, query: str, row_cap: int = 1000, timeout_s: float = 10.0,
             memory_limit: str = DEFAULT_MEMORY_LIMIT) -> SqlResult:
     """Run a user query on a read-only connection with external access disabled, at most `row_cap` rows returned,
-    interrupted after `timeout_s`, within DuckDB `memory_limit` (the limits of `esft sql`, esft_core.sqlguard).
+    interrupted after `timeout_s`, within DuckDB `memory_limit` (the limits of `esft sql`, esft_core.traces.sqlguard).
     Raises ValueError with DuckDB's message on any SQL error or timeout."""
     if not query.strip():
         raise ValueError("empty query")

@@ -7,13 +7,13 @@ ESFT_MODEL, ESFT_AUTO_RECORD, ESFT_AUTO_TOKENS, ESFT_UPLOAD_MB), so tests and de
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import streamlit as st
 
-from esft_core import jobs, settings
+from esft_core import settings
+from esft_core.workspace import jobs, launchers
 from explorer import queries
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -188,10 +188,11 @@ def score_controls(prefix: str, default_metric: str = "gate", p: bool = True) ->
     session: what Specialization shows is what Select & Train selects (a cell toggled on one page lands in the
     selection of the other with the same scores). `default_metric` only seeds a session's first page."""
     c1, c2, c3 = st.columns([1, 1, 2])
-    metrics = ["gate", "token"]
+    from esft_core.selection.scores import SCORES
+
     _follow(f"{prefix}_metric", "ctx_metric", default_metric)
-    metric = c1.radio("Score", metrics, horizontal=True, key=f"{prefix}_metric",
-                      help="gate: average gate weight; token: token selection ratio")
+    metric = c1.radio("Score", list(SCORES), horizontal=True, key=f"{prefix}_metric",
+                      help="; ".join(f"{f.name}: {f.help}" for f in SCORES.values()))
     st.session_state["ctx_metric"] = metric
     _follow(f"{prefix}_norm", "ctx_norm", "token")
     norm = c2.radio("Normalise per", ["token", "sample"], horizontal=True, key=f"{prefix}_norm",
@@ -200,7 +201,7 @@ def score_controls(prefix: str, default_metric: str = "gate", p: bool = True) ->
     st.session_state["ctx_norm"] = norm
     pv = None
     if p:
-        _follow(f"{prefix}_p_{metric}", f"ctx_p_{metric}", 0.1 if metric == "gate" else 0.2)
+        _follow(f"{prefix}_p_{metric}", f"ctx_p_{metric}", SCORES[metric].default_p)
         pv = c3.slider("Top-p threshold p", 0.01, 1.0, step=0.01, key=f"{prefix}_p_{metric}")
         st.session_state[f"ctx_p_{metric}"] = pv
     return metric, norm, pv
@@ -297,7 +298,7 @@ def general_heldout() -> Path | None:
 def model_ready(model: str) -> tuple[bool, str]:
     """Whether `model` can be loaded here without a download: 'demo' needs data/demo-moe; a path needs config.json.
     Hub ids are allowed (they may download)."""
-    DEMO_MODEL = REPO_ROOT / "data" / "demo-moe"  # = esft_core.models.DEMO_MODEL, without importing torch here
+    DEMO_MODEL = REPO_ROOT / "data" / "demo-moe"  # = esft_core.models.loading.DEMO_MODEL, without importing torch here
     if model in ("", "demo"):
         ok = (DEMO_MODEL / "config.json").is_file()
         return ok, "" if ok else f"the demo model is not built yet ({DEMO_MODEL}); run `make demo-model`"
@@ -310,7 +311,7 @@ def model_ready(model: str) -> tuple[bool, str]:
 
 def job_box(job: jobs.Job, show_log: bool = True) -> None:
     """Status, progress bar and error of a job (used inside auto-refreshing fragments)."""
-    frac, label = jobs.progress(job)
+    frac, label = launchers.progress(job)
     icon = {"complete": ":material/check_circle:", "failed": ":material/error:",
             "stopped": ":material/stop_circle:"}.get(job.state, ":material/hourglass_top:")
     st.markdown(f"{icon} **{job.title}** — `{job.state}` · job `{job.id}`")
@@ -321,10 +322,3 @@ def job_box(job: jobs.Job, show_log: bool = True) -> None:
     if show_log:
         with st.expander("Log", expanded=job.state == "failed"):
             st.code(jobs.log_tail(job, 3000) or "(empty)", language=None)
-
-
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}

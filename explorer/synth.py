@@ -13,7 +13,7 @@ import json
 
 import duckdb
 
-from esft_core import store
+from esft_core.traces import store
 
 WORDS = ["the", "model", "expert", "route", "token", "layer", "gate", "task", "law", "code", "math", "intent", "sum",
          "of", "to", "and", "is", "in", "for", "with", " ", "\n", "+", "=", "(", ")", "{", "}", "0", "1", "2", "é", "Σ"]

@@ -17,7 +17,7 @@ def make_tiny_model(out: Path) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from esft_core.models import tiny_moe
+    from esft_core.models.loading import tiny_moe
 
     out.mkdir(parents=True, exist_ok=True)
     texts = []

@@ -1,4 +1,5 @@
-"""ESFT adapters (esft_core/adapters.py): save/load, base fingerprints, merge, import of the authors' adapters."""
+"""ESFT adapters (esft_core/experts/adapters.py): save/load, base fingerprints, merge, import of the authors'
+adapters."""
 
 import json
 
@@ -6,15 +7,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from esft_core.adapters import (
+from esft_core.errors import EsftError
+from esft_core.experts.adapters import (
     base_fingerprint,
     import_official_adapter,
     load_adapter,
     save_adapter,
 )
-from esft_core.errors import EsftError
-from esft_core.esft import ExpertConfig, apply_esft, selected_parameters
-from esft_core.models import moe_layout, save_tiny, tiny_moe
+from esft_core.experts.esft import ExpertConfig, apply_esft, selected_parameters
+from esft_core.models.loading import moe_layout, save_tiny, tiny_moe
 
 CFG = ExpertConfig({1: [2, 6], 2: [0]})
 IDS = torch.randint(3, 200, (2, 20), generator=torch.Generator().manual_seed(1))
@@ -149,7 +150,7 @@ def test_import_official_adapter_into_fused_layout(tmp_path, prefix):
     # loaded onto the base and merged, expert 4 of layer 1 computes the authors' per-expert MLP
     fresh = tiny_moe("deepseek_v2", seed=0)
     load_adapter(fresh, tmp_path / "ours")
-    from esft_core.esft import merge_selected
+    from esft_core.experts.esft import merge_selected
 
     merge_selected(fresh)
     exp = moe_layout(fresh).experts[1]

@@ -7,12 +7,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from esft_core import record, store
 from esft_core.data import IGNORE_INDEX, encode_record
 from esft_core.errors import EsftError
-from esft_core.models import save_tiny, tiny_moe, tiny_tokenizer
-from esft_core.scores import compute_scores
-from esft_core.select import select_for_task
+from esft_core.models.loading import save_tiny, tiny_moe, tiny_tokenizer
+from esft_core.selection.scores import compute_scores
+from esft_core.selection.select import select_for_task
+from esft_core.traces import record, store
 
 CHATS = [{"messages": [{"role": "user", "content": f"question {i}: " + "abc " * (1 + i % 5)},
                        {"role": "assistant", "content": "xyz " * (1 + i % 3)}]} for i in range(12)]

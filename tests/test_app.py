@@ -13,7 +13,7 @@ import pytest
 from explorer_support import REPO, cached_model_and_db
 from streamlit.testing.v1 import AppTest
 
-from esft_core import jobs
+from esft_core.workspace import jobs, launchers
 
 PAGES = ["runs", "specialization", "overlap", "tokens", "attribution", "select_train", "results", "sql"]
 
@@ -137,13 +137,13 @@ def test_every_page_renders_without_data(monkeypatch, tmp_path, kind):
 def test_a_failed_recording_job_shows_its_error_and_keeps_the_data(monkeypatch, tmp_path, tiny):
     import time
 
-    from esft_core import jobs
+    from esft_core.workspace import jobs
 
     model, cached = tiny
     db = tmp_path / "traces.duckdb"
     shutil.copy(cached, db)
     monkeypatch.setenv("ESFT_STANDBY", "0")
-    job = jobs.start_job(tmp_path / "work", "record", [["esft", "record", "--model", str(model), "--data",
+    job = launchers.start_esft_job(tmp_path / "work", "record", [["esft", "record", "--model", str(model), "--data",
                                                         str(tmp_path / "nope.jsonl"), "--task", "x", "--db", str(db)]],
                          title="Recording 'x'", meta={"db": str(db)})
     t = time.monotonic()
@@ -182,9 +182,9 @@ def test_runs_without_token_text_get_a_note_not_a_crash(monkeypatch, tmp_path, t
 
 
 def test_results_page_evaluates_a_finished_run_on_more_examples_in_a_job(monkeypatch, tmp_path, tiny):
-    from esft_core import runs
-    from esft_core.expert_config import ExpertConfig
-    from esft_core.train import TrainConfig
+    from esft_core.experts.expert_config import ExpertConfig
+    from esft_core.tuning.train import TrainConfig
+    from esft_core.workspace import runs
 
     model, cached = tiny
     db = tmp_path / "traces.duckdb"
@@ -194,7 +194,7 @@ def test_results_page_evaluates_a_finished_run_on_more_examples_in_a_job(monkeyp
     cfg = TrainConfig(data=str(REPO / "data/tasks/code/train.jsonl"), out="", model=str(model), method="esft",
                       experts=runs.EXPERT_CFG, steps=2, lr=1e-3, batch_size=2, seq_len=128, eval_limit=2,
                       eval_data=[str(REPO / "data/tasks/code/eval.jsonl"), str(REPO / "data/general/heldout.jsonl")])
-    job, run_dir = jobs.start_training(work, cfg, "code", ExpertConfig({1: [3], 2: [5]}), eval_baseline=False)
+    job, run_dir = launchers.start_training(work, cfg, "code", ExpertConfig({1: [3], 2: [5]}), eval_baseline=False)
     t = time.monotonic()
     while not jobs.load_job(job.dir).done and time.monotonic() - t < 180:
         time.sleep(0.3)
@@ -217,7 +217,8 @@ def test_results_page_evaluates_a_finished_run_on_more_examples_in_a_job(monkeyp
 
 
 def test_select_and_train_first_visit_does_not_import_torch(tmp_path, tiny):
-    """Importing torch costs ~1 s of the first visit on a small CPU (model facts used to go through esft_core.models);
+    """Importing torch costs ~1 s of the first visit on a small CPU (model facts used to go through
+    esft_core.models.loading);
     a fresh process shows whether any page code still pulls it in."""
     import os
     import subprocess

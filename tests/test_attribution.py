@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from esft_core.attribution import route, router_attribution, routing_shift
 from esft_core.errors import EsftError
-from esft_core.models import moe_layout, tiny_moe
+from esft_core.evaluation.attribution import route, router_attribution, routing_shift
+from esft_core.models.loading import moe_layout, tiny_moe
 
 
 class ByteTok:

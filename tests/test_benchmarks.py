@@ -147,7 +147,7 @@ def test_broken_files_give_one_line_warnings(tmp_path):
 
 
 def test_user_runs_join_a_benchmark_task(tmp_path):
-    from esft_core.runs import RunInfo
+    from esft_core.workspace.runs import RunInfo
     from explorer import results
 
     d = tmp_path / "r1"
@@ -185,8 +185,8 @@ def _datasets(at) -> list[list[dict]]:
 
 def _finished_run(work, task: str, score: float, general: float, base: float) -> None:
     """A run directory as the Train button leaves it (launch, run.json, eval.json, the untuned baseline), written
-    with esft_core.runs' own writers: the page reads it through esft_core.runs.list_runs."""
-    from esft_core import runs
+    with esft_core.workspace.runs' own writers: the page reads it through esft_core.workspace.runs.list_runs."""
+    from esft_core.workspace import runs
 
     d = runs.new_run_dir(work, task, "esft")
     (d / "train").mkdir()

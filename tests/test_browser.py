@@ -311,7 +311,7 @@ def test_first_start_pages_and_training_in_a_real_browser(server, page):
     no_exception(page, "train-done")
     baselines = list((server["tmp"] / "work" / "baselines").glob("eval-*.json"))
     assert len(baselines) == 1 and json.loads(baselines[0].read_text())["general_loss"] > 0  # the untuned model
-    work = server["tmp"] / "work" / "runs"  # esft_core/runs.py layout: launch.json, expert_cfg.json, train/
+    work = server["tmp"] / "work" / "runs"  # esft_core/workspace/runs.py layout: launch.json, expert_cfg.json, train/
     runs = [d for d in work.iterdir() if d.is_dir()]
     assert len(runs) == 1 and (runs[0] / "train" / "adapter" / "adapter.safetensors").is_file()
     assert json.loads((runs[0] / "train" / "run.json").read_text())["status"] == "complete"

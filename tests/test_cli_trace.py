@@ -14,9 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from esft_core.cli import build_parser
-from esft_core.models import REPO_ROOT, save_tiny
-from esft_core.official import import_official
-from esft_core.scores import load_scores
+from esft_core.models.loading import REPO_ROOT, save_tiny
+from esft_core.selection.scores import load_scores
+from esft_core.traces.official import import_official
 
 OFFICIAL = Path(REPO_ROOT) / "tests" / "fixtures" / "esft-official"
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from esft_core.models import save_tiny
+from esft_core.models.loading import save_tiny
 
 COMMANDS = ["train", "eval", "merge", "import-adapter"]
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from esft_core.demo import tasks as demo_tasks
-from esft_core.models import DEMO_MODEL, REPO_ROOT, load_model, moe_layout
+from esft_core.models.loading import DEMO_MODEL, REPO_ROOT, load_model, moe_layout
 
 DATA = REPO_ROOT / "data"
 OFFLINE = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

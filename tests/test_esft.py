@@ -1,4 +1,4 @@
-"""Selected-expert parameterisation on fused experts (esft_core/esft.py), on real tiny seeded MoE models."""
+"""Selected-expert parameterisation on fused experts (esft_core/experts/esft.py), on real tiny seeded MoE models."""
 
 import json
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from esft_core.errors import EsftError
-from esft_core.esft import (
+from esft_core.experts.esft import (
     ExpertConfig,
     apply_esft,
     check_config,
@@ -17,7 +17,7 @@ from esft_core.esft import (
     tensor_bytes,
     trainable_parameters,
 )
-from esft_core.models import moe_layout, tiny_moe
+from esft_core.models.loading import moe_layout, tiny_moe
 
 CFG = ExpertConfig({1: [0, 3, 5], 2: [7]})
 IDS = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(0))

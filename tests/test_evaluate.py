@@ -1,12 +1,12 @@
-"""Evaluation (esft_core/evaluate.py): batched greedy generation, losses, task metrics, `esft eval`."""
+"""Evaluation (esft_core/evaluation/evaluate.py): batched greedy generation, losses, task metrics, `esft eval`."""
 
 import json
 
 import pytest
 import torch
 
-from esft_core.evaluate import evaluate_files, generate, load_for_eval, loss_over, task_name
-from esft_core.models import save_tiny, tiny_moe, tiny_tokenizer
+from esft_core.evaluation.evaluate import evaluate_files, generate, load_for_eval, loss_over, task_name
+from esft_core.models.loading import save_tiny, tiny_moe, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_evaluate_files_reports_task_metric_and_general_loss(files):
 
 def test_demo_metric_comes_from_the_registry():
     from esft_core.demo import tasks as demo
-    from esft_core.metrics import metric_for_task
+    from esft_core.evaluation.metrics import metric_for_task
 
     m = metric_for_task("math")
     assert m.name == "final_number_match"
@@ -135,9 +135,9 @@ def test_authors_eval_format_with_offline_metric_and_a_judge_endpoint(tmp_path, 
 
 
 def test_esft_eval_cli_with_run_dir_adapter(tmp_path, files, capsys):
-    from esft_core.adapters import base_fingerprint, save_adapter
     from esft_core.cli import main
-    from esft_core.esft import ExpertConfig, apply_esft
+    from esft_core.experts.adapters import base_fingerprint, save_adapter
+    from esft_core.experts.esft import ExpertConfig, apply_esft
 
     base = save_tiny(tmp_path / "tiny")
     m = tiny_moe("deepseek_v2", seed=0)

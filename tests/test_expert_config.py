@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from esft_core.errors import EsftError
-from esft_core.expert_config import ExpertConfig
+from esft_core.experts.expert_config import ExpertConfig
 
 OFFICIAL = Path(__file__).parent / "fixtures" / "esft-official" / "expert_configs"
 
@@ -40,13 +40,13 @@ def test_bad_configs_are_one_line_errors(tmp_path):
 
 
 def test_module_is_torch_free():
-    code = "import sys, esft_core.expert_config, esft_core.select; print('torch' in sys.modules)"
+    code = "import sys, esft_core.experts.expert_config, esft_core.selection.select; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
 
 def test_esft_reexports_the_same_type():
-    from esft_core import esft
+    from esft_core.experts import esft
 
     assert esft.ExpertConfig is ExpertConfig
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from esft_core.errors import EsftError
-from esft_core.esft import ExpertConfig, apply_esft, merge_selected, selected_parameters
-from esft_core.models import FAMILY_EXCEPTIONS, expert_tensors, lora_targets, moe_families, moe_layout, tiny_moe
-from esft_core.record import Recorder
+from esft_core.experts.esft import ExpertConfig, apply_esft, merge_selected, selected_parameters
+from esft_core.models.loading import FAMILY_EXCEPTIONS, expert_tensors, lora_targets, moe_families, moe_layout, tiny_moe
+from esft_core.traces.record import Recorder
 
 FAMILIES = moe_families()
 REFUSED = {f for f, v in FAMILY_EXCEPTIONS.items() if "refuse" in v}
@@ -161,7 +161,7 @@ def test_family(family):
     # 4. LoRA trains (attention-side Linears + fused experts)
     from peft import LoraConfig, get_peft_model
 
-    from esft_core.train import PEFT_REMAPPED
+    from esft_core.tuning.methods import PEFT_REMAPPED
 
     fresh = tiny_moe(family, seed=0)
     modules, params = lora_targets(fresh, PEFT_REMAPPED)
@@ -185,7 +185,7 @@ def test_loader_falls_back_to_config_architectures(tmp_path, run_esft):
     # mistral4 has a causal-LM class but no AutoModelForCausalLM entry: load_model takes config.architectures
     import transformers
 
-    from esft_core.models import load_model, tiny_config, tiny_tokenizer
+    from esft_core.models.loading import load_model, tiny_config, tiny_tokenizer
 
     torch.manual_seed(0)
     model = transformers.Mistral4ForCausalLM(tiny_config("mistral4"))

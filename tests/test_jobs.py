@@ -13,7 +13,8 @@ import duckdb
 import pytest
 from explorer_support import REPO, cached_model_and_db
 
-from esft_core import jobs
+from esft_core import cli
+from esft_core.workspace import jobs, launchers
 
 
 def wait(job, timeout=60.0, until=lambda j: j.done):
@@ -48,7 +49,7 @@ def test_chain_of_commands_completes_with_log_and_progress(tmp_path):
     assert j.status["peak_rss"] > 1_000_000
     log = jobs.log_tail(j)
     assert "one" in log and "two" in log and log.index("one") < log.index("two")
-    assert jobs.progress(j) == (1.0, "done")
+    assert launchers.progress(j) == (1.0, "done")
     assert [x.id for x in jobs.list_jobs(tmp_path)] == [j.id] and jobs.active_jobs(tmp_path) == []
     assert j.meta == {"x": 1} and j.title == "two steps"
 
@@ -58,7 +59,7 @@ def test_progress_from_tqdm_while_running_then_stop(tmp_path):
             "time.sleep(60)")
     job = jobs.start_job(tmp_path, "record", [py(code), py("print('never')")])
     j = wait(job, until=lambda j: "3/10" in jobs.log_tail(j))
-    frac, label = jobs.progress(j)
+    frac, label = launchers.progress(j)
     assert frac == pytest.approx(0.15) and "3/10" in label  # command 1 of 2 at 30 %
     t = time.monotonic()
     st = jobs.stop_job(j, grace_s=3)
@@ -86,7 +87,7 @@ def test_record_job_adds_a_run_and_a_failing_command_keeps_earlier_data(tmp_path
              "--max-tokens", "200", "--seq-len", "64", "--batch-size", "4"],
             ["esft", "record", "--model", str(model), "--data", str(tmp_path / "missing.jsonl"), "--task", "x",
              "--db", str(db)]]
-    job = jobs.start_job(tmp_path, "record", cmds, meta={"db": str(db)})
+    job = launchers.start_esft_job(tmp_path, "record", cmds, meta={"db": str(db)})
     j = wait(job, timeout=90)
     assert j.state == "failed" and j.status["step"] == 1
     assert j.error.startswith("esft record: error:") and "missing.jsonl" in j.error
@@ -96,9 +97,9 @@ def test_record_job_adds_a_run_and_a_failing_command_keeps_earlier_data(tmp_path
 
 
 def test_cli_options_reflect_the_installed_commands():
-    assert {"--steps", "--eval-data", "--eval-limit", "--experts", "--no-progress"} <= jobs.cli_options("train")
-    assert {"--max-tokens", "--seq-len", "--db"} <= jobs.cli_options("record")
-    assert jobs.cli_options("no-such-command") == set()
+    assert {"--steps", "--eval-data", "--eval-limit", "--experts", "--no-progress"} <= cli.cli_options("train")
+    assert {"--max-tokens", "--seq-len", "--db"} <= cli.cli_options("record")
+    assert cli.cli_options("no-such-command") == set()
 
 
 def test_jobs_are_handed_to_a_warm_standby_runner(tmp_path, monkeypatch):
@@ -133,7 +134,7 @@ def test_jobs_of_one_queue_run_one_after_another(tmp_path):
     other = jobs.start_job(tmp_path, "c", [py("print('other')")], meta={"queue": "elsewhere"})
     assert wait(other).state == "complete"  # another queue does not wait
     s = wait(second, until=lambda j: j.status.get("waiting_for") or j.done)
-    assert s.state == "queued" and s.status["waiting_for"] == first.id and jobs.progress(s)[1].startswith("queued")
+    assert s.state == "queued" and s.status["waiting_for"] == first.id and launchers.progress(s)[1].startswith("queued")
     done = wait(second)
     assert done.state == "complete" and done.status["started"] >= jobs.load_job(first.dir).status["finished"] - 0.05
 
@@ -151,11 +152,13 @@ def test_attribution_job_writes_its_result_and_reports_bad_requests(tmp_path, ti
     import json
 
     model, _ = tiny
-    req = jobs.AttributionRequest(str(model), [1, 5, 9, 33, 70, 12, 8, 100], layer=1, expert=2, target=5, n_steps=32)
-    assert req.path(tmp_path) == jobs.AttributionRequest(**{**req.__dict__}).path(tmp_path)  # same request, same file
-    bad = jobs.AttributionRequest(str(model), req.input_ids, layer=1, expert=99, target=5)
+    req = launchers.AttributionRequest(str(model), [1, 5, 9, 33, 70, 12, 8, 100], layer=1, expert=2, target=5,
+                                       n_steps=32)
+    same = launchers.AttributionRequest(**{**req.__dict__})
+    assert req.path(tmp_path) == same.path(tmp_path)  # same request, same file
+    bad = launchers.AttributionRequest(str(model), req.input_ids, layer=1, expert=99, target=5)
     assert bad.path(tmp_path) != req.path(tmp_path)
-    good_job, bad_job = jobs.start_attribution(tmp_path, req), jobs.start_attribution(tmp_path, bad)
+    good_job, bad_job = launchers.start_attribution(tmp_path, req), launchers.start_attribution(tmp_path, bad)
     assert good_job.meta["queue"] == "compute" and good_job.meta["out"] == str(req.path(tmp_path))
     g = wait(good_job, timeout=180)
     assert g.state == "complete", jobs.log_tail(g)
@@ -163,7 +166,7 @@ def test_attribution_job_writes_its_result_and_reports_bad_requests(tmp_path, ti
     assert len(res["tokens"]) == len(res["scores"]) == 6 and res["target"] == 5 and res["request"]["expert"] == 2
     # completeness: the attributions add up to the logit change, up to the reported integration error
     assert abs(sum(res["scores"]) - (res["logit"] - res["baseline_logit"])) <= res["delta"] + 1e-4
-    assert "3/3" in jobs.log_tail(g) and jobs.progress(g) == (1.0, "done")
+    assert "3/3" in jobs.log_tail(g) and launchers.progress(g) == (1.0, "done")
     b = wait(bad_job, timeout=180)
     assert b.state == "failed" and "expert 99 does not exist" in b.error and b.error.startswith("esft attribution:")
     assert not bad.path(tmp_path).exists()

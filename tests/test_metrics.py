@@ -1,4 +1,5 @@
-"""Task metrics registry (esft_core/metrics.py): built-in metrics, BLEU/chrF through sacrebleu, user registration."""
+"""Task metrics registry (esft_core/evaluation/metrics.py): built-in metrics, BLEU/chrF through sacrebleu, user
+registration."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import sys
 
 import pytest
 
-from esft_core import metrics
 from esft_core.errors import EsftError
+from esft_core.evaluation import metrics
 
 
 def test_builtin_metrics():
@@ -53,11 +54,11 @@ def test_unknown_names_and_user_registration(tmp_path):
         metrics.register_task("t", "nope")
     # a user's module registers a metric and a task through ESFT_METRIC_MODULES (fresh process: loaded once)
     (tmp_path / "my_metrics.py").write_text(
-        "from esft_core import metrics\n"
+        "from esft_core.evaluation import metrics\n"
         "metrics.per_example('startswith', 'prediction starts with the reference', "
         "lambda p, r: float(p.startswith(r)))\n"
         "metrics.register_task('mytask', 'startswith')\n")
-    code = ("from esft_core.metrics import metric_for_task; m = metric_for_task('mytask'); "
+    code = ("from esft_core.evaluation.metrics import metric_for_task; m = metric_for_task('mytask'); "
             "print(m.name, m.score(['abc'], ['ab']), metric_for_task('math').name)")
     env = {**os.environ, "ESFT_METRIC_MODULES": "my_metrics",
            "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}

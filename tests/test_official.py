@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from esft_core import official, store
 from esft_core.errors import EsftError
-from esft_core.models import REPO_ROOT
-from esft_core.scores import esft_summary, load_scores
-from esft_core.select import select_for_task
+from esft_core.models.loading import REPO_ROOT
+from esft_core.selection.scores import esft_summary, load_scores
+from esft_core.selection.select import select_for_task
+from esft_core.traces import official, store
 
 OFFICIAL = Path(REPO_ROOT) / "tests" / "fixtures" / "esft-official"
 TASKS = ("intent", "law")

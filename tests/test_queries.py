@@ -247,7 +247,7 @@ def test_empty_and_missing_databases(tmp_path):
 def test_model_facts_count_parameters_without_loading(request):
     from explorer_support import cached_model_and_db
 
-    from esft_core.models import load_model
+    from esft_core.models.loading import load_model
     from explorer import results
 
     model_dir, _ = cached_model_and_db(request.config.cache.mkdir("esft-explorer"))
@@ -261,7 +261,7 @@ def test_model_facts_count_parameters_without_loading(request):
 
 def test_selection_editing_config_and_eval_comparison(tmp_path):
     from esft_core.errors import EsftError
-    from esft_core.expert_config import ExpertConfig
+    from esft_core.experts.expert_config import ExpertConfig
     from explorer import results
 
     assert ExpertConfig.parse_ids("3, 1 3,7", 8) == [3, 1, 7]  # order kept (score order), duplicates dropped
@@ -276,7 +276,7 @@ def test_selection_editing_config_and_eval_comparison(tmp_path):
     cmp = results.compare_eval(tuned, base)
     assert cmp.rows() == [("law score", 0.1, 0.5, pytest.approx(0.4)), ("law loss", 3.0, 1.0, -2.0),
                           ("general loss", 2.0, 2.5, 0.5)]
-    from esft_core.runs import RunInfo
+    from esft_core.workspace.runs import RunInfo
 
     d = tmp_path / "r1"
     (d / "train" / "adapter").mkdir(parents=True)
@@ -303,8 +303,8 @@ def test_shared_experts_list_what_the_matrix_counts(sdb):
 
 
 def test_run_notes_delete_and_tradeoff(tmp_path):
-    from esft_core import runs
     from esft_core.errors import EsftError
+    from esft_core.workspace import runs
     from explorer import results
 
     d = runs.new_run_dir(tmp_path, "law", "esft")

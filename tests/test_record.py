@@ -10,10 +10,10 @@ import time
 import pytest
 import torch
 
-from esft_core import record, staging, store
 from esft_core.errors import EsftError
-from esft_core.models import TINY_FAMILIES, moe_layout, save_tiny, tiny_moe, tiny_tokenizer
-from esft_core.scores import load_scores
+from esft_core.models.loading import TINY_FAMILIES, moe_layout, save_tiny, tiny_moe, tiny_tokenizer
+from esft_core.selection.scores import load_scores
+from esft_core.traces import record, staging, store
 
 RECORDS = [{"text": f"sample {i}: " + "abc xyz " * (1 + i % 7)} for i in range(30)] + [
     {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]}]
@@ -101,8 +101,8 @@ def test_progress_budget_and_errors(tok, tmp_db):
 RECORDER = """
 import sys, torch
 torch.set_num_threads(1)
-from esft_core.models import load_model
-from esft_core.record import record
+from esft_core.models.loading import load_model
+from esft_core.traces.record import record
 model, tok = load_model(sys.argv[1])
 recs = [{"text": "slow recording " * 3 + str(i)} for i in range(20000)]
 record(model, tok, recs, sys.argv[2], "killed", max_tokens=10**7, seq_len=64, batch_size=2, flush_rows=500)

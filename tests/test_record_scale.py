@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
-from esft_core import record, staging, store
 from esft_core.errors import EsftError
-from esft_core.models import save_tiny, tiny_moe, tiny_tokenizer
-from esft_core.scores import load_scores
+from esft_core.models.loading import save_tiny, tiny_moe, tiny_tokenizer
+from esft_core.selection.scores import load_scores
+from esft_core.traces import record, staging, store
 
 RECORDS = [{"text": f"sample {i}: " + "abc xyz " * (1 + i % 7)} for i in range(30)]
 
@@ -167,7 +167,7 @@ def test_select_on_gate_norm(tok, tmp_db, run_esft):
 def test_token_sums_and_their_merge_equal_a_group_by():
     import numpy as np
 
-    from esft_core.record_host import TokenSums, _token_key, token_sums
+    from esft_core.traces.writer import TokenSums, _token_key, token_sums
 
     rng = np.random.default_rng(0)
     layers, want = [2, 3, 5], {}
@@ -224,7 +224,7 @@ def test_progressive_insert_falls_back_to_parquet_while_a_reader_holds_the_db(tm
     import numpy as np
     import pyarrow as pa
 
-    from esft_core.record_host import Writer
+    from esft_core.traces.writer import Writer
 
     run = staging.StagedRun(tmp_db, "t", "m", 4, 1, [1], {})
     writer = Writer(run, flush_rows=1, progressive=True, threaded=False)
@@ -265,7 +265,7 @@ def test_progressive_insert_falls_back_to_parquet_while_a_reader_holds_the_db(tm
 
 
 def test_device_map_auto_records_the_same_rows(tmp_path, tok, tmp_db, run_esft):
-    from esft_core.models import load_model
+    from esft_core.models.loading import load_model
 
     model_dir = save_tiny(tmp_path / "tiny", "deepseek_v2", seed=3)
     kw = dict(max_tokens=200, seq_len=32, batch_size=4)

@@ -1,4 +1,5 @@
-"""Training runs launched through the library (jobs.start_training → esft_core.runs): real runner processes running
+"""Training runs launched through the library (launchers.start_training → esft_core.workspace.runs): real runner
+processes running
 real `esft train`; Stop reads `stopped`, keeps the last checkpoint and resumes; a runner killed with -9 does not
 leave the run `running`."""
 
@@ -12,9 +13,10 @@ import time
 import pytest
 from explorer_support import REPO, cached_model_and_db
 
-from esft_core import jobs, runs
-from esft_core.expert_config import ExpertConfig
-from esft_core.train import TrainConfig
+from esft_core import cli
+from esft_core.experts.expert_config import ExpertConfig
+from esft_core.tuning.train import TrainConfig
+from esft_core.workspace import jobs, launchers, runs
 
 DATA = str(REPO / "data" / "tasks" / "code" / "train.jsonl")
 
@@ -47,16 +49,16 @@ def _cfg(model, steps):
 def test_train_argv_is_built_from_the_config_and_accepted_by_the_cli(tiny):
     cfg = _cfg(tiny[0], 5)
     cfg.eval_data = ["a.jsonl", "b.jsonl"]
-    argv = jobs.train_argv(cfg)
+    argv = launchers.train_argv(cfg)
     assert argv[:2] == ["esft", "train"] and argv[argv.index("--steps") + 1] == "5"
     assert argv[argv.index("--eval-data") + 1: argv.index("--eval-data") + 3] == ["a.jsonl", "b.jsonl"]
     flags = {a for a in argv if a.startswith("--")}
-    assert flags <= jobs.cli_options("train")
+    assert flags <= cli.cli_options("train")
 
 
 def test_stop_reads_stopped_keeps_checkpoint_and_resumes(tmp_path, tiny):
     ec = ExpertConfig({1: [3, 0], 2: [5]})
-    job, run_dir = jobs.start_training(tmp_path, _cfg(tiny[0], 400), "code", ec)
+    job, run_dir = launchers.start_training(tmp_path, _cfg(tiny[0], 400), "code", ec)
     assert (run_dir / "expert_cfg.json").read_text() == ec.to_json()
     launch = json.loads((run_dir / "launch.json").read_text())
     assert launch["job"] == str(job.dir) and launch["task"] == "code" and launch["config"]["steps"] == 400
@@ -71,7 +73,7 @@ def test_stop_reads_stopped_keeps_checkpoint_and_resumes(tmp_path, tiny):
     assert kept, "the last checkpoint is kept"
     last = int(kept[-1].split("_")[1])
     # resume from it to a close total: the run completes and its metrics continue from the checkpoint
-    job2 = jobs.resume_training(tmp_path, run_dir, steps=last + 2)
+    job2 = launchers.resume_training(tmp_path, run_dir, steps=last + 2)
     _until(lambda: jobs.load_job(job2.dir).done, what="resume")
     info = runs.read_run(run_dir)
     assert jobs.load_job(job2.dir).state == "complete", jobs.log_tail(job2)
@@ -81,7 +83,7 @@ def test_stop_reads_stopped_keeps_checkpoint_and_resumes(tmp_path, tiny):
 
 
 def test_runner_killed_with_sigkill_does_not_stay_running(tmp_path, tiny):
-    job, run_dir = jobs.start_training(tmp_path, _cfg(tiny[0], 400), "code", ExpertConfig({1: [1]}))
+    job, run_dir = launchers.start_training(tmp_path, _cfg(tiny[0], 400), "code", ExpertConfig({1: [1]}))
     _until(lambda: runs.read_run(run_dir).metrics, what="first step")
     pid = jobs.load_job(job.dir).status["pid"]
     os.killpg(pid, signal.SIGKILL)
@@ -99,14 +101,14 @@ def test_standalone_eval_of_a_finished_run_lands_in_the_run_and_the_table(tmp_pa
     cfg.eval_data = [str(REPO / "data" / "tasks" / "code" / "eval.jsonl"),
                      str(REPO / "data" / "general" / "heldout.jsonl")]
     cfg.eval_limit = 2
-    job, run_dir = jobs.start_training(tmp_path, cfg, "code", ExpertConfig({1: [3], 2: [5]}), eval_baseline=False)
+    job, run_dir = launchers.start_training(tmp_path, cfg, "code", ExpertConfig({1: [3], 2: [5]}), eval_baseline=False)
     with pytest.raises(EsftError, match="no finished adapter"):  # not finished yet (queued or running)
-        runs.start_eval(tmp_path, run_dir, 4)
+        launchers.start_eval(tmp_path, run_dir, 4)
     _until(lambda: jobs.load_job(job.dir).done, what="training")
     assert runs.read_run(run_dir).status == "complete", jobs.log_tail(job)
     with pytest.raises(EsftError, match="positive integer, got 0"):
-        runs.start_eval(tmp_path, run_dir, 0)
-    ev_job = runs.start_eval(tmp_path, run_dir, 4)
+        launchers.start_eval(tmp_path, run_dir, 0)
+    ev_job = launchers.start_eval(tmp_path, run_dir, 4)
     assert ev_job.kind == "eval" and ev_job.meta["queue"] == "compute" and "--adapter" in ev_job.commands[0]
     done = _until(lambda: (j := jobs.load_job(ev_job.dir)).done and j, what="eval")
     assert done.state == "complete", jobs.log_tail(done)

@@ -4,11 +4,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from esft_core import staging, store
 from esft_core.errors import EsftError
-from esft_core.expert_config import ExpertConfig
-from esft_core.scores import SCORES, compute_scores, get_score, load_scores, score_sql
-from esft_core.select import (
+from esft_core.experts.expert_config import ExpertConfig
+from esft_core.selection.scores import SCORES, compute_scores, get_score, load_scores, score_sql
+from esft_core.selection.select import (
     contrast,
     parse_expert_lists,
     select,
@@ -17,6 +16,7 @@ from esft_core.select import (
     top_k,
     top_p,
 )
+from esft_core.traces import staging, store
 
 
 def run_tables(routing: list[list[list[tuple[int, float]]]]) -> dict[str, pa.Table]:

@@ -1,10 +1,10 @@
-"""Bootstrap CIs and paired tests of esft_core.stats against closed forms and constructed cases."""
+"""Bootstrap CIs and paired tests of esft_core.evaluation.stats against closed forms and constructed cases."""
 
 import numpy as np
 import pytest
 
 from esft_core.errors import EsftError
-from esft_core.stats import diff_ci, mean_ci, ratio_ci, rise_ratio_ci
+from esft_core.evaluation.stats import diff_ci, mean_ci, ratio_ci, rise_ratio_ci
 
 
 def test_mean_ci_of_bernoulli_matches_normal_approximation():

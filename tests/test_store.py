@@ -8,8 +8,8 @@ import time
 import pyarrow as pa
 import pytest
 
-from esft_core import exchange, staging, store
 from esft_core.errors import EsftError
+from esft_core.traces import exchange, staging, store
 
 CONTRACT = {
     "runs": [("run_id", "INTEGER"), ("task", "VARCHAR"), ("model", "VARCHAR"), ("source", "VARCHAR"),

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from esft_core import official, record, store
-from esft_core.models import REPO_ROOT, tiny_moe, tiny_tokenizer
+from esft_core.models.loading import REPO_ROOT, tiny_moe, tiny_tokenizer
+from esft_core.traces import official, record, store
 
 DOC = Path(REPO_ROOT) / "README.md"
 OFFICIAL = Path(REPO_ROOT) / "tests" / "fixtures" / "esft-official" / "expert_scores"

@@ -1,4 +1,5 @@
-"""The training recipe (esft_core/train.py) on a real tiny DeepSeek-V2 directory; kill -9 and torchrun for real."""
+"""The training recipe (esft_core/tuning/train.py) on a real tiny DeepSeek-V2 directory; kill -9 and torchrun for
+real."""
 
 import json
 import math
@@ -15,8 +16,8 @@ from safetensors.torch import load_file
 
 from esft_core.data import IGNORE_INDEX
 from esft_core.errors import EsftError
-from esft_core.models import load_model, save_tiny, tiny_tokenizer
-from esft_core.train import TrainConfig, lr_at, prepare_data, run_training
+from esft_core.models.loading import load_model, save_tiny, tiny_tokenizer
+from esft_core.tuning.train import TrainConfig, lr_at, prepare_data, run_training
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
@@ -305,8 +306,8 @@ def test_bf16_trained_model_in_memory_is_the_saved_adapter(env, tmp_path):
     """After bf16 training the model in memory (what the benchmark and `train --eval-data` evaluate) must compute
     with the trained weights: the same logits as the base with the saved adapter loaded. The fused AdamW once left
     the forward on a stale bf16 copy of the masters, so training in bf16 never learned (loss flat)."""
-    from esft_core.adapters import load_adapter
-    from esft_core.train import Recipe
+    from esft_core.experts.adapters import load_adapter
+    from esft_core.tuning.train import Recipe
 
     recipe = Recipe(cfg_for(env, tmp_path / "r", steps=3, dtype="bfloat16", lr=5e-2), progress=False)
     recipe.setup()
@@ -323,8 +324,8 @@ def test_bf16_trained_model_in_memory_is_the_saved_adapter(env, tmp_path):
 
 
 def test_grad_checkpointing_gives_the_same_loss_and_gradients_with_esft():
-    from esft_core.esft import ExpertConfig, apply_esft, trainable_parameters
-    from esft_core.models import tiny_moe
+    from esft_core.experts.esft import ExpertConfig, apply_esft, trainable_parameters
+    from esft_core.models.loading import tiny_moe
 
     ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(0))
     results = []

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file
 
 from esft_core.errors import EsftError
-from esft_core.esft import merge_selected
-from esft_core.expert_config import ExpertConfig
-from esft_core.models import load_model, save_tiny
-from esft_core.train import Recipe, TrainConfig
+from esft_core.experts.esft import merge_selected
+from esft_core.experts.expert_config import ExpertConfig
+from esft_core.models.loading import load_model, save_tiny
+from esft_core.tuning.train import Recipe, TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
@@ -183,7 +183,7 @@ def test_shared_experts_on_a_model_without_them_is_refused(env, tmp_path):
 
 def test_a_run_from_before_the_flags_resumes(env, tmp_path):
     """run.json of an older version has no train_shared / train_non_expert: they read as off, not as a different run."""
-    from esft_core.train import check_out_dir
+    from esft_core.tuning.train import check_out_dir
 
     out = tmp_path / "old"
     out.mkdir()
@@ -211,8 +211,8 @@ def _hand_seq_aux(logits: torch.Tensor, ids: torch.Tensor, batch: int, alpha: fl
 
 
 def test_router_gradient_is_lm_plus_alpha_aux_computed_by_hand():
-    from esft_core.aux_loss import RouterAux
-    from esft_core.models import moe_layout, tiny_moe
+    from esft_core.models.loading import moe_layout, tiny_moe
+    from esft_core.tuning.aux_loss import RouterAux
 
     model = tiny_moe("deepseek_v2", seed=2)
     model.train()

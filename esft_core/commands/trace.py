@@ -14,8 +14,8 @@ import os
 import sys
 from pathlib import Path
 
-from esft_core.commands import check_out, write_out
 from esft_core.errors import EsftError
+from esft_core.files import check_out, write_out
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # Accelerate's placement strategies
 
@@ -47,8 +47,8 @@ def cmd_record(args) -> int:
     import torch
 
     from esft_core.data import read_records
-    from esft_core.models import load_model, moe_layout
-    from esft_core.record import parse_routes, record
+    from esft_core.models.loading import load_model, moe_layout
+    from esft_core.traces.record import parse_routes, record
 
     if args.max_tokens < 1 or args.batch_size < 1:
         raise EsftError(f"--max-tokens ({args.max_tokens}) and --batch-size ({args.batch_size}) must be >= 1")
@@ -60,22 +60,23 @@ def cmd_record(args) -> int:
     if args.device_map is not None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise EsftError("--device-map spreads one model over this machine's GPUs; under torchrun each rank records "
                         "on its own GPU: drop --device-map or run one process")
-    from esft_core.devices import resolve_device, resolve_dtype
+    from esft_core.models.devices import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)  # bad --device / --dtype fail before anything loads
     dtype = resolve_dtype(args.dtype, device, args.model)
-    from esft_core import validate
+    from esft_core.models import limits
+    from esft_core.traces import store
 
-    validate.db_path(args.db)
-    config = validate.model_config(args.model)  # config.json only: limits are checked before weights load
+    store.db_path(args.db)
+    config = limits.model_config(args.model)  # config.json only: limits are checked before weights load
     if args.seq_len is None:
-        args.seq_len = min(2048, validate.max_positions(config) or 2048)
-    validate.seq_len(args.seq_len, "--seq-len", config)
-    validate.memory(config, args.batch_size, args.seq_len, training=False, flags="--batch-size/--seq-len")
+        args.seq_len = min(2048, limits.max_positions(config) or 2048)
+    limits.seq_len(args.seq_len, "--seq-len", config)
+    limits.memory(config, args.batch_size, args.seq_len, training=False, flags="--batch-size/--seq-len")
     records = read_records(args.data)  # bad data fails before the model loads and before the DB is touched
     if args.threads:
         torch.set_num_threads(args.threads)
-    from esft_core.train import quiet_transformers
+    from esft_core.tuning.train import quiet_transformers
 
     quiet_transformers()  # no "Loading weights" bar: stderr is for our progress bar and one-line errors
     if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one GPU per rank
@@ -105,7 +106,7 @@ def cmd_record(args) -> int:
 
 
 def _print_run(db, run_id: int) -> None:
-    from esft_core import store
+    from esft_core.traces import store
 
     with store.reader(db) as con:
         task, src, n_s, n_t, layers, k, e = con.execute(
@@ -117,7 +118,7 @@ def _print_run(db, run_id: int) -> None:
 
 # -- import-official ------------------------------------------------------------------------------------------
 def cmd_import_official(args) -> int:
-    from esft_core.official import import_official
+    from esft_core.traces.official import import_official
 
     run_id = import_official(args.log_dir, args.task, args.db, top_k=args.top_k, num_experts=args.num_experts,
                              model=args.model)
@@ -127,8 +128,8 @@ def cmd_import_official(args) -> int:
 
 # -- scores ---------------------------------------------------------------------------------------------------
 def cmd_scores(args) -> int:
-    from esft_core import store
-    from esft_core.scores import NORMALIZATIONS, SCORES, compute_scores, esft_summary, get_score
+    from esft_core.selection.scores import NORMALIZATIONS, SCORES, compute_scores, esft_summary, get_score
+    from esft_core.traces import store
 
     metrics = [args.metric] if args.metric else [m for m in SCORES if m != "gate_norm"]  # the paper's two
     for m in metrics:
@@ -183,9 +184,9 @@ def _round_arg(v: str) -> int | None:
 
 
 def cmd_select(args) -> int:
-    from esft_core import store
-    from esft_core.scores import NORMALIZATIONS, get_score
-    from esft_core.select import check_p, select_for_task, stability
+    from esft_core.selection.scores import NORMALIZATIONS, get_score
+    from esft_core.selection.select import check_p, select_for_task, stability
+    from esft_core.traces import store
 
     get_score(args.metric)
     if args.normalize not in NORMALIZATIONS:
@@ -253,8 +254,8 @@ def _json_cell(v):
 
 
 def cmd_sql(args) -> int:
-    from esft_core import store
-    from esft_core.sqlguard import QueryInterrupted, QueryLimits, run_query, sandbox_config, spill_dir_removed
+    from esft_core.traces import store
+    from esft_core.traces.sqlguard import QueryInterrupted, QueryLimits, run_query, sandbox_config, spill_dir_removed
 
     limits = QueryLimits(timeout_s=args.timeout, memory_limit=args.memory_limit, max_rows=args.max_rows)
     if not args.query.strip().strip(";").strip():
@@ -288,7 +289,7 @@ def cmd_sql(args) -> int:
 
 # -- runs -----------------------------------------------------------------------------------------------------
 def cmd_runs(args) -> int:
-    from esft_core import exchange, staging, store
+    from esft_core.traces import exchange, staging, store
 
     if args.ingest or args.prune:
         ids = staging.settle_staged(args.db)
@@ -312,7 +313,7 @@ def cmd_runs(args) -> int:
 
 # -- export / import ------------------------------------------------------------------------------------------
 def cmd_export(args) -> int:
-    from esft_core import exchange, store
+    from esft_core.traces import exchange, store
 
     if not args.run and not args.task:
         raise EsftError("give --run ID (repeatable) or --task NAME")
@@ -332,7 +333,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_import(args) -> int:
-    from esft_core import exchange
+    from esft_core.traces import exchange
 
     ids = exchange.import_runs(args.db, args.src, args.task)
     for run_id in ids:
@@ -342,6 +343,8 @@ def cmd_import(args) -> int:
 
 # -- registration ---------------------------------------------------------------------------------------------
 def register(sub) -> None:
+    from esft_core.selection.scores import SCORES  # the registry names the choices (duckdb is imported with it)
+
     """Add the trace subcommands to the `esft` parser."""
 
     def add(name, func, help_):
@@ -359,7 +362,7 @@ def register(sub) -> None:
                    help="truncate samples to this many tokens (default: 2048, at most the model's positions)")
     p.add_argument("--batch-size", type=int, default=8, help="samples per forward pass")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample order")
-    from esft_core.devices import add_device_flags
+    from esft_core.models.devices import add_device_flags
 
     add_device_flags(p)
     p.add_argument("--device-map", default=None, metavar="|".join(DEVICE_MAPS),
@@ -399,7 +402,7 @@ def register(sub) -> None:
     p = add("select", cmd_select, "select experts per layer → authors' expert-config JSON")
     p.add_argument("--db", required=True, help="trace database")
     p.add_argument("--task", required=True, help="task name")
-    p.add_argument("--metric", required=True, help="gate or token")
+    p.add_argument("--metric", required=True, help=f"a registered score: {', '.join(SCORES)}")
     p.add_argument("--top-p", type=float, default=None, help="cumulative score per layer, in (0, 1]")
     p.add_argument("--top-k", type=int, default=None, help="instead of --top-p: k experts per layer")
     p.add_argument("--normalize", default="token", help="token (default, authors' configs) or sample")

@@ -4,53 +4,57 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 
-from esft_core.commands import check_out, write_out
-from esft_core.devices import DTYPE_CHOICES, add_device_flags
 from esft_core.errors import EsftError
+from esft_core.files import check_out, write_out
+from esft_core.models.devices import add_device_flags
 
 
-def _help(name: str) -> str:
-    from esft_core.train import TrainConfig
-
-    f = next(f for f in fields(TrainConfig) if f.name == name)
+def _help(f) -> str:
+    """A config field's help with its default (argparse formats help with %, hence the escape)."""
     default = "" if f.default is None or not isinstance(f.default, (int, float, str)) else f" (default {f.default})"
-    return (f.metadata.get("help", "") + default).replace("%", "%%")  # argparse formats help with %
+    return (f.metadata.get("help", "") + default).replace("%", "%%")
+
+
+def add_config_flags(p, config_cls, choices: dict | None = None) -> None:
+    """One flag per field of a config dataclass, from its type and metadata (help, metavar, choices): bools as
+    --[no-]flag, lists as nargs='+', fields without a default required. Every default is None, so the dataclass's
+    own default applies unless a flag is given (and `train_argv` can pass every field back)."""
+    for f in fields(config_cls):
+        if f.metadata.get("flag", True) is False:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type).replace(" | None", "")  # annotations are strings (from __future__ import annotations)
+        kw = {"help": _help(f), "default": None}
+        if f.metadata.get("metavar"):
+            kw["metavar"] = f.metadata["metavar"]
+        if (choices or {}).get(f.name) or f.metadata.get("choices"):
+            kw["choices"] = list((choices or {}).get(f.name) or f.metadata["choices"])
+        if kind == "bool":
+            kw["action"] = argparse.BooleanOptionalAction
+        elif kind.startswith("list["):
+            kw["nargs"] = "+"
+        else:
+            kw["type"] = {"int": int, "float": float, "str": str}[kind]
+        if f.default is MISSING and f.default_factory is MISSING:
+            kw["required"] = True
+        p.add_argument(flag, **kw)
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="fine-tune a model: esft (selected experts), random, shared, fft or lora",
-                       description="Train only the experts of an expert config (esft), as many random experts "
-                       "(random), only the shared experts (shared), every parameter (fft) or LoRA adapters (lora); "
-                       "--train-shared / --train-non-expert add the paper's Table 3 modules. Writes DIR/run.json, "
+    from esft_core.tuning.config import TrainConfig
+    from esft_core.tuning.registry import methods
+
+    registered = methods()
+    p = sub.add_parser("train", help=f"fine-tune a model: {', '.join(registered)}",
+                       description="Train with one of the registered methods: "
+                       + "; ".join(f"{n}: {m.help}" for n, m in registered.items()).replace("%", "%%")
+                       + ". --train-shared / --train-non-expert add the paper's Table 3 modules. Writes DIR/run.json, "
                        "DIR/metrics.jsonl, DIR/checkpoints/ and DIR/adapter/.")
-    p.add_argument("--model", default="demo", help="base model: 'demo', a directory or a hub id")
-    p.add_argument("--data", required=True, help="chat JSONL (or Parquet) training data")
-    p.add_argument("--method", default="esft", choices=["esft", "fft", "lora", "random", "shared"],
-                   help="training method (shared: only the shared experts, no --experts)")
-    p.add_argument("--experts", metavar="CFG", help="expert config JSON (required for esft and random)")
-    for name in ("train_shared", "train_non_expert", "router_aux"):  # --[no-]...: the explorer passes every bool so
-        p.add_argument(f"--{name.replace('_', '-')}", action=argparse.BooleanOptionalAction, default=None,
-                       help=_help(name))
-    p.add_argument("--out", required=True, metavar="DIR", help="run directory (must be new, or --resume)")
-    for name, typ in [("steps", int), ("lr", float), ("batch_size", int), ("grad_accum", int), ("seq_len", int),
-                      ("weight_decay", float), ("beta1", float), ("beta2", float), ("clip", float),
-                      ("warmup", int), ("seed", int), ("save_every", int), ("lora_r", int), ("lora_alpha", int),
-                      ("eval_limit", int), ("global_batch", int)]:
-        p.add_argument(f"--{name.replace('_', '-')}", type=typ, default=None, help=_help(name))
-    p.add_argument("--schedule", choices=["constant", "cosine"], default=None, help=_help("schedule"))
-    p.add_argument("--experts-impl", choices=["eager", "grouped_mm", "batched_mm"], default=None,
-                   help="experts implementation of transformers (default: the model's)")
-    add_device_flags(p, _help("dtype"))
-    p.add_argument("--fp32-master", action=argparse.BooleanOptionalAction, default=None, help=_help("fp32_master"))
-    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                   help=_help("grad_checkpointing"))
-    p.add_argument("--adapter-dtype", choices=DTYPE_CHOICES, default=None, help=_help("adapter_dtype"))
+    add_config_flags(p, TrainConfig, choices={"method": list(registered)})
     p.add_argument("--resume", action="store_true", help="continue the run in DIR from its last checkpoint")
-    p.add_argument("--eval-data", nargs="+", default=None, metavar="FILE",
-                   help="evaluate after training on these files (task eval sets, general held-out corpus)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -99,16 +103,17 @@ def register(sub) -> None:
 
 def cmd_train(args) -> int:
     _quiet()
-    from esft_core.train import TrainConfig, run_training
+    from esft_core.tuning.config import TrainConfig
+    from esft_core.tuning.train import run_training
 
     kwargs = {k: v for k, v in vars(args).items() if k in {f.name for f in fields(TrainConfig)} and v is not None}
-    if args.seq_len is None:  # the default 512, or the model's positions when it has fewer
-        from esft_core import validate
-
-        limit = validate.max_positions(validate.model_config(args.model))
-        if limit is not None and limit < 512:
-            kwargs["seq_len"] = limit
     cfg = TrainConfig(**kwargs)
+    if args.seq_len is None:  # the default 512, or the model's positions when it has fewer
+        from esft_core.models import limits
+
+        limit = limits.max_positions(limits.model_config(cfg.model))
+        if limit is not None and limit < cfg.seq_len:
+            cfg.seq_len = limit
     run = run_training(cfg, resume=args.resume, progress=not args.no_progress)
     if run:
         print(json.dumps({k: run.get(k) for k in ("status", "method", "step", "adapter", "eval")}))
@@ -129,9 +134,9 @@ def _fresh_out(path: str) -> Path:
 
 def cmd_eval(args) -> int:
     _quiet()
-    from esft_core import validate
     from esft_core.data import read_records
-    from esft_core.evaluate import evaluate_files, load_for_eval, read_authors_eval
+    from esft_core.evaluation.evaluate import evaluate_files, load_for_eval, read_authors_eval
+    from esft_core.models import limits
 
     for flag, v in (("--limit", args.limit), ("--batch-size", args.batch_size), ("--max-new-tokens",
                                                                                   args.max_new_tokens)):
@@ -145,7 +150,7 @@ def cmd_eval(args) -> int:
             read_records(f, limit=args.limit)  # every file checked (format, one kind per file) before the model loads
     judge = None
     if args.metric is not None:
-        from esft_core.metrics import get_metric, load_plugins
+        from esft_core.evaluation.metrics import get_metric, load_plugins
 
         load_plugins()
         get_metric(args.metric)
@@ -155,11 +160,11 @@ def cmd_eval(args) -> int:
         from esft_core import settings
 
         judge = {"url": args.judge_url, "model": args.judge_model, "api_key": settings.get("ESFT_JUDGE_API_KEY")}
-    config = validate.model_config(args.model)
+    config = limits.model_config(args.model)
     if args.seq_len is None:
-        args.seq_len = min(512, validate.max_positions(config) or 512)
-    validate.seq_len(args.seq_len, "--seq-len", config)
-    validate.memory(config, args.batch_size, args.seq_len, training=False, flags="--batch-size/--seq-len")
+        args.seq_len = min(512, limits.max_positions(config) or 512)
+    limits.seq_len(args.seq_len, "--seq-len", config)
+    limits.memory(config, args.batch_size, args.seq_len, training=False, flags="--batch-size/--seq-len")
     device, dtype = _device_dtype(args)
     model, tok, kind = load_for_eval(args.model, args.adapter, device=device, dtype=dtype)
     result = evaluate_files(model, tok, args.data, limit=args.limit, seq_len=args.seq_len,
@@ -172,8 +177,8 @@ def cmd_eval(args) -> int:
 
 def cmd_merge(args) -> int:
     _quiet()
-    from esft_core.adapters import merge_adapter
-    from esft_core.models import load_model
+    from esft_core.experts.adapters import merge_adapter
+    from esft_core.models.loading import load_model
 
     out = _fresh_out(args.out)
     adapter = _adapter_dir(args.adapter)
@@ -186,8 +191,8 @@ def cmd_merge(args) -> int:
 
 def cmd_import_adapter(args) -> int:
     _quiet()
-    from esft_core.adapters import import_official_adapter
-    from esft_core.models import load_model
+    from esft_core.experts.adapters import import_official_adapter
+    from esft_core.models.loading import load_model
 
     out = _fresh_out(args.out)
     device, dtype = _device_dtype(args)
@@ -198,13 +203,13 @@ def cmd_import_adapter(args) -> int:
 
 
 def _device_dtype(args):
-    from esft_core.devices import resolve_device, resolve_dtype
+    from esft_core.models.devices import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
     return device, resolve_dtype(args.dtype, device, args.model)
 
 
 def _quiet() -> None:
-    from esft_core.train import quiet_transformers
+    from esft_core.tuning.train import quiet_transformers
 
     quiet_transformers()

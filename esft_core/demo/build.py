@@ -174,7 +174,7 @@ def build(out: Path, cfg: BuildConfig, quiet: bool = False) -> dict:
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
 
-    from esft_core.models import moe_layout
+    from esft_core.models.loading import moe_layout
 
     torch.manual_seed(cfg.seed)
     t0 = time.time()

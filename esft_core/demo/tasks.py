@@ -29,7 +29,7 @@ from pathlib import Path
 
 from esft_core.demo import lexicon as lx
 from esft_core.errors import EsftError
-from esft_core.metrics import exact_match, final_number_match, json_fields, register_task
+from esft_core.evaluation.metrics import exact_match, final_number_match, json_fields, register_task
 
 SEED = 20240701
 N_TRAIN = 2000
@@ -37,7 +37,7 @@ N_EVAL = 200
 
 
 # --------------------------------------------------------------------------------------------- metrics
-# the metric functions live in esft_core.metrics (registered by name); the tasks below register theirs there
+# the metric functions live in esft_core.evaluation.metrics (registered by name); the tasks below register theirs there
 
 
 # --------------------------------------------------------------------------------------------- generators

@@ -6,7 +6,7 @@ layer and rank), and two pre-aggregations written when a run completes, `expert_
 Concurrency. DuckDB lets one process write a database file, and a read-write connection locks the file against every
 other process, readers included. A recording takes minutes, so the recorder never keeps the file open while the
 model runs: it inserts a `runs` row with status 'running' (one short transaction), keeps its Arrow batches in memory
-(spilled as Parquet files in `<db>.staging/run-<id>/` past a size, esft_core/staging.py), and at the end ingests
+(spilled as Parquet files in `<db>.staging/run-<id>/` past a size, esft_core/traces/staging.py), and at the end ingests
 them in one transaction that also writes the
 aggregates and flips the status to 'complete'. A `kill -9` leaves at most a 'running' row and a staging folder;
 both are cleaned up by the next writer (the run is marked 'failed'). Readers (the explorer, `esft sql`) and writers
@@ -108,7 +108,7 @@ def connect(db: str | Path, read_only: bool = False, timeout: float = 30.0,
 
     read_only=True requires the file to exist (a reader never creates a DB). external_access=False forbids
     read_parquet/COPY/ATTACH and friends, and locks that setting (used by `esft sql`). `config`: more DuckDB
-    settings (e.g. esft_core.sqlguard.sandbox_config: memory and thread limits, locked).
+    settings (e.g. esft_core.traces.sqlguard.sandbox_config: memory and thread limits, locked).
     A read-write connection creates the schema when missing.
     """
     db = Path(db)
@@ -146,7 +146,7 @@ def check_db_file(db: Path) -> None:
     if db.is_dir():
         raise EsftError(f"trace database {db} is a directory; give a DuckDB file path, e.g. traces.duckdb")
     if db.is_file():
-        from esft_core.sqlguard import is_duckdb_file
+        from esft_core.traces.sqlguard import is_duckdb_file
 
         if not is_duckdb_file(db):
             raise EsftError(f"{db} is not a DuckDB database (wrong file header); give a .duckdb trace database")
@@ -357,3 +357,12 @@ def ensure_sample_aggregates(con) -> int:
         con.execute("INSERT INTO sample_expert_stats SELECT run_id, sample_id, layer, expert, count(*), "
                     "sum(weight::DOUBLE) FROM routes WHERE run_id = ? GROUP BY ALL", [run])
     return len(todo)
+
+
+def db_path(db) -> Path:
+    """A trace DB path for writing: its directory exists, it is not a directory or a non-DuckDB file."""
+    p = Path(db)
+    if p.parent and not p.parent.exists():
+        raise EsftError(f"directory {p.parent} of trace database {p.name} does not exist")
+    check_db_file(p)
+    return p

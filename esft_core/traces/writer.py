@@ -15,8 +15,8 @@ from collections.abc import Callable
 import numpy as np
 import pyarrow as pa
 
-from esft_core import staging
 from esft_core.errors import EsftError
+from esft_core.traces import staging
 
 
 class TokenTexts:

@@ -1,6 +1,7 @@
 """Where a model lives, without importing torch: 'demo' → the shipped demo checkpoint, a directory → itself (it must
 hold config.json), anything else → a hub id. The explorer's pages call this on their first visit (model facts on
-Select & Train), where importing torch through esft_core.models would cost ~1 s on a small CPU; esft_core.models
+Select & Train), where importing torch through esft_core.models.loading would cost ~1 s on a small CPU;
+esft_core.models.loading
 re-exports these names for the model-loading code."""
 
 from __future__ import annotations

@@ -23,9 +23,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from esft_core import settings, store
+from esft_core import settings
 from esft_core.errors import EsftError
+from esft_core.files import write_json
 from esft_core.procs import pid_alive
+from esft_core.traces import store
 
 
 def staging_root(db: str | Path) -> Path:
@@ -160,10 +162,6 @@ def settle_staged(db: str | Path, timeout: float = 60.0) -> list[int]:
     return sorted(after - before)
 
 
-def _write_marker(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
 
 
 class StagedRun:
@@ -305,7 +303,7 @@ class StagedRun:
             self.fail("no samples were recorded")
             raise EsftError("no tokens were recorded (empty data or --max-tokens 0)")
         if not self.memory:
-            _write_marker(self.dir / READY, {"run_id": self.run_id, "rows": self.n_rows, "pid": os.getpid()})
+            write_json(self.dir / READY, {"run_id": self.run_id, "rows": self.n_rows, "pid": os.getpid()})
         deadline = time.monotonic() + self.ingest_wait
         told = False
         while True:
@@ -319,7 +317,7 @@ class StagedRun:
                     raise
                 if self.memory:
                     self.spill()
-                    _write_marker(self.dir / READY, {"run_id": self.run_id, "rows": self.n_rows, "pid": os.getpid()})
+                    write_json(self.dir / READY, {"run_id": self.run_id, "rows": self.n_rows, "pid": os.getpid()})
                 if time.monotonic() >= deadline:
                     self.queued = True
                     raise EsftError(

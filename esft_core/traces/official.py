@@ -25,8 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pcsv
 
-from esft_core import store
 from esft_core.errors import EsftError
+from esft_core.traces import store
 
 LOG_RE = re.compile(r"^expert_weights_(\d+)\.txt(\.gz)?$")  # plain or gzip-compressed
 OFFICIAL_MODEL = "deepseek-ai/ESFT-vanilla-lite"

@@ -1,6 +1,7 @@
 """The training recipe behind `esft train`: setup / train / save / cleanup, for interchangeable methods by name.
 
-Methods (`METHODS`): `esft` trains only the experts of an expert config (esft_core.esft), `random` trains as many
+Methods (esft_core/tuning/registry.py): `esft` trains only the experts of an expert config (esft_core.experts.esft),
+`random` trains as many
 experts per layer as a given config but chosen at random (seeded; the paper's ablation), `shared` trains only the
 shared experts, `fft` every parameter, `lora` peft LoRA adapters (see `lora_targets`); `--train-shared` /
 `--train-non-expert` (the paper's Table 3) add modules to esft / random. Data is chat JSONL with the authors'
@@ -11,13 +12,14 @@ A run directory (`--out DIR`) holds `run.json` (config, status running|complete|
 (one line per optimizer step), `checkpoints/step_N/` (every `save_every` steps, for `--resume`; a run killed with
 kill -9 resumes from the last complete one), `adapter/` and, when eval data were given, `eval.json`.
 
-Device and precision: `--device auto|cpu|cuda[:N]`, `--dtype auto|bfloat16|float16|float32` (esft_core.devices);
+Device and precision: `--device auto|cpu|cuda[:N]`, `--dtype auto|bfloat16|float16|float32` (esft_core.models.devices);
 frozen weights stay in the model dtype, the selected experts' trainable copies keep float32 master weights
 (`--fp32-master`, default on) so their optimizer state is float32; adapters are written in the base dtype
 (`--adapter-dtype`). `--grad-checkpointing` (default on except for the demo) recomputes each decoder layer in
 backward.
 
-Under `torchrun --nproc-per-node N` the model is sharded with FSDP2 (esft_core.distributed): every rank takes its own
+Under `torchrun --nproc-per-node N` the model is sharded with FSDP2 (esft_core.tuning.distributed): every rank takes
+its own
 slice of each global batch, gradients are reduce-scattered in float32, checkpoints are sharded DCP checkpoints, and
 rank 0 alone writes the adapter and run files.
 """
@@ -26,110 +28,21 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from esft_core.errors import EsftError
+from esft_core.files import read_metrics, write_json
 from esft_core.locks import LOCK_NAME, RunDirLock
-from esft_core.methods import METHODS, PEFT_REMAPPED, lora_targets  # noqa: F401  (re-exported)
-from esft_core.trainguard import check_finite_params, check_step, preflight
-
-SCHEDULES = ("constant", "cosine")
-IDENTITY_FIELDS = ("method", "model", "data", "experts_cfg", "lr", "batch_size", "grad_accum", "seq_len",
-                   "weight_decay", "beta1", "beta2", "clip", "schedule", "warmup", "seed", "lora_r", "lora_alpha",
-                   "train_shared", "train_non_expert")
-
-
-@dataclass
-class TrainConfig:
-    """Hyper-parameters of one run (each is an `esft train` flag). Defaults are documented in docs/training.md."""
-
-    data: str = field(metadata={"help": "chat JSONL/Parquet training data"})
-    out: str = field(metadata={"help": "run directory"})
-    model: str = field(default="demo", metadata={"help": "base model: 'demo', a directory or a hub id"})
-    method: str = field(default="esft", metadata={"help": "esft | fft | lora | random | shared"})
-    experts: str | None = field(default=None, metadata={"help": "expert config JSON (esft, random)"})
-    steps: int = field(default=100, metadata={"help": "optimizer steps"})
-    lr: float = field(default=1e-4, metadata={"help": "peak learning rate"})
-    batch_size: int = field(default=4, metadata={"help": "packed sequences per micro-batch per process"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    seq_len: int = field(default=512, metadata={"help": "packed sequence length (tokens)"})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (matrices only)"})
-    beta1: float = field(default=0.9, metadata={"help": "AdamW beta1"})
-    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2"})
-    clip: float = field(default=1.0, metadata={"help": "max global gradient norm (0 = no clipping)"})
-    schedule: str = field(default="constant", metadata={"help": "constant | cosine (to 10% of lr)"})
-    warmup: int = field(default=0, metadata={"help": "linear warm-up steps"})
-    seed: int = field(default=0, metadata={"help": "seed for data order, LoRA init and random experts"})
-    save_every: int = field(default=0, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
-    eval_data: list[str] = field(default_factory=list, metadata={"help": "files to evaluate on after training"})
-    eval_limit: int = field(default=32, metadata={"help": "examples per eval file"})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scaling alpha/r)"})
-    experts_impl: str | None = field(default=None, metadata={"help": "eager | grouped_mm | batched_mm (model default)"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N (auto: CUDA when present)"})
-    dtype: str = field(default="auto", metadata={
-        "help": "auto | bfloat16 | float16 | float32 (auto: the checkpoint's dtype; float32 for the CPU demo)"})
-    fp32_master: bool = field(default=True, metadata={
-        "help": "keep float32 master weights (and optimizer state) for the trained experts of a low-precision model"})
-    grad_checkpointing: bool | None = field(default=None, metadata={
-        "help": "activation checkpointing per decoder layer (default: on unless the model is the demo)"})
-    adapter_dtype: str = field(default="auto", metadata={
-        "help": "dtype of the written adapter / checkpoint (auto: the model's dtype)"})
-    global_batch: int | None = field(default=None, metadata={
-        "help": "sequences per optimizer step over all ranks; sets --batch-size to it / (world size x grad-accum)"})
-    train_shared: bool = field(default=False, metadata={
-        "help": "esft / random: also train the shared experts of every MoE layer (paper Table 3)"})
-    train_non_expert: bool = field(default=False, metadata={
-        "help": "esft / random / shared: also train every non-expert module: attention, norms, routers, dense "
-                "MLPs, embeddings, head (paper Table 3; the authors' non_expert_modules)"})
-    router_aux: bool | None = field(default=None, metadata={
-        "help": "add the router's auxiliary balance loss (DeepSeek-V2's seq_aux, alpha 0.001, or the family's own "
-                "router_aux_loss_coef) to the LM loss; default: on exactly when a router trains (--train-non-expert, "
-                "fft)"})
-    experts_cfg: dict | None = field(default=None, metadata={"help": "filled in: the expert config used"})
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise EsftError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
-        if self.method in ("esft", "random") and not self.experts and not self.experts_cfg:
-            raise EsftError(f"--method {self.method} needs --experts CFG (an expert config from `esft select`)")
-        from esft_core.methods import check_table3_flags
-
-        check_table3_flags(self)
-        for name in ("steps", "batch_size", "grad_accum", "seq_len", "lora_r", "eval_limit"):
-            if getattr(self, name) <= 0:
-                raise EsftError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ("lr", "weight_decay", "clip", "warmup", "save_every", "lora_alpha"):
-            if getattr(self, name) < 0 or (name == "lr" and self.lr == 0):
-                raise EsftError(f"--{name.replace('_', '-')} must be {'> 0' if name == 'lr' else '>= 0'}")
-        if self.schedule not in SCHEDULES:
-            raise EsftError(f"--schedule must be one of {', '.join(SCHEDULES)}, got '{self.schedule}'")
-        from esft_core.devices import DTYPE_CHOICES
-
-        for name in ("dtype", "adapter_dtype"):
-            if getattr(self, name) not in DTYPE_CHOICES:
-                raise EsftError(f"--{name.replace('_', '-')} must be one of {', '.join(DTYPE_CHOICES)}, "
-                                f"got '{getattr(self, name)}'")
-        if self.global_batch is not None and self.global_batch <= 0:
-            raise EsftError(f"--global-batch must be positive, got {self.global_batch}")
-
-
-def lr_at(cfg: TrainConfig, step: int) -> float:
-    """Learning rate of optimizer step `step` (1-based): linear warm-up, then constant or cosine to 10%."""
-    if cfg.warmup and step <= cfg.warmup:
-        return cfg.lr * step / cfg.warmup
-    if cfg.schedule == "constant":
-        return cfg.lr
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+from esft_core.tuning.config import IDENTITY_FIELDS, TrainConfig, lr_at
+from esft_core.tuning.registry import get_method, resolve
+from esft_core.tuning.trainguard import check_finite_params, check_step, preflight
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -142,15 +55,11 @@ def quiet_transformers() -> None:
 
 
 def is_demo(model: str | None) -> bool:
-    from esft_core.models import DEMO_MODEL, resolve_model_path
+    from esft_core.models.loading import DEMO_MODEL, resolve_model_path
 
     return Path(resolve_model_path(model)).resolve() == DEMO_MODEL.resolve()
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def prepare_data(cfg: TrainConfig, tok) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -211,8 +120,8 @@ class Recipe:
     def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True):
         self.cfg, self.resume, self.progress = cfg, resume, progress
         self.out = Path(cfg.out)
-        from esft_core.devices import resolve_device
-        from esft_core.distributed import init_distributed, world_size
+        from esft_core.models.devices import resolve_device
+        from esft_core.tuning.distributed import init_distributed, world_size
 
         device = resolve_device(cfg.device)  # bad --device fails before any process group or file exists
         if cfg.global_batch is not None:
@@ -230,15 +139,15 @@ class Recipe:
     # -- setup ---------------------------------------------------------------------------------------------------
     def setup(self) -> None:
         """Validate everything that can be wrong before writing anything, then create the run directory."""
-        from esft_core.adapters import base_fingerprint
-        from esft_core.devices import DTYPES, resolve_dtype
-        from esft_core.methods import load_experts_cfg
-        from esft_core.models import load_model, resolve_model_path
+        from esft_core.experts.adapters import base_fingerprint
+        from esft_core.models.devices import dtype_of, resolve_dtype
+        from esft_core.models.loading import load_model, resolve_model_path
+        from esft_core.tuning.methods import load_experts_cfg
 
         cfg = self.cfg
         load_experts_cfg(cfg)
         self.dtype = resolve_dtype(cfg.dtype, self.device, cfg.model)
-        self.save_dtype = self.dtype if cfg.adapter_dtype == "auto" else DTYPES[cfg.adapter_dtype]
+        self.save_dtype = self.dtype if cfg.adapter_dtype == "auto" else dtype_of(cfg.adapter_dtype)
         self.prev = check_out_dir(cfg, self.resume)
         quiet_transformers()
         from transformers import AutoTokenizer
@@ -255,7 +164,7 @@ class Recipe:
         if self.grad_checkpointing and not getattr(self.model, "supports_gradient_checkpointing", False):
             raise EsftError(f"--grad-checkpointing: {type(self.model).__name__} does not support activation "
                             "checkpointing; pass --no-grad-checkpointing")
-        from esft_core.methods import expert_config_for
+        from esft_core.tuning.methods import expert_config_for
 
         self.expert_cfg = expert_config_for(cfg, self.model, (self.prev or {}).get("config"))
         self.fingerprint = base_fingerprint(self.model)
@@ -267,14 +176,15 @@ class Recipe:
         self.master_dtype = torch.float32 if cfg.fp32_master and self.dtype != torch.float32 else None
         # each tensor's dtype in the base model (routers stay fp32 in a bf16 model): what `save` writes by default
         self.base_dtypes = {n: p.dtype for n, p in self.model.named_parameters()}
-        from esft_core.models import moe_layout
+        from esft_core.models.loading import moe_layout
 
         layout = moe_layout(self.model)  # of the plain model: routers keep their modules through every method
-        self.model = METHODS[cfg.method](self.model, cfg, self.expert_cfg, master_dtype=self.master_dtype)
+        prepare = resolve(get_method(cfg.method).prepare)
+        self.model = prepare(self.model, cfg, self.expert_cfg, master_dtype=self.master_dtype)
         self.model.train()
         self._setup_router_aux(layout)
         if self.world > 1:
-            from esft_core.distributed import shard_model
+            from esft_core.tuning.distributed import shard_model
 
             if self.master_dtype is not None:  # FSDP2 wants one dtype for trainable params: fp32 masters for all
                 for p in self.model.parameters():
@@ -283,7 +193,7 @@ class Recipe:
             self.model = shard_model(self.model, self.device, self.dtype)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.named = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-        from esft_core.distributed import frozen_checksum
+        from esft_core.tuning.distributed import frozen_checksum
 
         self.frozen_at_start = frozen_checksum(self.model)
         decay = [p for p in self.params if p.dim() >= 2]
@@ -308,7 +218,7 @@ class Recipe:
 
     def _setup_router_aux(self, layout) -> None:
         """The router's balance loss, on by default exactly when a router trains (recorded in run.json)."""
-        from esft_core.aux_loss import SEQ_AUX_ALPHA, RouterAux, aux_kind, router_trains
+        from esft_core.tuning.aux_loss import SEQ_AUX_ALPHA, RouterAux, aux_kind, router_trains
 
         trains = router_trains(self.model, layout)
         on = self.cfg.router_aux if self.cfg.router_aux is not None else trains
@@ -337,7 +247,7 @@ class Recipe:
 
     def _write_run(self, status: str, error: str | None = None, **extra) -> None:
         cfg = asdict(self.cfg)
-        if self.cfg.method == "random":
+        if get_method(self.cfg.method).draw:
             cfg["random_experts"] = self.expert_cfg.to_dict()
         run = {"method": self.cfg.method, "model": self.cfg.model, "data": self.cfg.data, "status": status,
                "error": error, "step": self.step, "steps": self.cfg.steps, "world_size": self.world,
@@ -346,7 +256,7 @@ class Recipe:
                "data_stats": getattr(self, "data_stats", None),
                "trainable_params": sum(p.numel() for p in getattr(self, "params", [])),
                "router_aux": getattr(self, "router_aux", None), **extra}
-        _write_json(self.out / "run.json", run)
+        write_json(self.out / "run.json", run)
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def _checkpoints(self) -> list[Path]:
@@ -361,7 +271,7 @@ class Recipe:
 
     def _save_checkpoint(self) -> None:
         """Sharded DCP checkpoint of the trainable tensors + AdamW state (every rank writes its shards), atomically."""
-        from esft_core.distributed import save_checkpoint
+        from esft_core.tuning.distributed import save_checkpoint
 
         # every rank checks its own shards (the loss check has stopped a non-finite step on all ranks before this)
         check_finite_params({n: p.to_local() if hasattr(p, "to_local") else p for n, p in self.named.items()})
@@ -374,7 +284,7 @@ class Recipe:
         save_checkpoint(self.model, self.opt, set(self.named), tmp)
         self._barrier()
         if self.rank == 0:
-            _write_json(tmp / "state.json", {"step": self.step, "world_size": self.world})
+            write_json(tmp / "state.json", {"step": self.step, "world_size": self.world})
             os.replace(tmp, final)
             self._write_run("running")
             for old in self._checkpoints()[:-1]:
@@ -382,7 +292,7 @@ class Recipe:
         self._barrier()
 
     def _load_checkpoint(self) -> None:
-        from esft_core.distributed import load_checkpoint
+        from esft_core.tuning.distributed import load_checkpoint
 
         ckpts = self._checkpoints()
         metrics = self.out / "metrics.jsonl"
@@ -391,9 +301,8 @@ class Recipe:
             load_checkpoint(self.model, self.opt, set(self.named), last)
             self.step = json.loads((last / "state.json").read_text())["step"]
         if self.rank == 0 and metrics.is_file():  # drop lines logged after the checkpoint by the killed run
-            from esft_core.trainguard import read_metrics
 
-            keep = [m for m in read_metrics(metrics) if m["step"] <= self.step]
+            keep = [m for m in read_metrics(metrics, strict=True) if m["step"] <= self.step]
             metrics.write_text("".join(json.dumps(m) + "\n" for m in keep))
 
     # -- train ---------------------------------------------------------------------------------------------------
@@ -420,7 +329,7 @@ class Recipe:
                        file=sys.stderr, mininterval=1.0)
         metrics = open(self.out / "metrics.jsonl", "a", encoding="utf-8") if self.rank == 0 else None
         try:
-            from esft_core.distributed import set_gradient_sync
+            from esft_core.tuning.distributed import set_gradient_sync
 
             while self.step < cfg.steps:
                 t = time.time()
@@ -477,13 +386,13 @@ class Recipe:
     def save(self) -> Path | None:
         """Write the adapter once (rank 0) in `save_dtype`: esft/random → our adapter format; lora → peft; fft → a full
         checkpoint. Under FSDP the trainable tensors are gathered first (every rank takes part)."""
-        from esft_core.distributed import gather_trainable
+        from esft_core.tuning.distributed import gather_trainable
 
         state = gather_trainable(self.named, self.rank)  # CPU copies on rank 0, {} elsewhere
         if self.rank != 0:
             return None
         check_finite_params(state)
-        from esft_core.esft import plain_name
+        from esft_core.experts.esft import plain_name
 
         auto = self.cfg.adapter_dtype == "auto"  # each tensor in its base dtype (fp32 masters rounded to it)
         state = {n: t.to(self.base_dtypes.get(plain_name(n), self.save_dtype) if auto else self.save_dtype)
@@ -491,15 +400,15 @@ class Recipe:
         adapter = self.out / "adapter"
         shutil.rmtree(adapter, ignore_errors=True)
         if self.expert_cfg is not None:  # esft / random / shared: an ESFT adapter
-            from esft_core.adapters import save_adapter
+            from esft_core.experts.adapters import save_adapter
 
             save_adapter(self.model, self.expert_cfg, adapter, self.fingerprint, state=state)
         else:
             self.model.save_pretrained(adapter, state_dict=state)
-            if self.cfg.method == "fft":
+            if get_method(self.cfg.method).adapter == "checkpoint":
                 self.tok.save_pretrained(adapter)
             else:
-                _write_json(adapter / "base_fingerprint.json", self.fingerprint)
+                write_json(adapter / "base_fingerprint.json", self.fingerprint)
         return adapter
 
     def evaluate(self) -> dict | None:
@@ -509,7 +418,7 @@ class Recipe:
         if self.rank != 0:
             self._barrier()
             return None
-        from esft_core.evaluate import evaluate_files, load_for_eval
+        from esft_core.evaluation.evaluate import evaluate_files, load_for_eval
 
         if self.world > 1:
             model, tok, _ = load_for_eval(self.cfg.model, str(self.out / "adapter"), device=self.device,
@@ -519,14 +428,14 @@ class Recipe:
         model.eval()
         model.config.use_cache = True  # generation wants the KV cache that activation checkpointing turned off
         result = evaluate_files(model, tok, self.cfg.eval_data, limit=self.cfg.eval_limit, seq_len=self.cfg.seq_len)
-        _write_json(self.out / "eval.json", result)
+        write_json(self.out / "eval.json", result)
         if self.world > 1:
             self._barrier()
         return result
 
     def frozen_unchanged(self) -> bool:
         """Every rank's frozen weights (shards) are exactly as at setup (collective under FSDP)."""
-        from esft_core.distributed import frozen_checksum
+        from esft_core.tuning.distributed import frozen_checksum
 
         same = torch.tensor(int(torch.equal(frozen_checksum(self.model), self.frozen_at_start)))
         if self.world > 1:
@@ -541,7 +450,7 @@ class Recipe:
         Without FSDP there is one entry; under FSDP one per rank (the shards differ, so the digests do)."""
         import hashlib
 
-        from esft_core.distributed import local
+        from esft_core.tuning.distributed import local
 
         h = hashlib.sha256()
         for n, p in self.named.items():
@@ -588,7 +497,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, progress: bool = True) 
 
     Returns the final run.json content (rank 0). Errors before the run directory exists leave nothing behind.
     """
-    from esft_core.methods import load_experts_cfg
+    from esft_core.tuning.methods import load_experts_cfg
 
     load_experts_cfg(cfg)
     preflight(cfg, resume)  # ranges, model positions, memory, eval files, resume state: before anything is written

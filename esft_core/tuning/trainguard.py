@@ -1,7 +1,7 @@
 """Guards of a training run (`esft train`): hyper-parameter ranges, checks before step 1 (model positions, memory,
 eval files, resume state), a non-finite loss stop, and a NaN-free adapter.
 
-Kept out of esft_core/train.py (the recipe) so the recipe stays about training; train.run_training calls
+Kept out of esft_core/tuning/train.py (the recipe) so the recipe stays about training; train.run_training calls
 `preflight` before anything is written and `check_step` after every backward pass.
 """
 
@@ -16,7 +16,7 @@ from esft_core.errors import EsftError
 
 def check_hparams(cfg) -> None:
     """Finite values in their ranges: AdamW's betas in [0, 1), lr > 0, weight decay and clip >= 0."""
-    from esft_core.validate import finite
+    from esft_core.errors import finite
 
     finite(cfg.lr, "--lr", 0, None, low_open=True)
     finite(cfg.weight_decay, "--weight-decay", 0, None)
@@ -25,19 +25,6 @@ def check_hparams(cfg) -> None:
     finite(cfg.clip, "--clip", 0, None)
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl lines; a torn last line (the process was killed mid-write) is dropped, a bad line elsewhere
-    is an error naming it."""
-    lines = [ln for ln in path.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
-    out = []
-    for i, ln in enumerate(lines):
-        try:
-            out.append(json.loads(ln))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break  # torn by a kill during the write: the checkpoint decides where training resumes
-            raise EsftError(f"{path} line {i + 1} is not JSON; the run directory is damaged") from None
-    return out
 
 
 def check_resume(cfg, resume: bool) -> None:
@@ -58,16 +45,16 @@ def check_resume(cfg, resume: bool) -> None:
 
 def preflight(cfg, resume: bool) -> None:
     """Everything that can be checked before the model loads and before the run directory is written."""
-    from esft_core import validate
     from esft_core.data import read_records
+    from esft_core.models import limits
 
     check_hparams(cfg)
     check_resume(cfg, resume)
     for f in cfg.eval_data or []:
         read_records(f, limit=cfg.eval_limit)  # a bad eval file fails now, not after training
-    config = validate.model_config(cfg.model)
-    validate.seq_len(cfg.seq_len, "--seq-len", config)
-    validate.memory(config, cfg.batch_size, cfg.seq_len, training=True, flags="--batch-size/--seq-len")
+    config = limits.model_config(cfg.model)
+    limits.seq_len(cfg.seq_len, "--seq-len", config)
+    limits.memory(config, cfg.batch_size, cfg.seq_len, training=True, flags="--batch-size/--seq-len")
 
 
 def check_step(loss: float, grad_norm, step: int, lr: float) -> None:

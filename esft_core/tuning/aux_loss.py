@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from esft_core.models import MoeLayout
+from esft_core.models.loading import MoeLayout
 
 SEQ_AUX_ALPHA = 0.001  # DeepSeek-V2(-Lite)'s aux_loss_alpha; transformers v5's config has no such field
 

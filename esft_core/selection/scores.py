@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from esft_core import store
 from esft_core.errors import EsftError
+from esft_core.traces import store
 
 NORMALIZATIONS = ("token", "sample")
 TOKEN_SETS = ("all", "answer")  # all = the paper; answer = only positions whose prediction is in the loss
@@ -31,6 +31,7 @@ class ScoreFunction:
     help: str
     token_sql: str
     sample_sql: str
+    default_p: float = 0.1  # the explorer's first top-p threshold (the paper: 0.1 for gate, 0.2 for token)
 
     def sql(self, normalize: str) -> str:
         if normalize not in NORMALIZATIONS:
@@ -55,6 +56,7 @@ register_score(ScoreFunction(
     "token", "token selection ratio (ESFT-Token): share of top-K slots that pick the expert",
     token_sql="n_selected / (top_k * n_tokens)",
     sample_sql="sample_token_sum / (top_k * n_samples)",
+    default_p=0.2,
 ))
 register_score(ScoreFunction(
     "gate_norm", "scale-free gate score: as gate, with each token's top-K weights divided by their sum (comparable "

@@ -16,8 +16,8 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from esft_core import staging, store
 from esft_core.errors import EsftError
+from esft_core.traces import staging, store
 
 
 def export_runs(db: str | Path, run_ids: list[int], out_dir: str | Path, force: bool = False) -> dict[str, int]:

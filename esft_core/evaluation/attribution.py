@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from esft_core.errors import EsftError
-from esft_core.models import moe_layout
+from esft_core.files import write_json
+from esft_core.models.loading import moe_layout
 
 
 class _Stop(Exception):
@@ -144,20 +145,20 @@ def routing_shift(base: nn.Module, tuned: nn.Module, input_ids: list[list[int]],
 
 
 def main(argv: list[str]) -> int:
-    """`python -m esft_core.attribution REQUEST.json OUT.json`: the background job of jobs.start_attribution. Stage
+    """`python -m esft_core.evaluation.attribution REQUEST.json OUT.json`: the background job of
+    launchers.start_attribution. Stage
     progress (model loaded, integrated, written) as a tqdm bar in the job log; OUT is written atomically."""
     import dataclasses
     import json
-    import os
     import sys
     from pathlib import Path
 
     from tqdm import tqdm
 
-    from esft_core.models import load_model
+    from esft_core.models.loading import load_model
 
     if len(argv) != 2:
-        print("usage: python -m esft_core.attribution REQUEST.json OUT.json", file=sys.stderr)
+        print("usage: python -m esft_core.evaluation.attribution REQUEST.json OUT.json", file=sys.stderr)
         return 2
     try:
         req = json.loads(Path(argv[0]).read_text())
@@ -169,10 +170,7 @@ def main(argv: list[str]) -> int:
             res = router_attribution(model, tok, req["input_ids"], int(req["layer"]), int(req["expert"]),
                                      target=int(req["target"]), n_steps=int(req["n_steps"]))
             bar.update()
-            out = Path(argv[1])
-            tmp = out.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({**dataclasses.asdict(res), "request": req}))
-            os.replace(tmp, out)
+            write_json(Path(argv[1]), {**dataclasses.asdict(res), "request": req}, indent=None)
             bar.update()
     except (EsftError, OSError, KeyError, ValueError) as e:
         print(f"esft attribution: error: {e}", file=sys.stderr)

@@ -1,7 +1,8 @@
 """Evaluation: task metrics by greedy generation, eval loss, and general-ability retention.
 
 For a chat file (a task's eval split) we report the task metric (greedy decoding of the last assistant turn, scored by
-the task's metric from the esft_core.metrics registry, `--metric` to name one, exact match by default) and the eval loss
+the task's metric from the esft_core.evaluation.metrics registry, `--metric` to name one, exact match by default)
+and the eval loss
 (mean cross-entropy over answer tokens). For a text file (the general corpus' held-out split) we report the loss over
 all tokens: its rise after tuning measures forgetting. Generation is batched (left padding) and bounded: `limit`
 examples per file and at most `max_new_tokens` (by default the longest reference + 16 tokens). The authors' eval
@@ -121,7 +122,7 @@ def evaluate_authors_file(model, tok, path: str | Path, records: list[dict], tas
                           judge: dict | None = None, seq_len: int = 512) -> dict:
     """Score the authors' eval format: greedy answers to `prompt`, the task metric against every raw answer (best
     one counts), and the judge's mean grade when `judge` ({"url", "model", "api_key"}) is given."""
-    from esft_core.metrics import judge_score, metric_for_task
+    from esft_core.evaluation.metrics import judge_score, metric_for_task
 
     task = task or task_name(path).removesuffix(".jsonl").removesuffix("_eval")
     m = metric_for_task(task, metric)
@@ -154,7 +155,7 @@ def evaluate_file(model, tok, path: str | Path, task: str | None = None, limit: 
     if "messages" not in records[0]:
         return {"kind": "text", "file": str(path), "n": len(records),
                 "loss": round(loss_over(model, tok, records, seq_len, batch_size), 6)}
-    from esft_core.metrics import metric_for_task
+    from esft_core.evaluation.metrics import metric_for_task
 
     task = task or task_name(path)
     m = metric_for_task(task, metric)
@@ -196,12 +197,12 @@ def load_for_eval(model_path: str, adapter: str | None = None, device=None, dtyp
     """(model, tokenizer, description) for a base model plus an optional adapter or run directory.
 
     `adapter` may be an ESFT adapter dir, a peft (LoRA) adapter dir, a full checkpoint (fft) or a run directory
-    holding `adapter/`. `device` / `dtype`: where and in what precision the model runs (esft_core.devices).
+    holding `adapter/`. `device` / `dtype`: where and in what precision the model runs (esft_core.models.devices).
     """
     import functools
 
     from esft_core.errors import EsftError
-    from esft_core.models import load_model
+    from esft_core.models.loading import load_model
 
     load_model = functools.partial(load_model, dtype=dtype, device=device)
 
@@ -214,7 +215,7 @@ def load_for_eval(model_path: str, adapter: str | None = None, device=None, dtyp
     if not a.is_dir():
         raise EsftError(f"adapter {adapter} does not exist")
     if (a / "expert_cfg.json").is_file() and (a / "adapter.safetensors").is_file():
-        from esft_core.adapters import load_adapter
+        from esft_core.experts.adapters import load_adapter
 
         model, tok = load_model(model_path)
         load_adapter(model, a)
@@ -228,7 +229,7 @@ def load_for_eval(model_path: str, adapter: str | None = None, device=None, dtyp
         model, tok = load_model(model_path)
         fp = a / "base_fingerprint.json"
         if fp.is_file():
-            from esft_core.adapters import check_fingerprint
+            from esft_core.experts.adapters import check_fingerprint
 
             check_fingerprint(json.loads(fp.read_text()), model, f"adapter {adapter}")
         with warnings.catch_warnings():

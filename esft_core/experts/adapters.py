@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from esft_core.errors import EsftError
-from esft_core.esft import SelectedExperts, apply_esft, check_config, is_wrapped, merge_selected, plain_name
-from esft_core.expert_config import ExpertConfig
+from esft_core.experts.esft import SelectedExperts, apply_esft, check_config, is_wrapped, merge_selected, plain_name
+from esft_core.experts.expert_config import ExpertConfig
 
 ADAPTER_FILE = "adapter.safetensors"
 CONFIG_FILE = "expert_cfg.json"

@@ -18,10 +18,10 @@ import math
 
 import numpy as np
 
-from esft_core import store
 from esft_core.errors import EsftError
-from esft_core.expert_config import ExpertConfig
-from esft_core.scores import Scores, compute_scores, get_score
+from esft_core.experts.expert_config import ExpertConfig
+from esft_core.selection.scores import Scores, compute_scores, get_score
+from esft_core.traces import store
 
 
 def check_p(p: float) -> float:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from esft_core.errors import EsftError
-from esft_core.model_paths import DEMO_MODEL, REPO_ROOT, resolve_model_path  # noqa: F401  (re-exported, torch-free)
+from esft_core.models.paths import DEMO_MODEL, REPO_ROOT, resolve_model_path  # noqa: F401  (re-exported, torch-free)
 
 ROUTER_NAME = re.compile(r"^(gate|router|gating|wg|classifier|moe_gate|router_gate)$")
 NOT_ROUTER = re.compile(r"(gate_proj|gate_up|shared|norm|expert)")

@@ -11,12 +11,12 @@ gives them by score), so a config written here from the authors' scores is byte-
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from esft_core.errors import EsftError, bounded, brief
+from esft_core.files import write_text
 
 
 @dataclass
@@ -102,10 +102,7 @@ class ExpertConfig:
 
     def save(self, path: str | Path) -> None:
         """Write to_json() atomically (tmp file + rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(self.to_json(), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text(path, self.to_json())
 
     # -- facts --------------------------------------------------------------------------------------------------
     @property

@@ -1,5 +1,5 @@
 """Checks run before anything heavy happens: the model's limits (read from config.json only, no weights), a memory
-estimate for a forward/backward pass, a model directory's completeness, a trace DB path.
+estimate for a forward/backward pass, a model directory's completeness.
 
 Every failure is an EsftError naming the flag, the value and what would be accepted (one line in the CLI).
 """
@@ -7,7 +7,6 @@ Every failure is an EsftError naming the flag, the value and what would be accep
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
@@ -19,7 +18,7 @@ def model_config(model: str):
 
     A directory must hold config.json, weights and a tokenizer; a hub id that is not in the local cache fails at
     once when HF_HUB_OFFLINE is set (instead of a minute of network retries)."""
-    from esft_core.models import resolve_model_path
+    from esft_core.models.loading import resolve_model_path
 
     path = resolve_model_path(model)
     p = Path(path)
@@ -124,28 +123,3 @@ def memory(config, batch: int, seq: int, training: bool, flags: str) -> None:
     if need > free:
         raise EsftError(f"{flags} need at least {need / 2**30:.1f} GiB of activations but only {free / 2**30:.1f} "
                         f"GiB of {where} is free; lower --seq-len or --batch-size")
-
-
-def finite(value: float, flag: str, low: float | None = None, high: float | None = None,
-           low_open: bool = False, high_open: bool = False) -> float:
-    """A finite float within [low, high] (open ends when asked); the error names the accepted range."""
-    lo = "-inf" if low is None else f"{low:g}"
-    hi = "inf" if high is None else f"{high:g}"
-    rng = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
-    ok = isinstance(value, (int, float)) and math.isfinite(value)
-    ok = ok and (low is None or (value > low if low_open else value >= low))
-    ok = ok and (high is None or (value < high if high_open else value <= high))
-    if not ok:
-        raise EsftError(f"{flag} must be a finite number in {rng}, got {value}")
-    return float(value)
-
-
-def db_path(db) -> Path:
-    """A trace DB path for writing: its directory exists, it is not a directory or a non-DuckDB file."""
-    from esft_core.store import check_db_file
-
-    p = Path(db)
-    if p.parent and not p.parent.exists():
-        raise EsftError(f"directory {p.parent} of trace database {p.name} does not exist")
-    check_db_file(p)
-    return p

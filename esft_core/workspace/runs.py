@@ -4,9 +4,10 @@
       launch.json       the TrainConfig (as given), task, job id, baseline reference, created time
       expert_cfg.json   the expert config trained (esft/random), the authors' format
       train/            the `esft train --out` directory: run.json (status), metrics.jsonl, checkpoints/, adapter/,
-                        eval.json (esft_core/train.py owns this layout)
+                        eval.json (esft_core/tuning/train.py owns this layout)
       notes.json        the user's label, tags and notes (`annotate`); never touched by training
-      routing_shift.json  written by the routing-shift job (`python -m esft_core.runs routing-shift RUN_DIR N`)
+      routing_shift.json  written by the routing-shift job (`python -m esft_core.workspace.runs routing-shift
+      RUN_DIR N`)
       evals/eval-<N>.json standalone evaluations of the finished adapter on N examples per file (`start_eval`)
 
 `read_run` reconciles the recorded status with the job that runs it: a run whose job was stopped reads `stopped`,
@@ -18,15 +19,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from esft_core import jobs
 from esft_core.errors import EsftError
-from esft_core.expert_config import ExpertConfig
+from esft_core.experts.expert_config import ExpertConfig
+from esft_core.files import read_json, read_metrics, write_json
+from esft_core.workspace import jobs
 
 LAUNCH = "launch.json"
 EXPERT_CFG = "expert_cfg.json"
@@ -40,17 +41,8 @@ def runs_root(workdir: str | Path) -> Path:
     return Path(workdir) / "runs"
 
 
-def _read(p: Path) -> dict:
-    try:
-        return json.loads(Path(p).read_text())
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
-        return {}
 
 
-def _write(p: Path, obj: dict) -> None:
-    tmp = p.with_name(p.name + f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, p)
 
 
 def baseline_path(workdir: str | Path, model: str, files: list[str], limit: int, seq_len: int) -> Path:
@@ -79,8 +71,8 @@ def write_launch(run_dir: Path, config: dict, task: str, expert_cfg: ExpertConfi
     as hyperparameter columns on the Results page; kept when the launch is rewritten (resume with new steps)."""
     if expert_cfg is not None:
         expert_cfg.save(run_dir / EXPERT_CFG)
-    old = _read(run_dir / LAUNCH)
-    _write(run_dir / LAUNCH, {"config": config, "task": task, "baseline": str(baseline) if baseline else None,
+    old = read_json(run_dir / LAUNCH)
+    write_json(run_dir / LAUNCH, {"config": config, "task": task, "baseline": str(baseline) if baseline else None,
                               "job": job_id, "created": old.get("created") or time.time(),
                               "selection": selection if selection is not None else old.get("selection")})
 
@@ -92,7 +84,7 @@ def annotate(run_dir: str | Path, label: str | None = None, tags: list[str] | No
     d = Path(run_dir)
     if not (d / LAUNCH).is_file():
         raise EsftError(f"{d} is not a training run directory (no {LAUNCH})")
-    cur = _read(d / NOTES)
+    cur = read_json(d / NOTES)
     if label is not None:
         label = label.strip()
         if "\n" in label or len(label) > 80:
@@ -102,7 +94,7 @@ def annotate(run_dir: str | Path, label: str | None = None, tags: list[str] | No
         cur["tags"] = sorted({t.strip() for t in tags if t.strip()})
     if notes is not None:
         cur["notes"] = notes
-    _write(d / NOTES, cur)
+    write_json(d / NOTES, cur)
     return cur
 
 
@@ -120,9 +112,9 @@ def delete_run(run_dir: str | Path) -> None:
 
 
 def set_job(run_dir: Path, job: jobs.Job) -> None:
-    launch = _read(run_dir / LAUNCH)
+    launch = read_json(run_dir / LAUNCH)
     launch["job"] = str(job.dir)
-    _write(run_dir / LAUNCH, launch)
+    write_json(run_dir / LAUNCH, launch)
 
 
 @dataclass
@@ -172,19 +164,19 @@ class RunInfo:
 
     @property
     def routing_shift(self) -> dict:
-        return _read(self.dir / SHIFT)
+        return read_json(self.dir / SHIFT)
 
     @property
     def extra_evals(self) -> dict[int, dict]:
         """{examples per file: eval JSON} of the standalone evaluations (start_eval), fewest examples first."""
         d = self.dir / EVALS
-        found = {int(p.stem.split("-", 1)[1]): _read(p) for p in d.glob("eval-*.json")} if d.is_dir() else {}
+        found = {int(p.stem.split("-", 1)[1]): read_json(p) for p in d.glob("eval-*.json")} if d.is_dir() else {}
         return {n: ev for n, ev in sorted(found.items()) if ev}
 
     @property
     def notes(self) -> dict:
         """{'label', 'tags', 'notes'} as the user set them (annotate)."""
-        return _read(self.dir / NOTES)
+        return read_json(self.dir / NOTES)
 
     @property
     def label(self) -> str:
@@ -197,19 +189,17 @@ class RunInfo:
     @property
     def method_label(self) -> str:
         """The paper's method names: ESFT-Token / ESFT-Gate (by the selection score), FFT, LoRA, random experts."""
-        m = self.config.get("method") or self.run.get("method") or "?"
-        if m == "esft":
-            metric = self.selection.get("metric")
-            return {"token": "ESFT-Token", "gate": "ESFT-Gate"}.get(metric, "ESFT")
-        return {"fft": "FFT", "lora": "LoRA", "random": "random experts", "shared": "shared experts"}.get(m, m)
+        from esft_core.tuning.registry import method_label
+
+        return method_label(self.config.get("method") or self.run.get("method"), self.selection)
 
 
 def read_run(run_dir: str | Path) -> RunInfo:
     """The one reader of a run directory. Status: the job's final state wins over a run.json left `running` (a
     stopped job reads `stopped`, a dead runner `failed`); a job still running reads `running`."""
     d = Path(run_dir)
-    launch = _read(d / LAUNCH)
-    run = _read(d / TRAIN / "run.json")
+    launch = read_json(d / LAUNCH)
+    run = read_json(d / TRAIN / "run.json")
     job_dir = launch.get("job")
     jst = jobs.job_status(job_dir) if job_dir else {}
     status, error = run.get("status") or "queued", run.get("error")
@@ -221,9 +211,9 @@ def read_run(run_dir: str | Path) -> RunInfo:
         status = jst["state"]  # queued: waiting behind another job of its queue
     elif not jst and status == "running":  # no job to ask (launched elsewhere): trust run.json
         pass
-    ev = _read(d / TRAIN / "eval.json") or run.get("eval") or {}
-    return RunInfo(d, launch, run, status, error, jobs.read_metrics(d / TRAIN), ev,
-                   _read(Path(launch["baseline"])) if launch.get("baseline") else {}, jst.get("peak_rss"), job_dir)
+    ev = read_json(d / TRAIN / "eval.json") or run.get("eval") or {}
+    return RunInfo(d, launch, run, status, error, read_metrics(d / TRAIN), ev,
+                   read_json(Path(launch["baseline"])) if launch.get("baseline") else {}, jst.get("peak_rss"), job_dir)
 
 
 def list_runs(workdir: str | Path) -> list[RunInfo]:
@@ -234,36 +224,14 @@ def list_runs(workdir: str | Path) -> list[RunInfo]:
     return [read_run(d) for d in sorted(root.iterdir(), reverse=True) if (d / LAUNCH).is_file()]
 
 
-# -- standalone evaluation of a finished run (a background job) ----------------------------------------------------
-def start_eval(workdir: str | Path, run_dir: str | Path, limit: int) -> jobs.Job:
-    """Evaluate the run's finished adapter on its eval files (task eval set, general held-out) with `limit` examples
-    per file, as an `esft eval` job; the result lands in RUN_DIR/evals/eval-<limit>.json (RunInfo.extra_evals)."""
-    info = read_run(run_dir)
-    if info.status != "complete" or not info.adapter_dir.is_dir():
-        raise EsftError(f"run {info.name} has no finished adapter (status {info.status})")
-    files = [str(f) for f in info.config.get("eval_data") or []]
-    if not files:
-        raise EsftError(f"run {info.name} was trained without --eval-data; there is nothing to evaluate it on")
-    if int(limit) <= 0:
-        raise EsftError(f"examples per file must be a positive integer, got {limit}")
-    (info.dir / EVALS).mkdir(exist_ok=True)
-    out = info.dir / EVALS / f"eval-{int(limit)}.json"
-    cmd = ["esft", "eval", "--model", info.config.get("model", "demo"), "--adapter", str(info.train_dir), "--data",
-           *files, "--limit", str(int(limit)), "--out", str(out), "--force"]
-    if info.config.get("seq_len"):
-        cmd += ["--seq-len", str(info.config["seq_len"])]
-    return jobs.start_job(workdir, "eval", [cmd], title=f"Evaluate {info.label} on {int(limit)} examples per file",
-                          meta={"run": str(info.dir), "limit": int(limit), "out": str(out), "queue": "compute"})
-
-
 # -- routing shift (a background job: it loads two models) -----------------------------------------------------
 def compute_routing_shift(run_dir: str | Path, n_prompts: int = 8, max_len: int = 256) -> dict:
     """Route the first `n_prompts` examples of the run's task eval data (else its training data) through the
     untuned and the tuned model; write and return {"data", "n", "rows": [...], "trained": {layer: [ids]}|None}."""
-    from esft_core.attribution import routing_shift
     from esft_core.data import encode_record, read_records
-    from esft_core.evaluate import load_for_eval
-    from esft_core.models import load_model
+    from esft_core.evaluation.attribution import routing_shift
+    from esft_core.evaluation.evaluate import load_for_eval
+    from esft_core.models.loading import load_model
 
     info = read_run(run_dir)
     if info.status != "complete" or not info.adapter_dir.is_dir():
@@ -279,7 +247,7 @@ def compute_routing_shift(run_dir: str | Path, n_prompts: int = 8, max_len: int 
     trained = ec.experts if ec is not None else None
     out = {"data": data, "n": n_prompts, "rows": routing_shift(base, tuned, ids, trained),
            "trained": {str(k): v for k, v in trained.items()} if trained else None}
-    _write(Path(run_dir) / SHIFT, out)
+    write_json(Path(run_dir) / SHIFT, out)
     return out
 
 
@@ -291,5 +259,5 @@ if __name__ == "__main__":
             print(f"esft routing-shift: error: {e}", file=sys.stderr)
             sys.exit(2)
         sys.exit(0)
-    print("usage: python -m esft_core.runs routing-shift RUN_DIR N_PROMPTS", file=sys.stderr)
+    print("usage: python -m esft_core.workspace.runs routing-shift RUN_DIR N_PROMPTS", file=sys.stderr)
     sys.exit(2)

@@ -11,18 +11,29 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from esft_core.errors import EsftError
 
+if TYPE_CHECKING:  # torch is imported where a device or dtype is resolved: the CLI parser and configs stay light
+    import torch
+
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-DTYPE_CHOICES = ("auto", *DTYPES)
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
+DTYPE_CHOICES = ("auto", *DTYPE_NAMES)
+
+
+def dtype_of(name: str) -> torch.dtype:
+    """'bfloat16' | 'float16' | 'float32' → the torch dtype."""
+    import torch
+
+    return getattr(torch, name)
 
 
 def resolve_device(spec: str | None = "auto") -> torch.device:
     """'auto' | 'cpu' | 'cuda' | 'cuda:N' → a torch.device that exists on this machine."""
+    import torch
+
     spec = (spec or "auto").strip().lower()
     if spec == "auto":
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -42,6 +53,8 @@ def resolve_device(spec: str | None = "auto") -> torch.device:
 
 def checkpoint_dtype(model_path: str) -> torch.dtype | None:
     """The dtype a checkpoint declares in its config.json (None when it declares none or is not a local dir)."""
+    import torch
+
     cfg = Path(model_path) / "config.json"
     if not cfg.is_file():
         try:  # a hub id: transformers reads (and caches) config.json
@@ -55,14 +68,17 @@ def checkpoint_dtype(model_path: str) -> torch.dtype | None:
         name = d.get("dtype") or d.get("torch_dtype")
     if isinstance(name, torch.dtype):
         return name
-    return DTYPES.get(str(name).replace("torch.", "")) if name else None
+    name = str(name).replace("torch.", "") if name else None
+    return dtype_of(name) if name in DTYPE_NAMES else None
 
 
 def resolve_dtype(spec: str | None, device: torch.device, model: str | None = None) -> torch.dtype:
     """'auto' | 'bfloat16' | 'float16' | 'float32' → a dtype `device` can train in.
 
     auto: float32 for the demo on the CPU, else the checkpoint's dtype (float32 when it declares none)."""
-    from esft_core.models import DEMO_MODEL, resolve_model_path
+    import torch
+
+    from esft_core.models.loading import DEMO_MODEL, resolve_model_path
 
     spec = (spec or "auto").strip().lower()
     if spec == "auto":
@@ -73,9 +89,9 @@ def resolve_dtype(spec: str | None, device: torch.device, model: str | None = No
         if device.type == "cpu" and dtype == torch.float16:
             dtype = torch.bfloat16  # same width, trainable on the CPU
         return dtype
-    if spec not in DTYPES:
+    if spec not in DTYPE_NAMES:
         raise EsftError(f"--dtype {spec}: unknown dtype; use {', '.join(DTYPE_CHOICES)}")
-    dtype = DTYPES[spec]
+    dtype = dtype_of(spec)
     if device.type == "cpu" and dtype == torch.float16:
         raise EsftError("--dtype float16 is not supported on the CPU (no float16 training kernels); "
                         "use bfloat16 or float32")

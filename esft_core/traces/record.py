@@ -39,11 +39,11 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from esft_core import staging
 from esft_core.data import IGNORE_INDEX, encode_record
 from esft_core.errors import EsftError
-from esft_core.models import MoeLayout, moe_layout
-from esft_core.record_host import (  # noqa: F401  (re-exported: the recorder's host side lived here)
+from esft_core.models.loading import MoeLayout, moe_layout
+from esft_core.traces import staging
+from esft_core.traces.writer import (  # noqa: F401  (re-exported: the recorder's host side lived here)
     TokenTexts,
     Writer,
     _builder,

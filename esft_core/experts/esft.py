@@ -38,8 +38,8 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from esft_core.errors import EsftError, brief
-from esft_core.expert_config import ExpertConfig  # noqa: F401  (re-exported: the type lived here)
-from esft_core.models import MoeLayout, decoder_layers, expert_tensors, moe_layout
+from esft_core.experts.expert_config import ExpertConfig  # noqa: F401  (re-exported: the type lived here)
+from esft_core.models.loading import MoeLayout, decoder_layers, expert_tensors, moe_layout
 
 SHARED_EXPERT_ATTRS = ("shared_experts", "shared_expert", "shared_expert_gate", "shared_mlp")
 

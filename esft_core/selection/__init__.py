@@ -1,0 +1,2 @@
+"""Selection: expert relevance scores over traces and the per-layer top-p selection (the trace maths lives here,
+once)."""
