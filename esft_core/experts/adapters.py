@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 
@@ -44,14 +45,9 @@ def base_fingerprint(model: nn.Module) -> dict:
     """
     h = hashlib.sha256()
     n_params = 0
-    for name, p in model.named_parameters():
-        if ".esft." in name:
-            continue
-        flat = p.detach().reshape(-1)
-        n_params += flat.numel()
-        step = max(1, flat.numel() // _SAMPLES_PER_TENSOR)
-        sample = flat[::step][:_SAMPLES_PER_TENSOR].to(torch.bfloat16).float().cpu()
-        h.update(f"{name}:{tuple(p.shape)}:".encode())
+    for name, (shape, sample) in _weight_samples(model).items():
+        n_params += math.prod(shape)
+        h.update(f"{name}:{shape}:".encode())
         h.update(sample.numpy().tobytes())
     cfg = model.config
     return {
@@ -63,6 +59,44 @@ def base_fingerprint(model: nn.Module) -> dict:
         "digest": h.hexdigest()[:32],
         "name_or_path": str(getattr(cfg, "_name_or_path", "")),
     }
+
+
+def _weight_samples(model: nn.Module) -> dict[str, tuple[tuple, torch.Tensor]]:
+    """name -> (shape, evenly spaced samples of the flattened tensor as float32 of bfloat16 values) per base
+    parameter. A sharded (DTensor `Shard(0)`) parameter is sampled where its rows live: every rank reads the samples
+    in its own rows and one all_gather_object assembles them (collective: every rank calls it), so the digest equals
+    the unsharded model's without gathering any weight."""
+    from esft_core.models.sharded import row_range
+
+    out, pending = {}, {}
+    for name, p in model.named_parameters():
+        if ".esft." in name:
+            continue
+        numel = p.numel()
+        step = max(1, numel // _SAMPLES_PER_TENSOR)
+        if not hasattr(p, "to_local"):
+            flat = p.detach().reshape(-1)
+            out[name] = (tuple(p.shape), flat[::step][:_SAMPLES_PER_TENSOR].to(torch.bfloat16).float().cpu())
+            continue
+        count = min(_SAMPLES_PER_TENSOR, -(-numel // step))
+        pos = torch.arange(count) * step  # (count,) flat positions in the full tensor
+        lo, hi = row_range(p)
+        row = numel // max(1, p.shape[0])
+        mine = (pos >= lo * row) & (pos < hi * row)
+        vals = p.to_local().detach().reshape(-1)[(pos[mine] - lo * row).to(p.to_local().device)]
+        pending[name] = (tuple(p.shape), count, step, pos[mine] // step, vals.to(torch.bfloat16).float().cpu())
+    if pending:
+        import torch.distributed as dist
+
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, {n: (idx, vals) for n, (*_, idx, vals) in pending.items()})
+        for name, (shape, count, *_) in pending.items():
+            sample = torch.empty(count)  # (count,) filled by the ranks that hold each position
+            for part in parts:
+                idx, vals = part[name]
+                sample[idx] = vals
+            out[name] = (shape, sample)
+    return {n: out[n] for n, _ in model.named_parameters() if n in out}
 
 
 def check_fingerprint(expected: dict, model: nn.Module, where: str) -> None:

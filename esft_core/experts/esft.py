@@ -112,6 +112,8 @@ class SelectedExperts(nn.Module):
         self.names = list(self.axes)  # relative to the experts module ('gate_up_proj', 'mlp.w1', ...)
         self.attr = {n: n.replace(".", "__") for n in self.names}
         device = next(iter(experts.parameters())).device
+        if device.type == "meta":  # a model built without weights (sharded loading): real index buffers, on the CPU
+            device = torch.device("cpu")
         self.register_buffer("expert_ids", torch.tensor(self.ids, dtype=torch.long, device=device), persistent=False)
         slot_of = torch.full((self.num_experts + 1,), -1, dtype=torch.long, device=device)  # last: EP sentinel
         slot_of[self.expert_ids] = torch.arange(len(self.ids), device=device)

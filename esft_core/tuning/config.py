@@ -11,6 +11,7 @@ from esft_core.models.devices import DTYPE_CHOICES
 from esft_core.tuning.registry import get_method, methods
 
 SCHEDULES = ("constant", "cosine")  # = TrainConfig.schedule's choices
+LOAD_CHOICES = ("auto", "sharded", "whole")  # = TrainConfig.load's choices
 IDENTITY_FIELDS = ("method", "model", "data", "experts_cfg", "lr", "batch_size", "grad_accum", "seq_len",
                    "weight_decay", "beta1", "beta2", "clip", "schedule", "warmup", "seed", "lora_r", "lora_alpha",
                    "train_shared", "train_non_expert")
@@ -68,6 +69,10 @@ class TrainConfig:
         "help": "add the router's auxiliary balance loss (DeepSeek-V2's seq_aux, alpha 0.001, or the family's own "
                 "router_aux_loss_coef) to the LM loss; default: on exactly when a router trains (--train-non-expert, "
                 "fft)"})
+    load: str = field(default="auto", metadata={
+        "help": "how ranks get the weights: sharded (build on meta, each rank reads only its slices of the "
+                "safetensors files), whole (every rank loads the whole checkpoint, then shards it); auto: sharded "
+                "under torchrun except for lora", "choices": LOAD_CHOICES})
     experts_cfg: dict | None = field(default=None, metadata={"help": "filled in: the expert config used",
                                                              "flag": False})
 
@@ -88,6 +93,11 @@ class TrainConfig:
             if getattr(self, name) not in DTYPE_CHOICES:
                 raise EsftError(f"--{name.replace('_', '-')} must be one of {', '.join(DTYPE_CHOICES)}, "
                                 f"got '{getattr(self, name)}'")
+        if self.load not in LOAD_CHOICES:
+            raise EsftError(f"--load must be one of {', '.join(LOAD_CHOICES)}, got '{self.load}'")
+        if self.load == "sharded" and get_method(self.method).adapter == "peft":
+            raise EsftError(f"--load sharded does not serve --method {self.method}: peft renames the modules it wraps, "
+                            "so the checkpoint's names no longer fit; use --load whole")
         if self.global_batch is not None and self.global_batch <= 0:
             raise EsftError(f"--global-batch must be positive, got {self.global_batch}")
 

@@ -55,6 +55,24 @@ def is_sharded() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+@contextlib.contextmanager
+def collective_errors(what: str):
+    """A collective that fails because another rank is gone (killed, out of memory, its own error) becomes one line:
+    gloo says 'Connection closed by peer', NCCL a DistBackendError; nothing has been written at this point."""
+    try:
+        yield
+    except EsftError:
+        raise
+    except RuntimeError as e:  # DistBackendError is a RuntimeError
+        if not is_sharded():
+            raise
+        import torch.distributed as dist
+
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise EsftError(f"rank {dist.get_rank()} of {dist.get_world_size()}: another rank stopped while {what} "
+                        f"({msg}); nothing was written") from None
+
+
 def decoder_layer_list(model: nn.Module) -> nn.ModuleList:
     """The decoder layers, also under a peft wrapper (`base_model.model.model.layers`)."""
     found = [m for n, m in model.named_modules() if n.endswith("model.layers") and isinstance(m, nn.ModuleList)]
@@ -74,6 +92,40 @@ def shard_model(model: nn.Module, device: torch.device, compute_dtype: torch.dty
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
+
+
+def fill_selected(model: nn.Module) -> None:
+    """Fill every ESFT copy (`experts.esft`, built on meta) from the sharded fused tensors it copies (collective).
+
+    Per layer and projection: each rank writes the rows of the selected experts it holds into an (n_sel * rows, ...)
+    float32 buffer of zeros (rows = 1 for [E, ...] tensors, I for flat [E*I, H] ones), one all_reduce sums them (every
+    row comes from exactly one rank, so the sum is exact), and each rank keeps its own rows of the copy. Memory: the
+    selected rows of one tensor, never a whole fused tensor."""
+    import torch.distributed as dist
+
+    from esft_core.experts.esft import SelectedExperts
+    from esft_core.models.sharded import row_range
+
+    for experts in model.modules():
+        sel = getattr(experts, "esft", None)
+        if not isinstance(sel, SelectedExperts):
+            continue
+        for name in sel.names:
+            fused, small = experts.get_parameter(name), sel.small(name)
+            rows = fused.shape[0] // sel.num_experts if name in sel.views else 1
+            lo, hi = row_range(fused)
+            held = local(fused.detach())  # (hi - lo, ...) this rank's rows of the fused tensor
+            buf = torch.zeros((len(sel.ids) * rows, *fused.shape[1:]), dtype=torch.float32, device=held.device)
+            for s, e in enumerate(sel.ids):
+                a, b = max(e * rows, lo), min((e + 1) * rows, hi)
+                if a < b:
+                    buf[s * rows + a - e * rows: s * rows + b - e * rows] = held[a - lo: b - lo]
+            if is_sharded():
+                dist.all_reduce(buf)
+            buf = buf.view(small.shape)  # (n_sel, ...) or (n_sel, rows, ...)
+            slo, shi = row_range(small)
+            with torch.no_grad():
+                local(small.detach()).copy_(buf[slo:shi])
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:

@@ -157,8 +157,15 @@ class Recipe:
         except OSError as e:
             raise EsftError(f"cannot load model '{cfg.model}': {str(e).splitlines()[0]}") from None
         self.ids, self.labels, self.data_stats = prepare_data(cfg, tok)
-        self.model, self.tok = load_model(cfg.model, dtype=self.dtype, experts_implementation=cfg.experts_impl,
-                                          device=self.device)
+        self.sharded_load = self.cfg.load == "sharded" or (
+            self.cfg.load == "auto" and self.world > 1 and get_method(cfg.method).adapter != "peft")
+        if self.sharded_load:  # parameters on meta; each rank reads its own slices once the model is sharded
+            from esft_core.models.sharded import empty_model
+
+            self.model, self.tok = empty_model(cfg.model, self.dtype, cfg.experts_impl)
+        else:
+            self.model, self.tok = load_model(cfg.model, dtype=self.dtype, experts_implementation=cfg.experts_impl,
+                                              device=self.device)
         self.grad_checkpointing = cfg.grad_checkpointing if cfg.grad_checkpointing is not None else not is_demo(
             cfg.model)
         if self.grad_checkpointing and not getattr(self.model, "supports_gradient_checkpointing", False):
@@ -167,7 +174,7 @@ class Recipe:
         from esft_core.tuning.methods import expert_config_for
 
         self.expert_cfg = expert_config_for(cfg, self.model, (self.prev or {}).get("config"))
-        self.fingerprint = base_fingerprint(self.model)
+        self.fingerprint = None if self.sharded_load else base_fingerprint(self.model)  # sharded: once loaded
         # Nothing above wrote a file; from here on the run directory is ours.
         torch.manual_seed(cfg.seed)
         if self.grad_checkpointing:  # before peft wraps the model; non-reentrant: works with FSDP2 and frozen inputs
@@ -191,6 +198,8 @@ class Recipe:
                     if p.requires_grad:
                         p.data = p.data.to(self.master_dtype)
             self.model = shard_model(self.model, self.device, self.dtype)
+        if self.sharded_load:
+            self._load_shards()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.named = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         from esft_core.tuning.distributed import frozen_checksum
@@ -215,6 +224,22 @@ class Recipe:
             self._load_checkpoint()
         elif self.rank == 0:
             (self.out / "metrics.jsonl").write_text("")
+
+    def _load_shards(self) -> None:
+        """Sharded loading (esft_core.models.sharded): allocate and read this rank's shards, then fill the ESFT copies
+        from the fused tensors and take the base fingerprint (both collective, no full tensor gathered)."""
+        from esft_core.experts.adapters import base_fingerprint
+        from esft_core.models.sharded import materialize
+        from esft_core.tuning.distributed import collective_errors, fill_selected
+
+        with collective_errors("loading the model"):
+            missing = materialize(self.model, self.device)
+            lacking = sorted(n for n in missing if ".esft." not in n)
+            if lacking:
+                raise EsftError(f"{self.model._esft_checkpoint}: the checkpoint lacks {len(lacking)} tensors of the "
+                                f"model (first: {lacking[0]}); is a shard file missing or truncated?")
+            fill_selected(self.model)
+            self.fingerprint = base_fingerprint(self.model)
 
     def _setup_router_aux(self, layout) -> None:
         """The router's balance loss, on by default exactly when a router trains (recorded in run.json)."""
