@@ -1,18 +1,28 @@
-"""FSDP2 on the CPU: 1 process vs 2 ranks (torchrun, gloo) on the demo model, same global batch.
+"""Sharded loading + FSDP2 on the CPU: 1, 2 and 4 gloo ranks on a model whose weights dominate the process.
 
-Both runs are real `esft train` commands (fresh processes): the single process takes batch B x grad-accum 2, the two
-ranks take batch B each (one global batch of 2B sequences per step, the same rows in the same order), so their loss
-curves must agree up to float32 reduction order. Each method (fft, esft) runs both ways. Per-rank peak memory is the
-resident set size of each rank sampled every 20 ms from /proc (the launcher's own memory excluded); tokens/s is the
-global throughput from metrics.jsonl (steps 2..N).
+The script builds (seeded) and saves a random DeepSeek-V2 model with V2-Lite's expert widths (hidden 2048, expert
+intermediate 1408, `--experts` routed + 2 shared experts, top-6; `--layers` decoder layers, the first dense) in bfloat16
+— 0.78 B parameters, 1.55 GB at the default 6 layers of 12 experts (fewer experts per layer than V2-Lite's 64 so that
+the layers, and so FSDP's one-layer all-gather, have a real model's proportions on a 24 GB machine) — with the demo
+tokenizer. Then, for FFT and ESFT (2 of 12 experts per MoE layer), real `esft train` commands (fresh processes, `--dtype
+float32` so that one process and N ranks compute in the same precision and FFT's AdamW state fits one process in 24 GB)
+with the same global batch of 4 sequences per step: one process (`--grad-accum 4`), 2 ranks (`--grad-accum 2`) and 4
+ranks (`--grad-accum 1`) under `torchrun --standalone` (gloo), all with sharded loading (the default under torchrun),
+plus FFT on 2 ranks with `--load whole` (every rank loads the whole checkpoint first: the old path). Every micro-batch
+is one sequence and the rows are the same in the same order, so the loss curves must agree up to float reduction order.
 
-    python bench/distributed.py [--steps 8] [--batch-size 2] [--seq-len 256]
+Per-rank peak memory is the resident set size of each training process sampled every 20 ms from /proc (the launcher's
+own excluded); `load_s` is the time from process start to the first step (imports, data, model load, sharding: `elapsed
+- step_time` of step 1); tokens/s is the global throughput of steps 2..N from metrics.jsonl.
 
-Last stdout line (JSON): per_rank_peak_ratio (FFT: max rank peak over the single process's peak), max_loss_diff
-(over both methods and all steps), tokens_per_s for each run, and the same figures for ESFT. On the 4.8 M-parameter
-demo the runtime (interpreter + torch + transformers, measured alone) dominates a process's memory, so the ratio net
-of it (`per_rank_peak_ratio_net`) is reported too.
-"""
+    python bench/distributed.py [--steps 4] [--layers 6] [--experts 12] [--seq-len 256] [--keep DIR]
+
+Last stdout line (JSON; also bench/results/distributed.json): per_rank_peak_ratio (FFT, N = 2: the largest rank peak
+over the single process's peak), per_rank_peak_ratio_n4, the same for ESFT (esft_per_rank_peak_ratio[_n4]),
+per_rank_peak_ratio_whole_load (FFT, N = 2, --load whole), max_loss_diff over every run and step, load_s per run, goals
+(per-rank peak <= 1/N + 0.15 of one process; loss difference <= 1e-4) and whether they hold, and `previous_demo_ratio`:
+the 1.03 measured on 2026-12-05 by the earlier version of this script (demo model, whole load, 2 ranks), kept for
+comparison."""
 
 from __future__ import annotations
 
@@ -28,9 +38,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 DATA = ROOT / "data" / "tasks" / "law" / "train.jsonl"
-CFG = {"experts": {"1": [0, 1, 2], "2": [3, 4], "3": [5, 6], "4": [7, 8, 9]}, "shared_experts": False,
-       "non_expert_modules": False}
+GLOBAL_BATCH = 4
+PREVIOUS_DEMO_RATIO = 1.03  # bench/distributed.py of 2026-12-05: demo model, whole load on every rank, 2 ranks
 
 
 def _rss(pid: int) -> int:
@@ -59,8 +70,7 @@ def run(cmd: list[str], ranks: int) -> tuple[list[int], float]:
 
     def sample():
         while not stop.wait(0.02):
-            pids = _children(proc.pid) if ranks > 1 else [proc.pid]
-            for p in pids:
+            for p in _children(proc.pid) if ranks > 1 else [proc.pid]:
                 peaks[p] = max(peaks.get(p, 0), _rss(p))
 
     th = threading.Thread(target=sample, daemon=True)
@@ -69,56 +79,107 @@ def run(cmd: list[str], ranks: int) -> tuple[list[int], float]:
     stop.set()
     th.join()
     if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd[:6])}... failed: {err.strip().splitlines()[-1] if err.strip() else ''}")
+        lines = [x for x in err.strip().splitlines() if x.startswith("error:")] or err.strip().splitlines()[-1:]
+        raise SystemExit(f"{' '.join(cmd[:8])}... failed: {lines[:1]}")
     return sorted(peaks.values(), reverse=True)[:ranks], time.time() - t
+
+
+def build_model(out: Path, layers: int, experts: int) -> Path:
+    """The seeded random V2-Lite-width model in bfloat16 with the demo tokenizer (skipped when already there)."""
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bench.scale_memory import V2_LITE_WIDTHS
+    from esft_core.models.loading import load_model
+
+    cfg = AutoConfig.for_model("deepseek_v2", **{**V2_LITE_WIDTHS, "num_hidden_layers": layers,
+                                                   "n_routed_experts": experts})
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.to_empty(device="cpu")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # seeded values, fast (no per-module init): N(0, 0.02), norms 1, routers not uniform
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32).mul_(
+                    0.05 if name.endswith("mlp.gate.weight") else 0.02))
+    model.save_pretrained(out)
+    load_model("demo")[1].save_pretrained(out)
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=6, help="decoder layers (the first dense)")
+    ap.add_argument("--experts", type=int, default=12, help="routed experts per MoE layer (6 layers x 12: 1.55 GB)")
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--keep", help="build the model here and keep it (default: a temporary directory)")
     a = ap.parse_args()
-    out: dict = {}
-    # the runtime alone (interpreter, torch, transformers, peft, esft_core): subtracted for the *_net ratios
     (base,), _ = run([sys.executable, "-c", "import torch.distributed.fsdp, transformers, peft; "
-                      "import esft_core.tuning.train; "
-                      "from transformers import AutoModelForCausalLM; import time; time.sleep(1)"], 1)
+                      "import esft_core.tuning.train; from transformers import AutoModelForCausalLM; "
+                      "import time; time.sleep(1)"], 1)
     print(f"runtime baseline RSS {base / 2**20:.0f} MiB", flush=True)
     with tempfile.TemporaryDirectory() as d:
+        model = build_model(Path(a.keep or d) / f"v2-lite-width-{a.layers}x{a.experts}", a.layers, a.experts)
+        size = sum(f.stat().st_size for f in model.glob("*.safetensors"))
+        print(f"model {model}: {size / 2**30:.2f} GiB of safetensors (bf16)", flush=True)
         cfg = Path(d) / "cfg.json"
-        cfg.write_text(json.dumps(CFG))
-        for method in ("fft", "esft"):
-            common = ["train", "--model", "demo", "--data", str(DATA), "--method", method, "--steps", str(a.steps),
-                      "--seq-len", str(a.seq_len), "--lr", "1e-3", "--no-progress"]
+        moe = range(1, a.layers)
+        cfg.write_text(json.dumps({"experts": {str(i): [1, 7] for i in moe},
+                                   "shared_experts": False, "non_expert_modules": False}))
+        runs: dict[str, dict] = {}
+        plan = [("fft", 1, "auto"), ("fft", 2, "auto"), ("fft", 4, "auto"), ("fft", 2, "whole"),
+                ("esft", 1, "auto"), ("esft", 2, "auto"), ("esft", 4, "auto")]
+        for method, n, load in plan:
+            name = f"{method}_n{n}" + ("_whole" if load == "whole" else "")
+            out = Path(d) / name
+            common = ["train", "--model", str(model), "--data", str(DATA), "--method", method, "--steps",
+                      str(a.steps), "--seq-len", str(a.seq_len), "--lr", "1e-4", "--dtype", "float32",
+                      "--no-grad-checkpointing", "--global-batch", str(GLOBAL_BATCH),
+                      "--grad-accum", str(GLOBAL_BATCH // n), "--load", load, "--no-progress", "--out", str(out)]
             if method == "esft":
                 common += ["--experts", str(cfg)]
-            one = [sys.executable, "-m", "esft_core.cli", *common, "--out", f"{d}/{method}1",
-                   "--batch-size", str(a.batch_size), "--grad-accum", "2"]
-            two = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
-                   "esft_core.cli", *common, "--out", f"{d}/{method}2", "--batch-size", str(a.batch_size)]
-            res = {}
-            for name, cmd, ranks in (("one", one, 1), ("two", two, 2)):
-                peaks, wall = run(cmd, ranks)
-                lines = [json.loads(x) for x in Path(f"{d}/{method}{ranks}/metrics.jsonl").read_text().splitlines()]
-                res[name] = {"peaks": peaks, "wall_s": round(wall, 1), "losses": [m["loss"] for m in lines],
-                             "tokens_per_s": round(statistics.median(m["tokens_per_s"] for m in lines[1:]), 1)}
-                print(f"{method:4s} {name}: peak RSS per process {[round(p / 2**20) for p in peaks]} MiB, "
-                      f"{res[name]['tokens_per_s']} tok/s, wall {wall:.1f} s, losses {res[name]['losses']}",
-                      flush=True)
-            diff = max(abs(x - y) for x, y in zip(res["one"]["losses"], res["two"]["losses"], strict=True))
-            out[method] = {"per_rank_peak_ratio": round(max(res["two"]["peaks"]) / res["one"]["peaks"][0], 4),
-                           "per_rank_peak_ratio_net": round((max(res["two"]["peaks"]) - base)
-                                                            / (res["one"]["peaks"][0] - base), 4),
-                           "max_loss_diff": diff, "tokens_per_s_1": res["one"]["tokens_per_s"],
-                           "tokens_per_s_2": res["two"]["tokens_per_s"], "runs": res}
-    final = {"per_rank_peak_ratio": out["fft"]["per_rank_peak_ratio"],
-             "per_rank_peak_ratio_net": out["fft"]["per_rank_peak_ratio_net"], "runtime_rss": base,
-             "max_loss_diff": max(out["fft"]["max_loss_diff"], out["esft"]["max_loss_diff"]),
-             "tokens_per_s_1": out["fft"]["tokens_per_s_1"], "tokens_per_s_2": out["fft"]["tokens_per_s_2"],
-             "esft_per_rank_peak_ratio": out["esft"]["per_rank_peak_ratio"],
-             "esft_tokens_per_s_1": out["esft"]["tokens_per_s_1"], "esft_tokens_per_s_2": out["esft"]["tokens_per_s_2"],
-             "detail": out}
+            launch = [sys.executable, "-m", "esft_core.cli"] if n == 1 else [
+                sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), "-m",
+                "esft_core.cli"]
+            peaks, wall = run([*launch, *common], n)
+            lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+            runs[name] = {"peaks_mib": [round(p / 2**20) for p in peaks], "wall_s": round(wall, 1),
+                          "load_s": round(lines[0]["elapsed"] - lines[0]["step_time"], 1),
+                          "losses": [m["loss"] for m in lines],
+                          "tokens_per_s": round(statistics.median(m["tokens_per_s"] for m in lines[1:]), 1)}
+            print(f"{name:14s} peak RSS per process {runs[name]['peaks_mib']} MiB, load {runs[name]['load_s']} s, "
+                  f"{runs[name]['tokens_per_s']} tok/s, wall {wall:.0f} s, losses {runs[name]['losses']}", flush=True)
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)  # the FFT checkpoints are model-sized
+
+    def ratio(name: str, one: str) -> float:
+        return round(max(runs[name]["peaks_mib"]) / runs[one]["peaks_mib"][0], 4)
+
+    def diff(x: str, y: str) -> float:
+        return max(abs(p - q) for p, q in zip(runs[x]["losses"], runs[y]["losses"], strict=True))
+
+    final = {
+        "per_rank_peak_ratio": ratio("fft_n2", "fft_n1"), "per_rank_peak_ratio_n4": ratio("fft_n4", "fft_n1"),
+        "esft_per_rank_peak_ratio": ratio("esft_n2", "esft_n1"),
+        "esft_per_rank_peak_ratio_n4": ratio("esft_n4", "esft_n1"),
+        "per_rank_peak_ratio_whole_load": ratio("fft_n2_whole", "fft_n1"),
+        "max_loss_diff": max(diff(f"{m}_n{n}", f"{m}_n1") for m in ("fft", "esft") for n in (2, 4)),
+        "load_s": {k: v["load_s"] for k, v in runs.items()},
+        "tokens_per_s": {k: v["tokens_per_s"] for k, v in runs.items()},
+        "model_gib": round(size / 2**30, 3), "runtime_rss_mib": round(base / 2**20),
+        "previous_demo_ratio": PREVIOUS_DEMO_RATIO, "runs": runs,
+    }
+    final["goals"] = {
+        "peak_n2": final["per_rank_peak_ratio"] <= 0.5 + 0.15 and final["esft_per_rank_peak_ratio"] <= 0.65,
+        "peak_n4": final["per_rank_peak_ratio_n4"] <= 0.25 + 0.15 and final["esft_per_rank_peak_ratio_n4"] <= 0.40,
+        "loss": final["max_loss_diff"] <= 1e-4}
     (ROOT / "bench" / "results" / "distributed.json").write_text(json.dumps(final, indent=1) + "\n")
     print(json.dumps(final))
 

@@ -89,9 +89,42 @@ def shard_model(model: nn.Module, device: torch.device, compute_dtype: torch.dty
     mesh = init_device_mesh(device.type, (world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for layer in decoder_layer_list(model):
+        _shard_other_dtypes(layer, mesh, mp)
         fully_shard(layer, mesh=mesh, mp_policy=mp)
+    _shard_other_dtypes(model, mesh, mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
+
+
+def _shard_other_dtypes(scope: nn.Module, mesh, mp) -> None:
+    """FSDP2 wants one dtype per parameter group: modules of `scope` whose own parameters differ from the dominant
+    dtype become groups of their own, sharded before `scope`.
+
+    - a router transformers keeps in float32 in a bf16 model (`_keep_in_fp32_modules_strict`): all-gathered in
+      float32 (no cast), so it computes as in one process;
+    - ESFT's float32 masters of the selected experts (`experts.esft`, a SelectedExperts) among bf16 frozen weights:
+      all-gathered in the compute dtype; the experts' forward reads them through `compute_weight`, registered as an
+      FSDP forward method, and they stay unsharded until the backward is done (n_sel rows of one layer)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    from esft_core.experts.esft import SelectedExperts
+
+    counts: dict[torch.dtype, int] = {}
+    for p in scope.parameters():
+        if not hasattr(p, "device_mesh"):  # not in a group yet
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    if len(counts) < 2:
+        return
+    main = max(counts, key=counts.get)
+    for m in list(scope.modules()):
+        own = [p for p in m.parameters(recurse=isinstance(m, SelectedExperts)) if not hasattr(p, "device_mesh")]
+        if m is scope or not own or all(p.dtype == main for p in own):
+            continue
+        if isinstance(m, SelectedExperts):
+            fully_shard(m, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
+            register_fsdp_forward_method(m, "compute_weight")
+        else:
+            fully_shard(m, mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
 
 
 def fill_selected(model: nn.Module) -> None:

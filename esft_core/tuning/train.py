@@ -138,7 +138,16 @@ class Recipe:
 
     # -- setup ---------------------------------------------------------------------------------------------------
     def setup(self) -> None:
-        """Validate everything that can be wrong before writing anything, then create the run directory."""
+        """Validate everything that can be wrong before writing anything, then create the run directory.
+
+        Under torchrun a rank that dies meanwhile (killed, out of memory) makes the others' next collective fail:
+        that is one line naming it, and nothing has been written."""
+        from esft_core.tuning.distributed import collective_errors
+
+        with collective_errors("setting up (loading the model)"):
+            self._setup()
+
+    def _setup(self) -> None:
         from esft_core.experts.adapters import base_fingerprint
         from esft_core.models.devices import dtype_of, resolve_dtype
         from esft_core.models.loading import load_model, resolve_model_path
@@ -230,16 +239,15 @@ class Recipe:
         from the fused tensors and take the base fingerprint (both collective, no full tensor gathered)."""
         from esft_core.experts.adapters import base_fingerprint
         from esft_core.models.sharded import materialize
-        from esft_core.tuning.distributed import collective_errors, fill_selected
+        from esft_core.tuning.distributed import fill_selected
 
-        with collective_errors("loading the model"):
-            missing = materialize(self.model, self.device)
-            lacking = sorted(n for n in missing if ".esft." not in n)
-            if lacking:
-                raise EsftError(f"{self.model._esft_checkpoint}: the checkpoint lacks {len(lacking)} tensors of the "
-                                f"model (first: {lacking[0]}); is a shard file missing or truncated?")
-            fill_selected(self.model)
-            self.fingerprint = base_fingerprint(self.model)
+        missing = materialize(self.model, self.device)
+        lacking = sorted(n for n in missing if ".esft." not in n)
+        if lacking:
+            raise EsftError(f"{self.model._esft_checkpoint}: the checkpoint lacks {len(lacking)} tensors of the "
+                            f"model (first: {lacking[0]}); is a shard file missing or truncated?")
+        fill_selected(self.model)
+        self.fingerprint = base_fingerprint(self.model)
 
     def _setup_router_aux(self, layout) -> None:
         """The router's balance loss, on by default exactly when a router trains (recorded in run.json)."""
@@ -497,7 +505,8 @@ class Recipe:
             import torch.distributed as dist
 
             if dist.is_initialized():
-                dist.barrier()
+                with contextlib.suppress(RuntimeError):  # a rank that is gone must not hide this rank's own error
+                    dist.barrier()
                 dist.destroy_process_group()
 
 
