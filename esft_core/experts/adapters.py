@@ -121,7 +121,7 @@ def adapter_state(model: nn.Module, state: dict[str, torch.Tensor] | None = None
         t = t.to(dtype) if dtype is not None and t.is_floating_point() else t
         out[plain_name(name)] = t.cpu().contiguous().clone()
     for name, m in model.named_modules():
-        if isinstance(m, SelectedExperts):
+        if isinstance(m, SelectedExperts) and f"{name}.expert_ids" not in out:  # EP: gathered global ids given
             out[f"{name}.expert_ids"] = m.expert_ids.cpu().clone()
     return out
 

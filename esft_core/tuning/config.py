@@ -73,6 +73,9 @@ class TrainConfig:
         "help": "how ranks get the weights: sharded (build on meta, each rank reads only its slices of the "
                 "safetensors files), whole (every rank loads the whole checkpoint, then shards it); auto: sharded "
                 "under torchrun except for lora", "choices": LOAD_CHOICES})
+    expert_parallel: bool = field(default=False, metadata={
+        "help": "torchrun, esft / random: place whole routed experts on ranks (E/N each) and send tokens to them by "
+                "all-to-all instead of all-gathering every frozen expert; FSDP2 shards the rest"})
     experts_cfg: dict | None = field(default=None, metadata={"help": "filled in: the expert config used",
                                                              "flag": False})
 
@@ -98,6 +101,11 @@ class TrainConfig:
         if self.load == "sharded" and get_method(self.method).adapter == "peft":
             raise EsftError(f"--load sharded does not serve --method {self.method}: peft renames the modules it wraps, "
                             "so the checkpoint's names no longer fit; use --load whole")
+        if self.expert_parallel and self.save_every:
+            raise EsftError("--expert-parallel: sharded checkpoints (--save-every) are not supported with expert "
+                            "parallelism yet (the selected copies differ per rank); drop --save-every")
+        if self.expert_parallel and self.load == "whole":
+            raise EsftError("--expert-parallel loads sharded (each rank reads its own experts); drop --load whole")
         if self.global_batch is not None and self.global_batch <= 0:
             raise EsftError(f"--global-batch must be positive, got {self.global_batch}")
 

@@ -81,22 +81,25 @@ def decoder_layer_list(model: nn.Module) -> nn.ModuleList:
     return found[0]
 
 
-def shard_model(model: nn.Module, device: torch.device, compute_dtype: torch.dtype) -> nn.Module:
-    """fully_shard every decoder layer, then the root, with bf16/fp32 mixed precision as described above."""
+def shard_model(model: nn.Module, device: torch.device, compute_dtype: torch.dtype,
+                ignored: set | None = None) -> nn.Module:
+    """fully_shard every decoder layer, then the root, with bf16/fp32 mixed precision as described above.
+    `ignored`: parameters FSDP2 leaves alone (expert parallelism's local experts)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    ignored = ignored or set()
     for layer in decoder_layer_list(model):
-        _shard_other_dtypes(layer, mesh, mp)
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    _shard_other_dtypes(model, mesh, mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+        _shard_other_dtypes(layer, mesh, mp, ignored)
+        fully_shard(layer, mesh=mesh, mp_policy=mp, ignored_params=ignored or None)
+    _shard_other_dtypes(model, mesh, mp, ignored)
+    fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=ignored or None)
     return model
 
 
-def _shard_other_dtypes(scope: nn.Module, mesh, mp) -> None:
+def _shard_other_dtypes(scope: nn.Module, mesh, mp, ignored: set) -> None:
     """FSDP2 wants one dtype per parameter group: modules of `scope` whose own parameters differ from the dominant
     dtype become groups of their own, sharded before `scope`.
 
@@ -111,13 +114,14 @@ def _shard_other_dtypes(scope: nn.Module, mesh, mp) -> None:
 
     counts: dict[torch.dtype, int] = {}
     for p in scope.parameters():
-        if not hasattr(p, "device_mesh"):  # not in a group yet
+        if not hasattr(p, "device_mesh") and p not in ignored:  # not in a group yet
             counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
     if len(counts) < 2:
         return
     main = max(counts, key=counts.get)
     for m in list(scope.modules()):
-        own = [p for p in m.parameters(recurse=isinstance(m, SelectedExperts)) if not hasattr(p, "device_mesh")]
+        own = [p for p in m.parameters(recurse=isinstance(m, SelectedExperts))
+               if not hasattr(p, "device_mesh") and p not in ignored]
         if m is scope or not own or all(p.dtype == main for p in own):
             continue
         if isinstance(m, SelectedExperts):
@@ -141,7 +145,7 @@ def fill_selected(model: nn.Module) -> None:
 
     for experts in model.modules():
         sel = getattr(experts, "esft", None)
-        if not isinstance(sel, SelectedExperts):
+        if not isinstance(sel, SelectedExperts) or hasattr(experts, "_esft_ep"):  # EP copies: filled locally
             continue
         for name in sel.names:
             fused, small = experts.get_parameter(name), sel.small(name)

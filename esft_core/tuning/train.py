@@ -166,7 +166,11 @@ class Recipe:
         except OSError as e:
             raise EsftError(f"cannot load model '{cfg.model}': {str(e).splitlines()[0]}") from None
         self.ids, self.labels, self.data_stats = prepare_data(cfg, tok)
-        self.sharded_load = self.cfg.load == "sharded" or (
+        self.ep = cfg.expert_parallel
+        if self.ep and self.resume:
+            raise EsftError("--expert-parallel: --resume is not supported with expert parallelism yet (no sharded "
+                            "checkpoints of the per-rank selected copies)")
+        self.sharded_load = self.ep or self.cfg.load == "sharded" or (
             self.cfg.load == "auto" and self.world > 1 and get_method(cfg.method).adapter != "peft")
         if self.sharded_load:  # parameters on meta; each rank reads its own slices once the model is sharded
             from esft_core.models.sharded import empty_model
@@ -196,7 +200,14 @@ class Recipe:
 
         layout = moe_layout(self.model)  # of the plain model: routers keep their modules through every method
         prepare = resolve(get_method(cfg.method).prepare)
-        self.model = prepare(self.model, cfg, self.expert_cfg, master_dtype=self.master_dtype)
+        method_cfg = self.expert_cfg
+        if self.ep:  # each rank keeps its block of experts and selects among them in local ids
+            from esft_core.tuning import expert_parallel as ep
+
+            ep.check(layout, self.world, get_method(cfg.method))
+            method_cfg = ep.local_config(self.expert_cfg, ep.localize(layout, self.rank, self.world))
+            self.ep_mesh = ep.make_mesh(self.device, self.world)
+        self.model = prepare(self.model, cfg, method_cfg, master_dtype=self.master_dtype)
         self.model.train()
         self._setup_router_aux(layout)
         if self.world > 1:
@@ -206,19 +217,40 @@ class Recipe:
                 for p in self.model.parameters():
                     if p.requires_grad:
                         p.data = p.data.to(self.master_dtype)
-            self.model = shard_model(self.model, self.device, self.dtype)
+            ignored = set()
+            if self.ep:
+                from esft_core.tuning.expert_parallel import local_parameters
+
+                ignored = local_parameters(self.model)
+            self.model = shard_model(self.model, self.device, self.dtype, ignored=ignored)
         if self.sharded_load:
             self._load_shards()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        # Deferring FSDP2's reduce-scatter to the last micro-batch keeps *unsharded* gradients of every trainable
+        # tensor between micro-batches: cheap for ESFT's few experts, a whole fp32 model per rank for FFT. So defer
+        # only while those full gradients weigh no more than this rank's share of the weights.
+        total = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.defer_sync = sum(p.numel() * 4 for p in self.params) <= total / max(1, self.world)
         self.named = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self.trainable_count = sum(p.numel() for p in self.params)  # DTensors count globally
+        if self.ep:  # plus the other ranks' selected copies
+            import torch.distributed as dist
+
+            mine = torch.tensor(sum(p.numel() for p in self.ep_params_of(self.params)), dtype=torch.long)
+            dist.all_reduce(mine)
+            self.trainable_count += int(mine) - sum(p.numel() for p in self.ep_params_of(self.params))
         from esft_core.tuning.distributed import frozen_checksum
 
         self.frozen_at_start = frozen_checksum(self.model)
-        decay = [p for p in self.params if p.dim() >= 2]
-        no_decay = [p for p in self.params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}]
-        if no_decay:
-            groups.append({"params": no_decay, "weight_decay": 0.0})
+        # EP's local copies are plain tensors among FSDP2's DTensors: their own param groups (one fused kernel each)
+        self.ep_params = self.ep_params_of(self.params) if self.ep else []
+        self.fsdp_params = [p for p in self.params if hasattr(p, "device_mesh")] if self.ep else self.params
+        groups = []
+        for part in (self.fsdp_params, self.ep_params):
+            for wd, sel in ((cfg.weight_decay, [p for p in part if p.dim() >= 2]), (0.0, [p for p in part
+                                                                                       if p.dim() < 2])):
+                if sel:
+                    groups.append({"params": sel, "weight_decay": wd})
         # the fused AdamW kernel (CUDA and CPU): one pass per tensor, no full-size temporaries
         fused = True if self.device.type in ("cuda", "cpu") else None
         self.opt = torch.optim.AdamW(groups, lr=lr_at(cfg, 1), betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused)
@@ -241,6 +273,10 @@ class Recipe:
         from esft_core.models.sharded import materialize
         from esft_core.tuning.distributed import fill_selected
 
+        if self.ep:
+            from esft_core.tuning import expert_parallel as ep
+
+            ep.to_global(self.model, self.ep_mesh["ep"])  # the loader reads each rank's experts only
         missing = materialize(self.model, self.device)
         lacking = sorted(n for n in missing if ".esft." not in n)
         if lacking:
@@ -248,6 +284,15 @@ class Recipe:
                             f"model (first: {lacking[0]}); is a shard file missing or truncated?")
         fill_selected(self.model)
         self.fingerprint = base_fingerprint(self.model)
+        if self.ep:
+            ep.to_local(self.model)
+            ep.fill_local(self.model)
+            self.ep_bytes = ep.install(self.model, self.ep_mesh)
+
+    @staticmethod
+    def ep_params_of(params) -> list:
+        """Plain (not DTensor) trainable tensors: expert parallelism's per-rank selected copies."""
+        return [p for p in params if not hasattr(p, "device_mesh")]
 
     def _setup_router_aux(self, layout) -> None:
         """The router's balance loss, on by default exactly when a router trains (recorded in run.json)."""
@@ -287,7 +332,7 @@ class Recipe:
                "started_at": (self.prev or {}).get("started_at") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "updated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "config": cfg,
                "data_stats": getattr(self, "data_stats", None),
-               "trainable_params": sum(p.numel() for p in getattr(self, "params", [])),
+               "trainable_params": getattr(self, "trainable_count", None),
                "router_aux": getattr(self, "router_aux", None), **extra}
         write_json(self.out / "run.json", run)
 
@@ -371,7 +416,7 @@ class Recipe:
                 for k in range(cfg.grad_accum):
                     ids, labels = self._micro_batch(self.step * cfg.grad_accum + k)
                     ids, labels = ids.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
-                    if self.world > 1:  # FSDP2 reduce-scatters gradients on the last micro-batch only
+                    if self.world > 1 and self.defer_sync:  # reduce-scatter on the last micro-batch only
                         set_gradient_sync(self.model, k == cfg.grad_accum - 1)
                     total, lm = self._forward_loss(ids, labels)
                     (total / cfg.grad_accum).backward()
@@ -384,7 +429,12 @@ class Recipe:
                     dist.all_reduce(loss_t)
                     loss_t /= self.world
                     tokens *= self.world
-                norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip if cfg.clip > 0 else float("inf"))
+                if self.ep:  # EP gradients to the data-parallel mean, then one global norm over both kinds
+                    from esft_core.tuning.expert_parallel import scale_and_clip
+
+                    norm = scale_and_clip(self.fsdp_params, self.ep_params, self.world, cfg.clip)
+                else:
+                    norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.clip if cfg.clip > 0 else float("inf"))
                 if hasattr(norm, "full_tensor"):
                     norm = norm.full_tensor()
                 loss = float(loss_t)  # one host sync per step
@@ -400,6 +450,9 @@ class Recipe:
                     rec = {"step": self.step, "loss": round(loss, 6), "lr": lr, "tokens_per_s": round(tokens / dt, 1),
                            "elapsed": round(time.time() - self.t0, 3), "grad_norm": round(float(norm), 6),
                            "step_time": round(dt, 4)}
+                    if self.ep:  # bytes rank 0 sent by all-to-all this step: forwards counted, backward as many
+                        rec["ep_bytes"] = 2 * (self.ep_bytes[0] - getattr(self, "_ep_seen", 0))
+                        self._ep_seen = self.ep_bytes[0]
                     if self.device.type == "cuda":
                         rec["gpu_mem_peak"] = torch.cuda.max_memory_allocated(self.device)  # bytes, this rank
                     metrics.write(json.dumps(rec) + "\n")
@@ -421,7 +474,12 @@ class Recipe:
         checkpoint. Under FSDP the trainable tensors are gathered first (every rank takes part)."""
         from esft_core.tuning.distributed import gather_trainable
 
-        state = gather_trainable(self.named, self.rank)  # CPU copies on rank 0, {} elsewhere
+        local = {id(p) for p in getattr(self, "ep_params", [])}
+        state = gather_trainable({n: p for n, p in self.named.items() if id(p) not in local}, self.rank)
+        if self.ep:  # every rank's selected copies, in the global config's order, with global expert ids
+            from esft_core.tuning.expert_parallel import gather_selected
+
+            state.update(gather_selected(self.model, self.expert_cfg, self.rank))
         if self.rank != 0:
             return None
         check_finite_params(state)
