@@ -4,12 +4,13 @@ The script builds (seeded) and saves a random DeepSeek-V2 model with V2-Lite's e
 intermediate 1408, `--experts` routed + 2 shared experts, top-6; `--layers` decoder layers, the first dense) in bfloat16
 — 0.78 B parameters, 1.55 GB at the default 6 layers of 12 experts (fewer experts per layer than V2-Lite's 64 so that
 the layers, and so FSDP's one-layer all-gather, have a real model's proportions on a 24 GB machine) — with the demo
-tokenizer. Then, for FFT and ESFT (2 of 12 experts per MoE layer), real `esft train` commands (fresh processes, `--dtype
-float32` so that one process and N ranks compute in the same precision and FFT's AdamW state fits one process in 24 GB)
-with the same global batch of 4 sequences per step: one process (`--grad-accum 4`), 2 ranks (`--grad-accum 2`) and 4
-ranks (`--grad-accum 1`) under `torchrun --standalone` (gloo), all with sharded loading (the default under torchrun),
-plus FFT on 2 ranks with `--load whole` (every rank loads the whole checkpoint first: the old path). Every micro-batch
-is one sequence and the rows are the same in the same order, so the loss curves must agree up to float reduction order.
+tokenizer. Then, for FFT and ESFT (2 of 12 experts per MoE layer), and ESFT with `--expert-parallel` on 2 and 4 ranks,
+real `esft train` commands (fresh processes, `--dtype float32` so that one process and N ranks compute in the same
+precision and FFT's AdamW state fits one process in 24 GB) with the same global batch of 4 sequences per step: one
+process (`--grad-accum 4`), 2 ranks (`--grad-accum 2`) and 4 ranks (`--grad-accum 1`) under `torchrun --standalone`
+(gloo), all with sharded loading (the default under torchrun), plus FFT on 2 ranks with `--load whole` (every rank loads
+the whole checkpoint first: the old path). Every micro-batch is one sequence and the rows are the same in the same
+order, so the loss curves must agree up to float reduction order.
 
 Per-rank peak memory is the resident set size of each training process sampled every 20 ms from /proc (the launcher's
 own excluded); `load_s` is the time from process start to the first step (imports, data, model load, sharding: `elapsed
@@ -19,10 +20,13 @@ own excluded); `load_s` is the time from process start to the first step (import
 
 Last stdout line (JSON; also bench/results/distributed.json): per_rank_peak_ratio (FFT, N = 2: the largest rank peak
 over the single process's peak), per_rank_peak_ratio_n4, the same for ESFT (esft_per_rank_peak_ratio[_n4]),
-per_rank_peak_ratio_whole_load (FFT, N = 2, --load whole), max_loss_diff over every run and step, load_s per run, goals
-(per-rank peak <= 1/N + 0.15 of one process; loss difference <= 1e-4) and whether they hold, and `previous_demo_ratio`:
-the 1.03 measured on 2026-12-05 by the earlier version of this script (demo model, whole load, 2 ranks), kept for
-comparison."""
+per_rank_peak_ratio_whole_load (FFT, N = 2, --load whole), esft_ep_per_rank_peak_ratio[_n4] and ep_bytes_ratio[_n4]
+(bytes a rank sends per step with EP — FSDP2 on the non-expert part, computed from the shard sizes, plus the all-to-all
+bytes `esft train` counted — over FSDP-only's, computed the same way: each layer all-gathered in forward and again in
+backward per micro-batch, (N-1)/N of it from other ranks, plus the fp32 reduce-scatter), max_loss_diff over every run
+and step, load_s per run, goals (per-rank peak <= 1/N + 0.15 of one process; loss difference <= 1e-4) and whether they
+hold, and `previous_demo_ratio`: the 1.03 measured on 2026-12-05 by the earlier version of this script (demo model,
+whole load, 2 ranks), kept for comparison."""
 
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 DATA = ROOT / "data" / "tasks" / "law" / "train.jsonl"
 GLOBAL_BATCH = 4
+SELECTED = [1, 7]  # the ESFT pick per MoE layer (2 of 12 experts)
 PREVIOUS_DEMO_RATIO = 1.03  # bench/distributed.py of 2026-12-05: demo model, whole load on every rank, 2 ranks
 
 
@@ -112,6 +117,20 @@ def build_model(out: Path, layers: int, experts: int) -> Path:
     return out
 
 
+def param_bytes(model_dir: Path) -> dict[str, int]:
+    """Bytes (float32, the runs' dtype) of the routed experts, of everything else, and the ESFT-trained rows."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=torch.float32)
+    experts = sum(p.numel() * 4 for n, p in m.named_parameters() if ".mlp.experts." in n)
+    other = sum(p.numel() * 4 for n, p in m.named_parameters() if ".mlp.experts." not in n)
+    n_moe = m.config.num_hidden_layers - m.config.first_k_dense_replace
+    per_expert = experts // (n_moe * m.config.n_routed_experts) // 4
+    return {"experts": experts, "other": other, "esft_trainable": n_moe * len(SELECTED) * per_expert}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=4)
@@ -130,18 +149,20 @@ def main() -> None:
         print(f"model {model}: {size / 2**30:.2f} GiB of safetensors (bf16)", flush=True)
         cfg = Path(d) / "cfg.json"
         moe = range(1, a.layers)
-        cfg.write_text(json.dumps({"experts": {str(i): [1, 7] for i in moe},
+        cfg.write_text(json.dumps({"experts": {str(i): SELECTED for i in moe},
                                    "shared_experts": False, "non_expert_modules": False}))
         runs: dict[str, dict] = {}
         plan = [("fft", 1, "auto"), ("fft", 2, "auto"), ("fft", 4, "auto"), ("fft", 2, "whole"),
-                ("esft", 1, "auto"), ("esft", 2, "auto"), ("esft", 4, "auto")]
+                ("esft", 1, "auto"), ("esft", 2, "auto"), ("esft", 4, "auto"), ("esft", 2, "ep"),
+                ("esft", 4, "ep")]
         for method, n, load in plan:
-            name = f"{method}_n{n}" + ("_whole" if load == "whole" else "")
+            name = f"{method}_n{n}" + {"whole": "_whole", "ep": "_ep"}.get(load, "")
             out = Path(d) / name
             common = ["train", "--model", str(model), "--data", str(DATA), "--method", method, "--steps",
                       str(a.steps), "--seq-len", str(a.seq_len), "--lr", "1e-4", "--dtype", "float32",
                       "--no-grad-checkpointing", "--global-batch", str(GLOBAL_BATCH),
-                      "--grad-accum", str(GLOBAL_BATCH // n), "--load", load, "--no-progress", "--out", str(out)]
+                      "--grad-accum", str(GLOBAL_BATCH // n), "--no-progress", "--out", str(out)]
+            common += ["--expert-parallel"] if load == "ep" else ["--load", load]
             if method == "esft":
                 common += ["--experts", str(cfg)]
             launch = [sys.executable, "-m", "esft_core.cli"] if n == 1 else [
@@ -153,6 +174,8 @@ def main() -> None:
                           "load_s": round(lines[0]["elapsed"] - lines[0]["step_time"], 1),
                           "losses": [m["loss"] for m in lines],
                           "tokens_per_s": round(statistics.median(m["tokens_per_s"] for m in lines[1:]), 1)}
+            if load == "ep":  # all-to-all bytes rank 0 sent per step (counted by esft train)
+                runs[name]["ep_bytes_per_step"] = round(statistics.median(m["ep_bytes"] for m in lines))
             print(f"{name:14s} peak RSS per process {runs[name]['peaks_mib']} MiB, load {runs[name]['load_s']} s, "
                   f"{runs[name]['tokens_per_s']} tok/s, wall {wall:.0f} s, losses {runs[name]['losses']}", flush=True)
             import shutil
@@ -165,12 +188,29 @@ def main() -> None:
     def diff(x: str, y: str) -> float:
         return max(abs(p - q) for p, q in zip(runs[x]["losses"], runs[y]["losses"], strict=True))
 
+    sizes = param_bytes(model)
+    for n in (2, 4):  # per step and rank: FSDP2 all-gathers each layer in forward and again in backward, per
+        # micro-batch, (n-1)/n of it from the other ranks; gradients are reduce-scattered (fp32) once per step
+        def allg(b: int, n: int = n) -> float:
+            return 2 * (GLOBAL_BATCH // n) * b * (n - 1) / n
+
+        rs = 4 * sizes["esft_trainable"] * (n - 1) / n
+        fsdp_only = allg(sizes["experts"] + sizes["other"]) + rs
+        with_ep = allg(sizes["other"]) + runs[f"esft_n{n}_ep"]["ep_bytes_per_step"]
+        runs[f"esft_n{n}_ep"]["bytes_per_step"] = {"fsdp_only_computed": round(fsdp_only),
+                                                   "ep_fsdp_part_computed": round(allg(sizes["other"])),
+                                                   "ep_all_to_all_counted": runs[f"esft_n{n}_ep"]["ep_bytes_per_step"],
+                                                   "ratio": round(with_ep / fsdp_only, 4)}
     final = {
         "per_rank_peak_ratio": ratio("fft_n2", "fft_n1"), "per_rank_peak_ratio_n4": ratio("fft_n4", "fft_n1"),
         "esft_per_rank_peak_ratio": ratio("esft_n2", "esft_n1"),
         "esft_per_rank_peak_ratio_n4": ratio("esft_n4", "esft_n1"),
         "per_rank_peak_ratio_whole_load": ratio("fft_n2_whole", "fft_n1"),
-        "max_loss_diff": max(diff(f"{m}_n{n}", f"{m}_n1") for m in ("fft", "esft") for n in (2, 4)),
+        "esft_ep_per_rank_peak_ratio": ratio("esft_n2_ep", "esft_n1"),
+        "esft_ep_per_rank_peak_ratio_n4": ratio("esft_n4_ep", "esft_n1"),
+        "ep_bytes_ratio": runs["esft_n2_ep"]["bytes_per_step"]["ratio"],
+        "ep_bytes_ratio_n4": runs["esft_n4_ep"]["bytes_per_step"]["ratio"],
+        "max_loss_diff": max(diff(x, f"{x.split('_')[0]}_n1") for x in runs if not x.endswith("_n1")),
         "load_s": {k: v["load_s"] for k, v in runs.items()},
         "tokens_per_s": {k: v["tokens_per_s"] for k, v in runs.items()},
         "model_gib": round(size / 2**30, 3), "runtime_rss_mib": round(base / 2**20),
@@ -179,7 +219,8 @@ def main() -> None:
     final["goals"] = {
         "peak_n2": final["per_rank_peak_ratio"] <= 0.5 + 0.15 and final["esft_per_rank_peak_ratio"] <= 0.65,
         "peak_n4": final["per_rank_peak_ratio_n4"] <= 0.25 + 0.15 and final["esft_per_rank_peak_ratio_n4"] <= 0.40,
-        "loss": final["max_loss_diff"] <= 1e-4}
+        "loss": final["max_loss_diff"] <= 1e-4,
+        "ep_bytes": max(final["ep_bytes_ratio"], final["ep_bytes_ratio_n4"]) <= 0.3}
     (ROOT / "bench" / "results" / "distributed.json").write_text(json.dumps(final, indent=1) + "\n")
     print(json.dumps(final))
 

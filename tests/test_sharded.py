@@ -169,3 +169,45 @@ def test_a_rank_killed_during_loading_leaves_nothing(ckpts, tmp_path):
                for x in ours), ours
     assert not out.exists() or not any(out.iterdir()), list(out.iterdir())
     os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+
+
+def test_expert_parallel_equals_fsdp_only(ckpts, tmp_path):
+    """--expert-parallel on 2 gloo ranks (4 of 8 experts each, tokens by all-to-all) trains what FSDP-only trains:
+    the same losses, the same adapter (global expert ids, every rank's copies), the same trainable count, and it
+    reports the all-to-all bytes it sent."""
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"experts": {"1": [0, 3, 5, 6], "2": [2, 7]}, "shared_experts": False,
+                               "non_expert_modules": False}))
+    common = ["--experts", str(cfg), "--global-batch", "4", "--grad-accum", "2"]
+    fsdp = _train(ckpts["per_expert"], tmp_path / "fsdp", *common, ranks=2)
+    ep = _train(ckpts["per_expert"], tmp_path / "ep", *common, "--expert-parallel", ranks=2)
+    assert fsdp.returncode == 0 and ep.returncode == 0, (fsdp.stderr[-1500:], ep.stderr[-1500:])
+    runs = [json.loads((tmp_path / n / "run.json").read_text()) for n in ("fsdp", "ep")]
+    assert runs[1]["config"]["expert_parallel"] is True and runs[1]["frozen_unchanged"] is True
+    assert runs[0]["trainable_params"] == runs[1]["trainable_params"] == 6 * 3 * 16 * 32
+    m = [[json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("fsdp", "ep")]
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(*m, strict=True)) < 1e-5
+    assert all(x["ep_bytes"] > 0 for x in m[1]) and "ep_bytes" not in m[0][0]
+    a, b = (load_file(tmp_path / n / "adapter" / "adapter.safetensors") for n in ("fsdp", "ep"))
+    assert a.keys() == b.keys()
+    assert b["model.layers.1.mlp.experts.esft.expert_ids"].tolist() == [0, 3, 5, 6]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_expert_parallel_bad_input(ckpts, tmp_path):
+    """9 experts over 2 ranks, fft, one process: one line each, exit 2, nothing written."""
+    nine = save_tiny(tmp_path / "nine", n_routed_experts=9)
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"experts": {"1": [0]}, "shared_experts": False, "non_expert_modules": False}))
+    r = _train(nine, tmp_path / "a", "--experts", str(cfg), "--expert-parallel", ranks=2)
+    lines = [x for x in r.stderr.splitlines() if x.startswith("esft train: error:")]
+    assert r.returncode != 0 and len(lines) == 2 and len(set(lines)) == 1, r.stderr[-2000:]  # one per rank
+    assert "--expert-parallel: 9 experts per layer do not divide over 2 ranks (layer(s) 1, 2)" in lines[0]
+    assert "exitcode  : 2" in r.stderr and not (tmp_path / "a").exists()
+    r = _train(ckpts["per_expert"], tmp_path / "b", "--experts", str(cfg), "--expert-parallel")
+    assert r.returncode == 2 and "needs torchrun with at least 2 ranks" in r.stderr and not (tmp_path / "b").exists()
+    r = _train(ckpts["per_expert"], tmp_path / "c", "--method", "fft", "--expert-parallel")
+    assert r.returncode == 2 and "not --method fft" in r.stderr and not (tmp_path / "c").exists()
+    r = _train(ckpts["per_expert"], tmp_path / "d", "--experts", str(cfg), "--expert-parallel", "--save-every", "1")
+    assert r.returncode == 2 and "(--save-every) are not supported" in r.stderr and not (tmp_path / "d").exists()

@@ -1,21 +1,16 @@
 """Distributed training on FSDP2 (`torch.distributed.fsdp.fully_shard`) and sharded checkpoints (DCP).
 
-Under `torchrun --nproc-per-node N` every rank loads the model, `shard_model` shards each decoder layer and then the
-root (parameters, gradients and AdamW state live 1/N per rank; frozen experts are sharded too and never get a
-gradient), with a MixedPrecisionPolicy: parameters all-gathered in the compute dtype (bfloat16 on a bf16 model),
-gradients reduce-scattered in float32. NCCL on CUDA, gloo on the CPU; nothing else differs.
+Under `torchrun --nproc-per-node N` the model is built on meta, the method applied and `shard_model` shards each
+decoder layer and then the root (parameters, gradients and AdamW state live 1/N per rank; frozen experts are sharded
+too and never get a gradient) before each rank reads its own slices (esft_core.models.sharded; `--load whole` loads
+everything on every rank first), with a MixedPrecisionPolicy: parameters all-gathered in the compute dtype (bfloat16
+on a bf16 model), gradients reduce-scattered in float32; modules of another dtype (fp32 routers, ESFT's fp32
+masters) are groups of their own. NCCL on CUDA, gloo on the CPU; nothing else differs.
 
 Checkpoints go through `torch.distributed.checkpoint` (DCP): each rank writes its own shards of the trainable
 parameters and of the optimizer state (no full optimizer file on rank 0), and `--resume` reads them back into the
 sharded model, on any number of ranks (DCP reshards). The final adapter is gathered once (`gather_trainable`: one
-parameter at a time, CPU copies on rank 0) and written by rank 0.
-
-Expert parallelism (EP) would plug in at `shard_model`: transformers 5.x ships `DistributedConfig(enable_expert_
-parallel=True)` and a `tp_plan`/EP plan that places whole experts on ranks (the experts' forward then receives EP
-sentinels for tokens routed elsewhere, which `esft._split_forward` already maps to "frozen, not here"). A 2D mesh
-(`init_device_mesh(device, (dp, ep), mesh_dim_names=("dp", "ep"))`) would give the EP plan the "ep" dimension and
-`fully_shard` the "dp" one. ESFT needs no EP to fit: frozen experts are bf16 and sharded, and only the selected experts
-carry gradients and optimizer state. Not built here because it cannot be tested on CPU/gloo in CI.
+parameter at a time, CPU copies on rank 0) and written by rank 0. Expert parallelism: esft_core.tuning.expert_parallel.
 """
 
 from __future__ import annotations
