@@ -81,7 +81,13 @@ def cmd_record(args) -> int:
     quiet_transformers()  # no "Loading weights" bar: stderr is for our progress bar and one-line errors
     if device.type == "cuda" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torchrun: one GPU per rank
         device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
-    model, tok = load_model(args.model, dtype=dtype, device=device, device_map=args.device_map)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.load == "sharded" and world == 1:
+        raise EsftError("--load sharded shards the model over torchrun's ranks; run under torchrun or drop it")
+    if world > 1 and args.load != "whole":  # no rank holds the whole model: FSDP2 gathers one layer per forward
+        model, tok = _sharded_for_record(args.model, dtype, device)
+    else:
+        model, tok = load_model(args.model, dtype=dtype, device=device, device_map=args.device_map)
     moe_layout(model)  # a dense model fails here, before anything is written
     bar = None
     if not args.quiet:
@@ -103,6 +109,23 @@ def cmd_record(args) -> int:
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 ingested the run
         _print_run(args.db, run_id)
     return 0
+
+
+def _sharded_for_record(name, dtype, device):
+    """The model built on meta, fully_shard-ed and filled with this rank's slices (esft_core.models.sharded)."""
+    from esft_core.models.sharded import empty_model, materialize
+    from esft_core.traces.record import _dist
+    from esft_core.tuning.distributed import collective_errors, shard_model
+
+    _dist()  # the process group before the mesh
+    with collective_errors("loading the model"):
+        model, tok = empty_model(name, dtype)
+        model = shard_model(model, device, dtype)
+        missing = materialize(model, device)
+        if missing:
+            raise EsftError(f"{model._esft_checkpoint}: the checkpoint lacks {len(missing)} tensors of the model "
+                            f"(first: {sorted(missing)[0]}); is a shard file missing or truncated?")
+    return model.eval(), tok
 
 
 def _print_run(db, run_id: int) -> None:
@@ -369,6 +392,9 @@ def register(sub) -> None:
                    help="spread a model larger than one GPU over this machine's GPUs (Accelerate's placement, passed "
                         "to from_pretrained; replaces --device; inputs go to the first layer's device)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    p.add_argument("--load", default="auto", choices=("auto", "sharded", "whole"),
+                   help="under torchrun: sharded (FSDP2 on meta, each rank reads only its slices; the default) or "
+                        "whole (every rank loads the whole model and records its samples with it)")
     p.add_argument("--routes", default="all",
                    help="all (default), none (aggregate-only: scores/selection/expert views, no token routes), or "
                         "sample:N (routes of the first N samples of the seeded order)")

@@ -388,6 +388,7 @@ def record_sequences(model, tok, seqs: list[list[int]], db, task: str, *, batch_
             done += sum(len(s) for s in chunk)
             if progress:
                 progress(done, total)
+        _pad_forwards(rec, len(seqs), len(mine), batch_size, world)
         writer.close()
         if rank == 0:
             staged.hold({"layer_stats": rec.scale.table(lay.layers)})
@@ -403,6 +404,18 @@ def record_sequences(model, tok, seqs: list[list[int]], db, task: str, *, batch_
             staged.fail(f"{type(e).__name__}: {e}")
         raise
     return staged.run_id
+
+
+def _pad_forwards(rec: Recorder, n_samples: int, n_mine: int, batch_size: int, world: int) -> None:
+    """A sharded (FSDP2) model all-gathers each layer in every forward, a collective: ranks with fewer batches than
+    rank 0 (which holds the most samples) run one-token forwards, untapped and unrecorded, until the counts match."""
+    if world == 1 or not hasattr(rec.model, "unshard"):  # not an FSDP2 module: every rank is independent
+        return
+    most = -(-len(range(0, n_samples, world)) // batch_size)
+    ids = torch.full((1, 1), rec.pad_id, dtype=torch.long, device=rec.device)
+    with torch.inference_mode():
+        for _ in range(most - -(-n_mine // batch_size)):
+            forward(rec.model, ids, torch.ones_like(ids))
 
 
 def _gather_scale(scale: LayerScale, staged, layers, rank: int) -> None:
