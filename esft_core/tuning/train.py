@@ -472,10 +472,19 @@ class Recipe:
     def save(self) -> Path | None:
         """Write the adapter once (rank 0) in `save_dtype`: esft/random → our adapter format; lora → peft; fft → a full
         checkpoint. Under FSDP the trainable tensors are gathered first (every rank takes part)."""
+        from esft_core.experts.esft import plain_name
         from esft_core.tuning.distributed import gather_trainable
 
+        if getattr(self, "opt", None) is not None:  # training is over: free the optimizer state (2x the shards)
+            self.opt.state.clear()
+        auto = self.cfg.adapter_dtype == "auto"  # each tensor in its base dtype (fp32 masters rounded to it)
+
+        def saved_dtype(name: str) -> torch.dtype:
+            return self.base_dtypes.get(plain_name(name), self.save_dtype) if auto else self.save_dtype
+
         local = {id(p) for p in getattr(self, "ep_params", [])}
-        state = gather_trainable({n: p for n, p in self.named.items() if id(p) not in local}, self.rank)
+        state = gather_trainable({n: p for n, p in self.named.items() if id(p) not in local}, self.rank,
+                                 saved_dtype)
         if self.ep:  # every rank's selected copies, in the global config's order, with global expert ids
             from esft_core.tuning.expert_parallel import gather_selected
 
@@ -483,11 +492,7 @@ class Recipe:
         if self.rank != 0:
             return None
         check_finite_params(state)
-        from esft_core.experts.esft import plain_name
-
-        auto = self.cfg.adapter_dtype == "auto"  # each tensor in its base dtype (fp32 masters rounded to it)
-        state = {n: t.to(self.base_dtypes.get(plain_name(n), self.save_dtype) if auto else self.save_dtype)
-                 if t.is_floating_point() else t for n, t in state.items()}
+        state = {n: t.to(saved_dtype(n)) if t.is_floating_point() else t for n, t in state.items()}
         adapter = self.out / "adapter"
         shutil.rmtree(adapter, ignore_errors=True)
         if self.expert_cfg is not None:  # esft / random / shared: an ESFT adapter
