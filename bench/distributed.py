@@ -187,8 +187,9 @@ def main() -> None:
                 "esft_core.cli"]
             # 4 ranks must fit this machine: predicted from the 2-rank run, its peak less the quarter of the state
             # that a rank stops holding at 4 ranks
-            if n == 4 and load == "auto" and "peaks_mib" in runs.get(f"{method}_n2", {}):
-                need = 4 * (max(runs[f"{method}_n2"]["peaks_mib"]) * 2**20 - state_bytes(model, method) / 4)
+            two = runs.get(name.replace("_n4", "_n2"), {})
+            if n == 4 and "peaks_mib" in two:
+                need = 4 * (max(two["peaks_mib"]) * 2**20 - state_bytes(model, method) / 4)
                 if need > 0.95 * mem_total():
                     runs[name] = {"skipped": f"4 ranks need ~{need / 2**30:.1f} GiB (predicted from the 2-rank run), "
                                              f"this machine has {mem_total() / 2**30:.1f} GiB"}

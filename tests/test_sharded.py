@@ -171,26 +171,29 @@ def test_a_rank_killed_during_loading_leaves_nothing(ckpts, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
 
 
-def test_expert_parallel_equals_fsdp_only(ckpts, tmp_path):
+@pytest.mark.parametrize("experts", [{"1": [0, 3, 5, 6], "2": [2, 7]}, {"1": [0, 3], "2": [1, 2]}],
+                         ids=["both_ranks", "rank1_holds_none"])
+def test_expert_parallel_equals_fsdp_only(ckpts, tmp_path, experts):
     """--expert-parallel on 2 gloo ranks (4 of 8 experts each, tokens by all-to-all) trains what FSDP-only trains:
     the same losses, the same adapter (global expert ids, every rank's copies), the same trainable count, and it
-    reports the all-to-all bytes it sent."""
+    reports the all-to-all bytes it sent. Also when one rank holds no selected expert at all (it trains nothing,
+    has no optimizer, and still takes part in every collective)."""
     cfg = tmp_path / "cfg.json"
-    cfg.write_text(json.dumps({"experts": {"1": [0, 3, 5, 6], "2": [2, 7]}, "shared_experts": False,
-                               "non_expert_modules": False}))
+    cfg.write_text(json.dumps({"experts": experts, "shared_experts": False, "non_expert_modules": False}))
     common = ["--experts", str(cfg), "--global-batch", "4", "--grad-accum", "2"]
     fsdp = _train(ckpts["per_expert"], tmp_path / "fsdp", *common, ranks=2)
     ep = _train(ckpts["per_expert"], tmp_path / "ep", *common, "--expert-parallel", ranks=2)
     assert fsdp.returncode == 0 and ep.returncode == 0, (fsdp.stderr[-1500:], ep.stderr[-1500:])
     runs = [json.loads((tmp_path / n / "run.json").read_text()) for n in ("fsdp", "ep")]
     assert runs[1]["config"]["expert_parallel"] is True and runs[1]["frozen_unchanged"] is True
-    assert runs[0]["trainable_params"] == runs[1]["trainable_params"] == 6 * 3 * 16 * 32
+    n_sel = sum(len(v) for v in experts.values())
+    assert runs[0]["trainable_params"] == runs[1]["trainable_params"] == n_sel * 3 * 16 * 32
     m = [[json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()] for n in ("fsdp", "ep")]
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(*m, strict=True)) < 1e-5
     assert all(x["ep_bytes"] > 0 for x in m[1]) and "ep_bytes" not in m[0][0]
     a, b = (load_file(tmp_path / n / "adapter" / "adapter.safetensors") for n in ("fsdp", "ep"))
     assert a.keys() == b.keys()
-    assert b["model.layers.1.mlp.experts.esft.expert_ids"].tolist() == [0, 3, 5, 6]
+    assert b["model.layers.1.mlp.experts.esft.expert_ids"].tolist() == experts["1"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
 

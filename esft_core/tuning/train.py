@@ -253,7 +253,10 @@ class Recipe:
                     groups.append({"params": sel, "weight_decay": wd})
         # the fused AdamW kernel (CUDA and CPU): one pass per tensor, no full-size temporaries
         fused = True if self.device.type in ("cuda", "cpu") else None
-        self.opt = torch.optim.AdamW(groups, lr=lr_at(cfg, 1), betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=fused)
+        # None on an EP rank that holds no selected expert and nothing else trains (it still computes, all-to-alls
+        # and reduces the norm with the others)
+        self.opt = torch.optim.AdamW(groups, lr=lr_at(cfg, 1), betas=(cfg.beta1, cfg.beta2), eps=1e-8,
+                                     fused=fused) if groups else None
         if self.world > 1:  # every rank has checked the run directory before rank 0 writes to it
             import torch.distributed as dist
 
@@ -441,10 +444,11 @@ class Recipe:
                 check_step(loss, norm, self.step + 1, lr_at(cfg, self.step + 1))  # before the weights change
                 self.step += 1
                 lr = lr_at(cfg, self.step)
-                for g in self.opt.param_groups:
-                    g["lr"] = lr
-                self.opt.step()
-                self.opt.zero_grad(set_to_none=True)
+                if self.opt is not None:
+                    for g in self.opt.param_groups:
+                        g["lr"] = lr
+                    self.opt.step()
+                    self.opt.zero_grad(set_to_none=True)
                 dt = time.time() - t
                 if metrics is not None:
                     rec = {"step": self.step, "loss": round(loss, 6), "lr": lr, "tokens_per_s": round(tokens / dt, 1),
