@@ -268,6 +268,9 @@ class Recipe:
             self._load_checkpoint()
         elif self.rank == 0:
             (self.out / "metrics.jsonl").write_text("")
+        from esft_core.models.devices import release_freed_host_memory
+
+        release_freed_host_memory()  # what setup (method, masters, sharding, fills) freed, before training grows
 
     def _load_shards(self) -> None:
         """Sharded loading (esft_core.models.sharded): allocate and read this rank's shards, then fill the ESFT copies
