@@ -110,20 +110,3 @@ def add_device_flags(parser, dtype_help: str = "auto: the checkpoint's dtype (fl
     parser.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES} (default auto: CUDA when present)")
     parser.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES, help=dtype_help)
 
-
-def release_freed_host_memory() -> None:
-    """Give the host heap's freed pages back to the OS (glibc `malloc_trim`; a no-op elsewhere).
-
-    Loading a checkpoint allocates and frees thousands of tensors below glibc's 32 MB mmap threshold (a per-expert
-    checkpoint's tensors are a few MB each, then cast): the freed blocks stay in the heap, interleaved with live
-    ones, so the process keeps them. Measured on a 1.5 GB bf16 checkpoint loaded in float32: 4.5 GiB resident after
-    `from_pretrained`, 3.3 GiB after the trim (3.0 GiB of weights)."""
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # musl and other libcs: nothing to trim
-        pass

@@ -362,7 +362,7 @@ def load_model(
         msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise EsftError(f"cannot load model '{name_or_path}': {type(e).__name__}: {msg}") from None
     model.eval()
-    from esft_core.models.devices import release_freed_host_memory
+    from esft_core.procs import release_freed_host_memory
 
     release_freed_host_memory()  # the load's freed staging blocks (GBs on a large checkpoint)
     return model, tok

@@ -143,7 +143,7 @@ def materialize(model: nn.Module, device: torch.device) -> set[str]:
         first = next(iter(info.conversion_errors.items()))
         raise EsftError(f"{path}: cannot convert {first[0]}: {str(first[1]).splitlines()[0]}")
     base.tie_weights()
-    from esft_core.models.devices import release_freed_host_memory
+    from esft_core.procs import release_freed_host_memory
 
     release_freed_host_memory()  # the conversion's freed staging blocks
     missing = set(info.missing_keys)

@@ -268,7 +268,7 @@ class Recipe:
             self._load_checkpoint()
         elif self.rank == 0:
             (self.out / "metrics.jsonl").write_text("")
-        from esft_core.models.devices import release_freed_host_memory
+        from esft_core.procs import release_freed_host_memory
 
         release_freed_host_memory()  # what setup (method, masters, sharding, fills) freed, before training grows
 
