@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -89,7 +90,9 @@ def run(cmd: list[str], ranks: int) -> tuple[list[int], float]:
     th.join()
     if proc.returncode:  # the CLI's one-line error, else torchrun's summary of the failed rank (e.g. a SIGKILL)
         text = [x.strip() for x in err.splitlines() if x.strip() and not x.strip().startswith("=")]
-        why = [x for x in text if x.startswith("error:")] or [x for x in text if "exitcode" in x or "Signal" in x]
+        why = ([x for x in text if " error: " in x or x.startswith("error:")]  # the CLI's one line
+               or [x for x in text if re.match(r"[\w.]+(Error|Exception): ", x)]  # a traceback's last line
+               or [x for x in text if "exitcode" in x or "Signal" in x])
         raise RuntimeError(f"exit {proc.returncode}: {(why or text[-1:] or ['no output'])[0]}")
     return sorted(peaks.values(), reverse=True)[:ranks], time.time() - t
 
@@ -273,8 +276,8 @@ def main() -> None:
         "peak_n4_fft": within(final["per_rank_peak_ratio_n4"], 0.25 + 0.15),
         "peak_n4_esft": within(final["esft_per_rank_peak_ratio_n4"], 0.25 + 0.15),
         "loss": final["max_loss_diff"] <= 1e-4,
-        "ep_bytes": None if None in (final["ep_bytes_ratio"], final["ep_bytes_ratio_n4"]) else
-        max(final["ep_bytes_ratio"], final["ep_bytes_ratio_n4"]) <= 0.3}
+        "ep_bytes": within(max((r for r in (final["ep_bytes_ratio"], final["ep_bytes_ratio_n4"]) if r is not None),
+                               default=None), 0.3)}
     (ROOT / "bench" / "results" / "distributed.json").write_text(json.dumps(final, indent=1) + "\n")
     print(json.dumps(final))
 

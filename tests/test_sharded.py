@@ -171,16 +171,19 @@ def test_a_rank_killed_during_loading_leaves_nothing(ckpts, tmp_path):
     os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
 
 
-@pytest.mark.parametrize("experts", [{"1": [0, 3, 5, 6], "2": [2, 7]}, {"1": [0, 3], "2": [1, 2]}],
-                         ids=["both_ranks", "rank1_holds_none"])
-def test_expert_parallel_equals_fsdp_only(ckpts, tmp_path, experts):
+@pytest.mark.parametrize(("experts", "flags"), [({"1": [0, 3, 5, 6], "2": [2, 7]}, ()),
+                                               ({"1": [0, 3], "2": [1, 2]}, ()),
+                                               ({"1": [0, 3], "2": [1, 2]}, ("--no-grad-checkpointing",))],
+                         ids=["both_ranks", "rank1_holds_none", "rank1_holds_none_no_checkpointing"])
+def test_expert_parallel_equals_fsdp_only(ckpts, tmp_path, experts, flags):
     """--expert-parallel on 2 gloo ranks (4 of 8 experts each, tokens by all-to-all) trains what FSDP-only trains:
     the same losses, the same adapter (global expert ids, every rank's copies), the same trainable count, and it
     reports the all-to-all bytes it sent. Also when one rank holds no selected expert at all (it trains nothing,
-    has no optimizer, and still takes part in every collective)."""
+    has no optimizer, and still takes part in every collective) — also without activation checkpointing, where its
+    loss used to have no grad_fn and the other rank hung in the backward all-to-all."""
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({"experts": experts, "shared_experts": False, "non_expert_modules": False}))
-    common = ["--experts", str(cfg), "--global-batch", "4", "--grad-accum", "2"]
+    common = ["--experts", str(cfg), "--global-batch", "4", "--grad-accum", "2", *flags]
     fsdp = _train(ckpts["per_expert"], tmp_path / "fsdp", *common, ranks=2)
     ep = _train(ckpts["per_expert"], tmp_path / "ep", *common, "--expert-parallel", ranks=2)
     assert fsdp.returncode == 0 and ep.returncode == 0, (fsdp.stderr[-1500:], ep.stderr[-1500:])

@@ -161,6 +161,11 @@ def install(model: nn.Module, mesh) -> list[int]:
     """Each local experts module's forward → the all-to-all dispatcher. Returns the byte counter: bytes this rank
     sent to other ranks in forwards so far (a backward moves as many again)."""
     counter = [0]
+    # The hidden states must carry autograd on every rank: a rank whose own experts are all frozen (none selected
+    # there) still sends tokens to trainable experts elsewhere, and their gradients come back through its backward
+    # all-to-all. With frozen layers below, its loss would have no grad_fn (seen at 4 ranks without activation
+    # checkpointing: "element 0 of tensors does not require grad"), skipping the collectives the others wait in.
+    model.enable_input_require_grads()
     for _, ex in ep_modules(model):
         ex.forward = _CountingAllToAll(ex, mesh["ep"], mesh["tp"], counter)
     return counter
